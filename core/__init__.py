@@ -1,0 +1,70 @@
+"""inferopt: make trained PyTorch models cheaper to run.
+
+The public API (importing this package does not import torch)::
+
+    import inferopt
+    report = inferopt.run(model="demo:digits-mlp", optimize=["int8"])
+    fast = inferopt.apply(my_module, "int8", data=batches, mode="dynamic")
+    model = inferopt.load("inferopt-runs/<run-id>")
+
+Plugin authors use :data:`hookimpl` and the base classes :class:`Optimizer`, :class:`Backend`,
+:class:`Metric`, :class:`ModelSource`, :class:`DataSource`, with :func:`option` for options.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+from .contract import (
+    Backend,
+    Batch,
+    Data,
+    DataSource,
+    Metric,
+    MetricContext,
+    ModelSource,
+    Optimizer,
+    SourceContext,
+    StepContext,
+)
+from .errors import GateFailed, InferoptError, PluginError, StepFailed, UsageError
+from .hookspecs import hookimpl
+from .options import option
+
+if TYPE_CHECKING:
+    from .api import apply, load, run
+
+__all__ = [
+    "Backend",
+    "Batch",
+    "Data",
+    "DataSource",
+    "GateFailed",
+    "InferoptError",
+    "Metric",
+    "MetricContext",
+    "ModelSource",
+    "Optimizer",
+    "PluginError",
+    "SourceContext",
+    "StepContext",
+    "StepFailed",
+    "UsageError",
+    "__version__",
+    "apply",
+    "hookimpl",
+    "load",
+    "option",
+    "run",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # The API functions pull in torch; import them on first use only.
+    if name in ("run", "apply", "load"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'inferopt' has no attribute {name!r}")

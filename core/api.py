@@ -1,0 +1,96 @@
+"""The Python API: :func:`run`, :func:`apply`, :func:`load`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import options
+from .artifacts import load as _load
+from .contract import Data, StepContext
+from .logging import get_logger
+from .pipeline import as_data
+from .registry import load_plugins
+from .recipe import make_recipe
+from .report import Report
+
+if TYPE_CHECKING:
+    import torch
+
+
+def run(
+    recipe: str | Path | None = None,
+    *,
+    model: str | torch.nn.Module | None = None,
+    data: str | Data | Iterable[Any] | None = None,
+    optimize: list[str] | None = None,
+    backend: str | None = None,
+    metrics: list[str] | None = None,
+    batch_size: int | None = None,
+    seed: int | None = None,
+    out: str | Path | None = None,
+    gates: Mapping[str, float] | None = None,
+    overwrite: bool = False,
+    save: bool = True,
+) -> Report:
+    """Run the pipeline and return the :class:`~inferopt.report.Report`.
+
+    ``recipe`` is an optional TOML file; keyword arguments override it like CLI flags do.
+    ``model`` and ``data`` are specs (``"demo:digits-mlp"``) or objects (an ``nn.Module``; a
+    :class:`Data`, a Dataset or an iterable of batches). A module passed in is not modified.
+    """
+    model_spec = model if isinstance(model, str) else None
+    data_spec = data if isinstance(data, str) else None
+    rec = make_recipe(
+        recipe,
+        model=model_spec,
+        data=data_spec,
+        backend=backend,
+        optimize=optimize,
+        metrics=metrics,
+        batch_size=batch_size,
+        seed=seed,
+        out=str(out) if out is not None else None,
+        gates=gates,
+    )
+    from .pipeline import run as run_pipeline
+
+    return run_pipeline(
+        rec,
+        model=None if isinstance(model, str) else model,
+        data=None if isinstance(data, str) else data,
+        overwrite=overwrite,
+        save=save,
+    )
+
+
+def apply(
+    model: torch.nn.Module,
+    name: str,
+    *,
+    data: Data | Iterable[Any] | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    **opts: Any,
+) -> torch.nn.Module:
+    """Apply one optimizer to ``model`` and return the result (the torchao ``quantize_`` feel).
+
+    ``opts`` are the optimizer's options as typed values (``mode="static"``) or strings.
+    ``data`` is needed by optimizers that calibrate or train. The module may be changed in
+    place; pass a copy to keep the original.
+    """
+    _manager, registry = load_plugins()
+    entry = registry.get("optimizer", name)
+    optimizer = options.build(entry.obj, opts, f"optimizer {name!r}")
+    ctx = StepContext(
+        log=get_logger(optimizer=name, plugin=entry.plugin),
+        data=as_data(data, batch_size) if data is not None else None,
+        seed=seed,
+    )
+    return optimizer.apply(model, ctx)
+
+
+def load(path: str | Path, model: torch.nn.Module | None = None) -> torch.nn.Module:
+    """Rebuild a model saved by ``inferopt run`` without unpickling anything."""
+    return _load(path, model=model)

@@ -1,0 +1,223 @@
+"""The ``inferopt`` command: thin over the Python API.
+
+Exit codes: 0 ok, 1 a gate the user set failed, 2 bad usage or input, 130 interrupted.
+Importing this module, ``inferopt --help`` and ``inferopt plugins`` do not import torch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import InferoptError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _plugin_listing(strict: bool | None = None) -> dict[str, Any]:
+    from .options import describe
+    from .registry import load_plugins
+    from .manager import PluginManager
+
+    manager, registry = load_plugins(PluginManager(strict=strict).load_entrypoints())
+    provides: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for entry in registry.entries():
+        item = {"name": entry.name, "summary": entry.summary}
+        if entry.kind in ("optimizer", "backend", "metric"):
+            item["options"] = describe(entry.obj)
+        provides.setdefault(entry.plugin, {}).setdefault(entry.kind, []).append(item)
+    return {
+        "inferopt": __version__,
+        "plugins": [
+            {
+                "name": p.name,
+                "module": p.module,
+                "distribution": p.distribution,
+                "version": p.version,
+                "hooks": list(p.hooks),
+                "provides": provides.get(p.name, {}),
+            }
+            for p in manager.plugins.values()
+        ],
+        "failed": [
+            {"name": f.name, "distribution": f.distribution, "version": f.version,
+             "error": f.error}
+            for f in manager.failures
+        ],
+        "skipped": manager.skipped,
+    }
+
+
+def _print_version(ctx: click.Context, _param: Any, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    click.echo(f"inferopt {__version__}")
+    listing = _plugin_listing()
+    for p in listing["plugins"]:
+        click.echo(f"  {p['name']} {p['version']} ({p['distribution']})")
+    for f in listing["failed"]:
+        click.echo(f"  {f['name']} FAILED: {f['error']}")
+    ctx.exit(0)
+
+
+@click.group(context_settings=CONTEXT)
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=_print_version, help="Show the version and the installed plugins.")
+def main() -> None:
+    """Make trained PyTorch models cheaper to run, and measure honestly by how much.
+
+    `inferopt run` with no arguments trains a small classifier on the 8x8 digits dataset,
+    quantizes it to int8 and prints baseline vs optimized latency, accuracy and size.
+    """
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("recipe", required=False, type=click.Path(dir_okay=False))
+@click.option("--model", "-m", metavar="SPEC",
+              help="Model spec: demo:digits-mlp, python:MODULE:CALLABLE, PATH.py:CALLABLE.")
+@click.option("--data", "-d", metavar="SPEC",
+              help="Data spec: demo:digits, synthetic:shape=64x1024, python:MODULE:CALLABLE, "
+                   "PATH.py:CALLABLE.")
+@click.option("--optimize", "-O", "optimize", multiple=True, metavar="NAME[:k=v,...]",
+              help="An optimizer step; repeat for several, applied in order. 'none' for no "
+                   "steps. Default: int8.")
+@click.option("--backend", "-b", metavar="NAME[:k=v,...]", help="Where to run. Default: cpu.")
+@click.option("--metric", "metrics", multiple=True, metavar="NAME[:k=v,...]",
+              help="A metric; repeat for several. Default: latency, throughput, accuracy, "
+                   "fidelity, size.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Batch size. Default: 64.")
+@click.option("--seed", type=int, help="Random seed. Default: 0.")
+@click.option("--out", "-o", metavar="DIR",
+              help="Where to save model and report. Default: inferopt-runs/RUN_ID.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--max-accuracy-drop", type=float, metavar="POINTS",
+              help="Gate: exit 1 if top-1 accuracy drops by more than this many points.")
+@click.option("--min-speedup", type=float, metavar="X",
+              help="Gate: exit 1 if p50 latency speedup is below X.")
+@click.option("--max-size-ratio", type=float, metavar="R",
+              help="Gate: exit 1 if optimized size / baseline size is above R.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print only the report JSON on stdout (logs go to stderr).")
+@click.option("--log-format", type=click.Choice(["console", "json"]), default="console",
+              show_default=True)
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              default="info", show_default=True)
+@click.option("--strict-plugins", is_flag=True, help="Fail if any plugin fails to load.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def run(
+    recipe: str | None,
+    model: str | None,
+    data: str | None,
+    optimize: tuple[str, ...],
+    backend: str | None,
+    metrics: tuple[str, ...],
+    batch_size: int | None,
+    seed: int | None,
+    out: str | None,
+    overwrite: bool,
+    max_accuracy_drop: float | None,
+    min_speedup: float | None,
+    max_size_ratio: float | None,
+    as_json: bool,
+    log_format: str,
+    log_level: str,
+    strict_plugins: bool,
+    debug: bool,
+) -> None:
+    """Optimize a model and report baseline vs optimized.
+
+    RECIPE is an optional TOML file; flags override its fields.
+    """
+    from .logging import configure
+
+    configure(log_format, log_level)
+    try:
+        from .pipeline import run as run_pipeline
+        from .manager import PluginManager
+        from .recipe import make_recipe
+
+        rec = make_recipe(
+            recipe,
+            model=model,
+            data=data,
+            backend=backend,
+            optimize=list(optimize),
+            metrics=list(metrics),
+            batch_size=batch_size,
+            seed=seed,
+            out=out,
+            gates={
+                "max_accuracy_drop": max_accuracy_drop,
+                "min_speedup": min_speedup,
+                "max_size_ratio": max_size_ratio,
+            },
+        )
+        manager = PluginManager(strict=True if strict_plugins else None).load_entrypoints()
+        report = run_pipeline(rec, manager=manager, overwrite=overwrite)
+    except InferoptError as exc:
+        _fail(exc, debug)
+    except KeyboardInterrupt:
+        click.echo("interrupted: stopped cleanly; no partial output was kept", err=True)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - a last line: one readable message, exit 2
+        if debug:
+            raise
+        click.echo(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                   err=True)
+        sys.exit(2)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        from rich.console import Console
+
+        report.render_console(Console())
+    if report.gates and not all(g["passed"] for g in report.gates):
+        failed = ", ".join(g["name"] for g in report.gates if not g["passed"])
+        click.echo(f"gate failed: {failed}", err=True)
+        sys.exit(1)
+
+
+def _fail(exc: InferoptError, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(exc.exit_code)
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="Print the listing as JSON.")
+@click.option("--strict-plugins", is_flag=True, help="Fail if any plugin fails to load.")
+def plugins(as_json: bool, strict_plugins: bool) -> None:
+    """List installed plugins, who provides them, and what they register."""
+    try:
+        listing = _plugin_listing(strict=True if strict_plugins else None)
+    except InferoptError as exc:
+        _fail(exc, False)
+    if as_json:
+        click.echo(json.dumps(listing, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"inferopt {listing['inferopt']} plugins")
+    for col in ("plugin", "distribution", "provides", "hooks"):
+        table.add_column(col)
+    for p in listing["plugins"]:
+        provides = "; ".join(
+            f"{kind}: {', '.join(i['name'] for i in items)}" for kind, items in p["provides"].items()
+        )
+        hooks = ", ".join(h.removeprefix("inferopt_") for h in p["hooks"])
+        table.add_row(p["name"], f"{p['distribution']} {p['version']}", provides, hooks)
+    console = Console()
+    console.print(table)
+    for f in listing["failed"]:
+        console.print(f"[red]failed:[/] {f['name']} ({f['distribution']} {f['version']}): "
+                      f"{f['error']}", markup=True, highlight=False)
+    if listing["skipped"]:
+        console.print(f"skipped by INFEROPT_PLUGINS / INFEROPT_BLOCK_PLUGINS: "
+                      f"{', '.join(listing['skipped'])}")

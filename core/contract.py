@@ -1,0 +1,246 @@
+"""The base classes plugins implement, and the data objects that cross plugin boundaries.
+
+Importing this module does not import torch: plugin modules subclass these at import time and
+must stay cheap to list. Torch is imported inside the methods that do the work.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import attrs
+
+if TYPE_CHECKING:
+    import torch
+    from structlog.typing import FilteringBoundLogger
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+@attrs.define
+class Batch:
+    """One batch. ``inputs`` is a tensor (``model(x)``), a tuple (``model(*x)``) or a dict
+    (``model(**x)``); ``labels`` is an optional tensor of class indices."""
+
+    inputs: Any
+    labels: Any = None
+
+    @property
+    def size(self) -> int:
+        """Number of samples: the first dimension of the first tensor in ``inputs``."""
+        from .model_io import first_tensor
+
+        tensor = first_tensor(self.inputs)
+        return int(tensor.shape[0]) if tensor is not None and tensor.dim() > 0 else 1
+
+
+@attrs.define
+class Data:
+    """The run's data: ``eval`` batches are measured; ``calibration`` batches are what
+    data-hungry optimizers (static quantization, distillation, activation pruning) learn from.
+    When a source has no separate split, calibration is the eval data, and says so."""
+
+    eval: list[Batch]
+    calibration: list[Batch] = attrs.field(factory=list)
+    description: str = ""
+    calibration_is_eval: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if not self.calibration:
+            self.calibration = self.eval
+            self.calibration_is_eval = True
+
+    @property
+    def has_labels(self) -> bool:
+        return bool(self.eval) and all(b.labels is not None for b in self.eval)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(b.size for b in self.eval)
+
+
+@attrs.define
+class StepContext:
+    """What an optimizer step gets besides the model.
+
+    ``data`` is None when a saved model is being rebuilt (``restoring``); ``state`` is a
+    JSON-serialisable dict the step may fill during ``apply`` and that is handed back,
+    unchanged, to ``restore`` when the saved model is loaded (for example which channels a
+    structured pruning step kept). ``details`` goes into the report.
+    """
+
+    log: FilteringBoundLogger
+    data: Data | None = None
+    backend: Backend | None = None
+    seed: int = 0
+    restoring: bool = False
+    state: dict[str, Any] = attrs.field(factory=dict)
+    details: dict[str, Any] = attrs.field(factory=dict)
+    warnings: list[str] = attrs.field(factory=list)
+
+    def warn(self, message: str) -> None:
+        """Record a warning that the report shows (and log it)."""
+        self.warnings.append(message)
+        self.log.warning(message)
+
+    def require_data(self, step: str) -> Data:
+        if self.data is None:
+            from .errors import UsageError
+
+            raise UsageError(f"{step} needs data (calibration batches); give --data")
+        return self.data
+
+
+# --- plugin classes --------------------------------------------------------------------------
+
+
+class Optimizer(abc.ABC):
+    """A technique that turns a model into a cheaper one.
+
+    Subclasses are attrs classes (``@attrs.frozen``) whose fields, declared with
+    :func:`inferopt.option`, are the technique's options.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+
+    @abc.abstractmethod
+    def apply(self, model: torch.nn.Module, ctx: StepContext) -> torch.nn.Module:
+        """Return the optimized model (the input may be modified in place and returned)."""
+
+    def restore(self, model: torch.nn.Module, ctx: StepContext) -> torch.nn.Module:
+        """Rebuild the structure this step produces, so that saved weights can be loaded into it.
+
+        Called by :func:`inferopt.load` with ``ctx.restoring`` True, ``ctx.data`` None and
+        ``ctx.state`` as saved. The default re-applies the step, which suits steps whose
+        structure does not depend on data; others override it.
+        """
+        return self.apply(model, ctx)
+
+
+class Backend(abc.ABC):
+    """Where a model runs. Subclasses are attrs classes; their fields are options."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+
+    def available(self) -> str | None:
+        """None when this backend can run here; otherwise the reason it cannot."""
+        return None
+
+    @property
+    def device(self) -> str:
+        return "cpu"
+
+    @abc.abstractmethod
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Move the model where it runs and put it in inference mode."""
+
+    def to_device(self, obj: Any) -> Any:
+        from .model_io import move_to
+
+        return move_to(obj, self.device)
+
+    def forward(self, prepared: torch.nn.Module, inputs: Any) -> Any:
+        """Run one batch of inputs (already on the device) and return the model's outputs."""
+        import torch
+
+        from .model_io import call_model
+
+        with torch.inference_mode():
+            return call_model(prepared, inputs)
+
+    def synchronize(self) -> None:
+        """Wait until queued work has finished (a no-op on CPU)."""
+
+    def time(self, fn: Callable[[], Any]) -> float:
+        """Seconds ``fn`` takes on this device, synchronized on both sides."""
+        import time
+
+        self.synchronize()
+        start = time.perf_counter()
+        fn()
+        self.synchronize()
+        return time.perf_counter() - start
+
+    def describe(self) -> dict[str, Any]:
+        """Hardware and software facts for the report."""
+        return {"backend": self.name}
+
+
+class Metric(abc.ABC):
+    """Something measured on the baseline and on the optimized model alike.
+
+    ``measure`` returns a flat dict of numbers; ``primary`` names the field the verdict and the
+    summary table use, ``higher_is_better`` says which way is good.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    unit: ClassVar[str] = ""
+    primary: ClassVar[str] = ""
+    higher_is_better: ClassVar[bool] = True
+    needs_labels: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def measure(
+        self, model: torch.nn.Module, backend: Backend, data: Data, ctx: MetricContext
+    ) -> dict[str, Any]:
+        """Measure ``model`` (already prepared on ``backend``) on ``data``."""
+
+
+@attrs.define
+class MetricContext:
+    """What a metric gets besides model, backend and data."""
+
+    log: FilteringBoundLogger
+    role: str  # "baseline" or "optimized"
+    baseline_outputs: list[Any] | None = None
+    saved_weights: Callable[[], bytes] | None = None
+
+
+class ModelSource(abc.ABC):
+    """Turns a model spec (``demo:digits-mlp``, ``python:pkg.mod:build``) into an nn.Module."""
+
+    scheme: ClassVar[str]
+    summary: ClassVar[str] = ""
+
+    def claims(self, spec: str) -> bool:
+        """Whether this source reads ``spec`` although it has no ``scheme:`` prefix."""
+        return False
+
+    @abc.abstractmethod
+    def load(self, spec: str, ctx: SourceContext) -> torch.nn.Module:
+        """Build or load the model."""
+
+    def default_data(self, spec: str) -> str | None:
+        """A data spec that suits this model when the user gives none (for demos)."""
+        return None
+
+
+class DataSource(abc.ABC):
+    """Turns a data spec (``demo:digits``, ``synthetic:shape=64x1024``) into :class:`Data`."""
+
+    scheme: ClassVar[str]
+    summary: ClassVar[str] = ""
+
+    def claims(self, spec: str) -> bool:
+        return False
+
+    @abc.abstractmethod
+    def load(self, spec: str, ctx: SourceContext) -> Data:
+        """Load the data, batched with ``ctx.batch_size`` where the source does the batching."""
+
+
+@attrs.define
+class SourceContext:
+    """What model and data sources get: batch size, seed, logger, and whether a saved model is
+    being rebuilt (then weights are loaded afterwards, so a source may skip training)."""
+
+    log: FilteringBoundLogger
+    batch_size: int = 64
+    seed: int = 0
+    restoring: bool = False

@@ -1,0 +1,478 @@
+"""The pipeline: resolve the recipe against the installed plugins, load model and data, measure
+the baseline, apply the steps in order (each timed, logged and checked), measure again, compare,
+report, save.
+
+Everything that can be checked without torch (names, options, the output directory) is checked
+first, so a typo fails in well under a second.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import platform
+import secrets
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from . import __version__, options
+from .contract import (
+    Backend,
+    Data,
+    Metric,
+    MetricContext,
+    Optimizer,
+    SourceContext,
+    StepContext,
+)
+from .errors import InferoptError, StepFailed, UsageError
+from .logging import get_logger
+from .manager import PluginManager
+from .recipe import Recipe, Spec
+from .registry import Entry, Registry, load_plugins
+from .report import Report, StepRecord
+
+
+@attrs.define
+class Resolved:
+    """A plugin entry with its built instance and the raw spec it came from."""
+
+    spec: Spec
+    entry: Entry
+    instance: Any
+    index: int = 0
+
+    def provenance(self) -> dict[str, str]:
+        return {"distribution": self.entry.distribution, "version": self.entry.version}
+
+
+@attrs.define
+class RunContext:
+    """A run in progress; lifecycle hooks receive it."""
+
+    run_id: str
+    recipe: Recipe
+    manager: PluginManager
+    registry: Registry
+    log: Any
+    backend: Resolved
+    steps: list[Resolved]
+    metrics: list[Resolved]
+    model_source: Entry | None = None
+    data_spec: str | None = None
+    data: Data | None = None
+    out_dir: Path | None = None
+    warnings: list[str] = attrs.field(factory=list)
+
+
+def new_run_id() -> str:
+    return dt.datetime.now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
+def resolve_model_source(registry: Registry, spec: str, kind: str = "model source") -> Entry:
+    """The source for a spec: by its ``scheme:`` prefix, or by a source that claims it."""
+    scheme, sep, _rest = spec.partition(":")
+    if sep and (kind, scheme) in registry:
+        return registry.get(kind, scheme)
+    for entry in registry.entries(kind):
+        if entry.obj().claims(spec):
+            return entry
+    known = ", ".join(f"{n}:..." for n in registry.names(kind))
+    flag = "--model" if kind == "model source" else "--data"
+    raise UsageError(
+        f"{flag} {spec!r}: no installed {kind} reads it. Known schemes: {known}; "
+        "a Python file is written PATH.py:CALLABLE"
+    )
+
+
+def _build(entry: Entry, spec: Spec, where: str) -> Any:
+    return options.build(entry.obj, spec.options, where)
+
+
+def resolve_plugins(
+    recipe: Recipe, registry: Registry
+) -> tuple[Resolved, list[Resolved], list[Resolved]]:
+    """Check the recipe's backend, steps and metrics (names and options) against the registry."""
+    backend_entry = registry.get("backend", recipe.backend.name)
+    backend = Resolved(
+        recipe.backend,
+        backend_entry,
+        _build(backend_entry, recipe.backend, f"backend {recipe.backend.name!r}"),
+    )
+    steps = []
+    for i, spec in enumerate(recipe.optimize, start=1):
+        entry = registry.get("optimizer", spec.name)
+        steps.append(Resolved(spec, entry, _build(entry, spec, f"step {i} {spec.name!r}"), i))
+    metrics = []
+    seen = set()
+    for spec in recipe.metrics:
+        if spec.name in seen:
+            raise UsageError(f"metric {spec.name!r} is listed twice; list each metric once")
+        seen.add(spec.name)
+        entry = registry.get("metric", spec.name)
+        metrics.append(Resolved(spec, entry, _build(entry, spec, f"metric {spec.name!r}")))
+    needed = {"max_accuracy_drop": "accuracy", "min_speedup": "latency", "max_size_ratio": "size"}
+    for gate, metric in needed.items():
+        if gate in recipe.gates.to_dict() and metric not in seen:
+            raise UsageError(f"gate {gate} needs the {metric!r} metric; add --metric {metric}")
+    return backend, steps, metrics
+
+
+def resolve(recipe: Recipe, manager: PluginManager, registry: Registry, run_id: str) -> RunContext:
+    """Check every name and option of the recipe against the installed plugins."""
+    backend, steps, metrics = resolve_plugins(recipe, registry)
+    log = get_logger(run_id=run_id)
+    ctx = RunContext(run_id, recipe, manager, registry, log, backend, steps, metrics)
+    ctx.model_source = resolve_model_source(registry, recipe.model)
+    ctx.data_spec = recipe.data or ctx.model_source.obj().default_data(recipe.model)
+    if ctx.data_spec is None:
+        raise UsageError(
+            f"--model {recipe.model!r} needs data: give --data SPEC (for example "
+            "synthetic:shape=64x1024 or python:my_module:make_batches)"
+        )
+    resolve_model_source(registry, ctx.data_spec, kind="data source")
+    for failure in manager.failures:
+        ctx.warnings.append(
+            f"plugin {failure.name!r} ({failure.distribution}) was not loaded: {failure.error}"
+        )
+    return ctx
+
+
+def choose_out_dir(recipe: Recipe, run_id: str, overwrite: bool) -> Path:
+    if recipe.out is None:
+        return Path("inferopt-runs") / run_id
+    out = Path(recipe.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} exists and is not a directory; choose another path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(
+            f"--out {str(out)!r} already exists and is not empty; choose another directory "
+            "or pass --overwrite to replace it"
+        )
+    return out
+
+
+def environment(backend: Backend) -> dict[str, Any]:
+    import torch
+
+    env = {
+        "inferopt": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": backend.device,
+    }
+    env.update(backend.describe())
+    return env
+
+
+def run(
+    recipe: Recipe,
+    *,
+    model: Any = None,
+    data: Data | Iterable[Any] | None = None,
+    manager: PluginManager | None = None,
+    overwrite: bool = False,
+    save: bool = True,
+) -> Report:
+    """Run a recipe end to end and return the report.
+
+    ``model`` (an ``nn.Module``) and ``data`` (a :class:`Data` or an iterable of batches) replace
+    the recipe's specs when given; the module passed in is copied, never modified.
+    """
+    manager, registry = load_plugins(manager)
+    run_id = new_run_id()
+    ctx = resolve(recipe, manager, registry, run_id) if model is None else _resolve_in_memory(
+        recipe, manager, registry, run_id, data
+    )
+    log = ctx.log
+    out_dir = choose_out_dir(recipe, run_id, overwrite) if save else None
+    backend: Backend = ctx.backend.instance
+    reason = backend.available()
+    if reason:
+        raise UsageError(f"backend {backend.name!r} cannot run here: {reason}")
+
+    import torch
+
+    torch.manual_seed(recipe.seed)
+    source_ctx = SourceContext(log=log, batch_size=recipe.batch_size, seed=recipe.seed)
+    if model is None:
+        assert ctx.model_source is not None
+        log.info("loading model", spec=recipe.model, source=ctx.model_source.plugin)
+        model = ctx.model_source.obj().load(recipe.model, source_ctx)
+    else:
+        model = copy.deepcopy(model)
+    _check_module(model, recipe.model)
+    if data is None:
+        assert ctx.data_spec is not None
+        data_entry = resolve_model_source(registry, ctx.data_spec, kind="data source")
+        log.info("loading data", spec=ctx.data_spec, source=data_entry.plugin)
+        data = data_entry.obj().load(ctx.data_spec, source_ctx)
+    ctx.data = as_data(data, recipe.batch_size)
+    if not ctx.data.eval:
+        raise UsageError(f"--data {ctx.data_spec!r} gave no batches; it must yield at least one")
+    _check_metrics_applicable(ctx)
+    environment_facts = environment(backend)
+    manager.call_each("inferopt_run_start", lambda _p: {"run": ctx}, _observer_error(ctx))
+
+    prepared = backend.prepare(model)
+    probe = backend.to_device(ctx.data.eval[0].inputs)
+    try:
+        probe_out = backend.forward(prepared, probe)
+    except Exception as exc:
+        raise UsageError(
+            f"the model {recipe.model!r} failed on the first batch of {ctx.data_spec!r}: "
+            f"{type(exc).__name__}: {exc}. Check that the data's shape and dtype fit the model"
+        ) from exc
+    from .model_io import all_finite, output_signature
+
+    signature = output_signature(probe_out)
+    if not all_finite(probe_out):
+        raise UsageError(f"the baseline model {recipe.model!r} already gives non-finite outputs")
+    baseline_outputs = [_detach_cpu(backend.forward(prepared, backend.to_device(b.inputs)))
+                        for b in ctx.data.eval]
+    log.info("measuring baseline", metrics=[m.spec.name for m in ctx.metrics])
+    baseline, skipped = _measure(ctx, model, prepared, "baseline", baseline_outputs)
+
+    records = []
+    for step in ctx.steps:
+        record = _apply_step(ctx, step, model)
+        model = record.pop("model")
+        prepared = backend.prepare(model)
+        rec: StepRecord = record["record"]
+        with torch.inference_mode():
+            out = backend.forward(prepared, probe)
+        if not all_finite(out):
+            raise StepFailed(
+                f"step {step.index} {step.spec.name!r} made the model's outputs non-finite "
+                "(NaN or inf) on the first batch; the model was not saved. Try other options "
+                "for this step, or skip the layers it breaks"
+            )
+        if output_signature(out) != signature:
+            raise StepFailed(
+                f"step {step.index} {step.spec.name!r} changed the model's output shapes/dtypes "
+                f"from {signature} to {output_signature(out)}; steps must keep the interface"
+            )
+        records.append(rec)
+        manager.call_each(
+            "inferopt_step_end", lambda _p, r=rec: {"run": ctx, "step": r}, _observer_error(ctx)
+        )
+
+    log.info("measuring optimized model")
+    optimized, _ = _measure(ctx, model, prepared, "optimized", baseline_outputs)
+    report = Report(
+        run_id=run_id,
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        recipe=_resolved_recipe(ctx),
+        plugins=_plugins_used(ctx),
+        baseline=baseline,
+        optimized=optimized,
+        steps=records,
+        environment=environment_facts,
+        skipped_metrics=skipped,
+        warnings=ctx.warnings + [w for r in records for w in r.warnings],
+        primary={
+            m.spec.name: (m.entry.obj.primary, m.entry.obj.higher_is_better) for m in ctx.metrics
+        },
+    )
+    report.gates = _evaluate_gates(recipe, report)
+    if out_dir is not None:
+        from .artifacts import save_run
+
+        save_run(out_dir, model, report, ctx, overwrite=overwrite)
+        log.info("saved", dir=str(out_dir))
+    manager.call_each("inferopt_run_end", lambda _p: {"run": ctx, "report": report},
+                      _observer_error(ctx))
+    return report
+
+
+def _resolve_in_memory(
+    recipe: Recipe, manager: PluginManager, registry: Registry, run_id: str, data: Any
+) -> RunContext:
+    if data is None and recipe.data is None:
+        raise UsageError("a model passed as an nn.Module needs data: pass data=... or a data spec")
+    ctx = RunContext(
+        run_id,
+        attrs.evolve(recipe, model="<in-memory module>"),
+        manager,
+        registry,
+        get_logger(run_id=run_id),
+        *resolve_plugins(recipe, registry),
+    )
+    ctx.data_spec = "<in-memory data>" if data is not None else recipe.data
+    if data is None:
+        resolve_model_source(registry, recipe.data or "", kind="data source")
+    return ctx
+
+
+def as_data(data: Data | Iterable[Any], batch_size: int) -> Data:
+    """Accept :class:`Data`, a torch Dataset, or an iterable of batches."""
+    if isinstance(data, Data):
+        return data
+    from .batching import batches_from
+
+    return Data(eval=batches_from(data, batch_size, what="data"))
+
+
+def _check_module(model: Any, spec: str) -> None:
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(
+            f"model {spec!r} gave a {type(model).__name__}, not a torch.nn.Module; "
+            "the callable must return the model"
+        )
+
+
+def _check_metrics_applicable(ctx: RunContext) -> None:
+    assert ctx.data is not None
+    for m in ctx.metrics:
+        if m.entry.obj.needs_labels and not ctx.data.has_labels and ctx.recipe.metrics_explicit:
+            raise UsageError(
+                f"metric {m.spec.name!r} needs labels but the data {ctx.data_spec!r} has none; "
+                "give labelled data or use --metric fidelity to compare against the baseline"
+            )
+
+
+def _detach_cpu(outputs: Any) -> Any:
+    from .model_io import move_to
+
+    return move_to(outputs, "cpu")
+
+
+def _measure(
+    ctx: RunContext, model: Any, prepared: Any, role: str, baseline_outputs: list[Any]
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    from .artifacts import weights_bytes
+
+    assert ctx.data is not None
+    results: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    for m in ctx.metrics:
+        metric: Metric = m.instance
+        if metric.needs_labels and not ctx.data.has_labels:
+            skipped[m.spec.name] = f"the data {ctx.data_spec!r} has no labels"
+            continue
+        mctx = MetricContext(
+            log=ctx.log.bind(metric=m.spec.name, plugin=m.entry.plugin, role=role),
+            role=role,
+            baseline_outputs=baseline_outputs,
+            saved_weights=lambda: weights_bytes(model),
+        )
+        try:
+            results[m.spec.name] = metric.measure(prepared, ctx.backend.instance, ctx.data, mctx)
+        except InferoptError:
+            raise
+        except Exception as exc:
+            # a broken metric plugin costs its own numbers, not the run
+            msg = f"metric {m.spec.name!r} ({m.entry.plugin}) failed on the {role}: {exc!r}"
+            ctx.log.error(msg)
+            ctx.warnings.append(msg)
+            skipped[m.spec.name] = msg
+    return results, skipped
+
+
+def _apply_step(ctx: RunContext, step: Resolved, model: Any) -> dict[str, Any]:
+    import time
+
+    import torch
+
+    optimizer: Optimizer = step.instance
+    log = ctx.log.bind(step=step.index, optimizer=step.spec.name, plugin=step.entry.plugin)
+    sctx = StepContext(log=log, data=ctx.data, backend=ctx.backend.instance, seed=ctx.recipe.seed)
+    log.info("applying step", options=step.spec.options)
+    torch.manual_seed(ctx.recipe.seed)
+    start = time.perf_counter()
+    try:
+        new_model = optimizer.apply(model, sctx)
+    except InferoptError:
+        raise
+    except Exception as exc:
+        raise StepFailed(
+            f"step {step.index} {step.spec.name!r} (plugin {step.entry.plugin!r} from "
+            f"{step.entry.distribution}) failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    seconds = time.perf_counter() - start
+    if not isinstance(new_model, torch.nn.Module):
+        raise StepFailed(
+            f"step {step.index} {step.spec.name!r} returned {type(new_model).__name__}, "
+            "not an nn.Module (plugin bug: apply() must return the model)"
+        )
+    log.info("step done", seconds=round(seconds, 3))
+    record = StepRecord(
+        index=step.index,
+        name=step.spec.name,
+        options={f.name: _jsonable(getattr(optimizer, f.name))
+                 for f in attrs.fields(type(optimizer))} if attrs.has(type(optimizer)) else {},
+        plugin=step.entry.plugin,
+        distribution=step.entry.distribution,
+        version=step.entry.version,
+        seconds=seconds,
+        details=sctx.details,
+        warnings=list(sctx.warnings),
+        state=sctx.state,
+    )
+    return {"model": new_model, "record": record}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def _observer_error(ctx: RunContext) -> Any:
+    def record(plugin: str, exc: BaseException) -> None:
+        msg = f"observer hook of plugin {plugin!r} raised {exc!r}; the run went on"
+        ctx.log.warning(msg)
+        ctx.warnings.append(msg)
+
+    return record
+
+
+def _resolved_recipe(ctx: RunContext) -> dict[str, Any]:
+    recipe = ctx.recipe.to_dict()
+    recipe["data"] = ctx.data_spec
+    recipe["optimize"] = [str(s.spec) for s in ctx.steps]
+    return recipe
+
+
+def _plugins_used(ctx: RunContext) -> dict[str, dict[str, str]]:
+    used: dict[str, dict[str, str]] = {}
+    for r in [ctx.backend, *ctx.steps, *ctx.metrics]:
+        used[r.entry.plugin] = r.provenance()
+    if ctx.model_source is not None:
+        used[ctx.model_source.plugin] = {
+            "distribution": ctx.model_source.distribution,
+            "version": ctx.model_source.version,
+        }
+    return used
+
+
+def _evaluate_gates(recipe: Recipe, report: Report) -> list[dict[str, Any]]:
+    gates = []
+    v = report.verdict
+    g = recipe.gates
+    if g.max_accuracy_drop is not None:
+        drop = v.get("accuracy_drop_points")
+        if drop is None:
+            raise UsageError("gate max_accuracy_drop needs the accuracy metric and labelled data")
+        gates.append({"name": "max_accuracy_drop", "threshold": g.max_accuracy_drop,
+                      "value": drop, "passed": drop <= g.max_accuracy_drop})
+    if g.min_speedup is not None:
+        speedup = v.get("speedup")
+        if speedup is None:
+            raise UsageError("gate min_speedup needs the latency metric")
+        gates.append({"name": "min_speedup", "threshold": g.min_speedup,
+                      "value": speedup, "passed": speedup >= g.min_speedup})
+    if g.max_size_ratio is not None:
+        ratio = v.get("size_ratio")
+        if ratio is None:
+            raise UsageError("gate max_size_ratio needs the size metric")
+        gates.append({"name": "max_size_ratio", "threshold": g.max_size_ratio,
+                      "value": ratio, "passed": ratio <= g.max_size_ratio})
+    return gates
+

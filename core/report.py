@@ -1,0 +1,262 @@
+"""The run report: one versioned JSON schema, rendered as a terminal table and as Markdown.
+
+Every number in it was measured in this run; a comparison is only made between numbers
+measured on the same harness, and the verdict never claims a speedup it did not measure.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import attrs
+
+SCHEMA = "inferopt.report/1"
+
+# Relative change in p50 latency under which we call the difference noise. The metrics issue
+# replaces this with a confidence interval from interleaved runs.
+NOISE_BAND = 0.05
+
+
+@attrs.define
+class StepRecord:
+    """One applied optimizer step."""
+
+    index: int
+    name: str
+    options: dict[str, Any]
+    plugin: str
+    distribution: str
+    version: str
+    seconds: float = 0.0
+    details: dict[str, Any] = attrs.field(factory=dict)
+    warnings: list[str] = attrs.field(factory=list)
+    state: dict[str, Any] = attrs.field(factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "name": self.name,
+            "options": self.options,
+            "plugin": self.plugin,
+            "distribution": self.distribution,
+            "version": self.version,
+            "seconds": round(self.seconds, 4),
+            "details": self.details,
+            "warnings": self.warnings,
+        }
+
+
+@attrs.define
+class Report:
+    """A finished run. ``to_dict`` is the ``inferopt.report/1`` JSON document."""
+
+    run_id: str
+    created: str
+    recipe: dict[str, Any]
+    plugins: dict[str, dict[str, str]]
+    baseline: dict[str, dict[str, Any]]
+    optimized: dict[str, dict[str, Any]]
+    steps: list[StepRecord]
+    environment: dict[str, Any]
+    artifacts: dict[str, str] = attrs.field(factory=dict)
+    skipped_metrics: dict[str, str] = attrs.field(factory=dict)
+    warnings: list[str] = attrs.field(factory=list)
+    gates: list[dict[str, Any]] = attrs.field(factory=list)
+    primary: dict[str, tuple[str, bool]] = attrs.field(factory=dict)
+
+    @property
+    def comparison(self) -> dict[str, dict[str, dict[str, float | None]]]:
+        out: dict[str, dict[str, dict[str, float | None]]] = {}
+        for metric, base in self.baseline.items():
+            opt = self.optimized.get(metric, {})
+            rows = {}
+            for key, b in base.items():
+                o = opt.get(key)
+                if not _is_number(b) or not _is_number(o):
+                    continue
+                rows[key] = {"baseline": b, "optimized": o, "ratio": _ratio(o, b)}
+            out[metric] = rows
+        return out
+
+    @property
+    def verdict(self) -> dict[str, Any]:
+        v: dict[str, Any] = {}
+        lat_b = self.baseline.get("latency", {}).get("p50_ms")
+        lat_o = self.optimized.get("latency", {}).get("p50_ms")
+        if _is_number(lat_b) and _is_number(lat_o) and lat_o > 0:
+            speedup = lat_b / lat_o
+            v["speedup"] = round(speedup, 3)
+            if speedup > 1 + NOISE_BAND:
+                v["latency"] = "faster"
+            elif speedup < 1 - NOISE_BAND:
+                v["latency"] = "slower"
+            else:
+                v["latency"] = "no measurable change"
+        size_b = self.baseline.get("size", {}).get("bytes")
+        size_o = self.optimized.get("size", {}).get("bytes")
+        if _is_number(size_b) and _is_number(size_o) and size_b > 0:
+            v["size_ratio"] = round(size_o / size_b, 4)
+            v["size"] = "smaller" if size_o < size_b else "not smaller"
+        acc_b = self.baseline.get("accuracy", {}).get("top1")
+        acc_o = self.optimized.get("accuracy", {}).get("top1")
+        if _is_number(acc_b) and _is_number(acc_o):
+            v["accuracy_drop_points"] = round((acc_b - acc_o) * 100, 3)
+        if self.gates:
+            v["gates_passed"] = all(g["passed"] for g in self.gates)
+        return v
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "run_id": self.run_id,
+            "created": self.created,
+            "recipe": self.recipe,
+            "plugins": self.plugins,
+            "baseline": {"metrics": self.baseline},
+            "optimized": {"metrics": self.optimized},
+            "steps": [s.to_dict() for s in self.steps],
+            "comparison": self.comparison,
+            "verdict": self.verdict,
+            "gates": self.gates,
+            "skipped_metrics": self.skipped_metrics,
+            "warnings": self.warnings,
+            "environment": self.environment,
+            "artifacts": self.artifacts,
+        }
+
+    # -- rendering ----------------------------------------------------------------------------
+
+    def rows(self) -> list[tuple[str, str, str, str]]:
+        """(quantity, baseline, optimized, change) rows for the summary table."""
+        rows = []
+        for metric, fields in self.comparison.items():
+            shown = _SHOWN.get(metric)
+            if shown is None and metric in self.primary:  # a third-party metric
+                key = self.primary[metric][0]
+                shown = {key: (f"{metric} {key}", _num)}
+            for key, cmp in fields.items():
+                if key not in (shown or {}):
+                    continue
+                label, fmt = shown[key]
+                b, o = cmp["baseline"], cmp["optimized"]
+                rows.append((label, fmt(b), fmt(o), _change(metric, key, b, o)))
+        return rows
+
+    def verdict_lines(self) -> list[str]:
+        v = self.verdict
+        lines = []
+        if "latency" in v:
+            lines.append(f"latency: {v['latency']} (p50 speedup x{v['speedup']:.2f})")
+        if "size" in v:
+            lines.append(f"size: {v['size']} ({v['size_ratio'] * 100:.1f}% of baseline)")
+        if "accuracy_drop_points" in v:
+            lines.append(f"accuracy: {-v['accuracy_drop_points']:+.2f} points")
+        for g in self.gates:
+            state = "passed" if g["passed"] else "FAILED"
+            op = ">=" if g["name"].startswith("min_") else "<="
+            lines.append(f"gate {g['name']} {op} {g['threshold']}: {state} (got {g['value']})")
+        return lines
+
+    def render_console(self, console: Any) -> None:
+        from rich.table import Table
+
+        table = Table(title=f"inferopt run {self.run_id}: baseline vs optimized")
+        table.add_column("metric")
+        table.add_column("baseline", justify="right")
+        table.add_column("optimized", justify="right")
+        table.add_column("change", justify="right")
+        for row in self.rows():
+            table.add_row(*row)
+        console.print(table)
+        steps = ", ".join(f"{s.name} ({s.seconds:.2f}s)" for s in self.steps) or "none"
+        console.print(f"steps: {steps}")
+        for line in self.verdict_lines():
+            console.print(line)
+        for name, reason in self.skipped_metrics.items():
+            console.print(f"[yellow]metric {name} skipped:[/] {reason}")
+        for w in self.warnings:
+            console.print(f"[yellow]warning:[/] {w}", markup=True)
+        if self.artifacts.get("dir"):
+            console.print(f"saved: {self.artifacts['dir']}")
+
+    def to_markdown(self) -> str:
+        lines = [
+            f"# inferopt run {self.run_id}",
+            "",
+            f"Model `{self.recipe.get('model')}`, data `{self.recipe.get('data')}`, "
+            f"backend `{self.recipe.get('backend')}`, created {self.created}.",
+            "",
+            "| metric | baseline | optimized | change |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in self.rows()]
+        lines += ["", "## Steps", ""]
+        for s in self.steps:
+            lines.append(f"- `{s.name}` {s.options or ''} — {s.seconds:.2f} s")
+            for w in s.warnings:
+                lines.append(f"  - warning: {w}")
+        if not self.steps:
+            lines.append("- none")
+        lines += ["", "## Verdict", ""] + [f"- {line}" for line in self.verdict_lines()]
+        env = self.environment
+        lines += [
+            "",
+            "## Environment",
+            "",
+            *[f"- {k}: {v}" for k, v in env.items()],
+            "",
+        ]
+        return "\n".join(lines)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _ratio(o: float, b: float) -> float | None:
+    return round(o / b, 4) if b else None
+
+
+def _ms(x: float) -> str:
+    return f"{x:.3f} ms"
+
+
+def _pct(x: float) -> str:
+    return f"{x * 100:.2f}%"
+
+
+def _bytes(x: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if x >= size:
+            return f"{x / size:.2f} {unit}"
+    return f"{int(x)} B"
+
+
+def _num(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def _change(metric: str, key: str, b: float, o: float) -> str:
+    if metric == "latency":
+        return f"x{b / o:.2f} faster" if o and o <= b else f"x{o / b:.2f} slower"
+    if metric == "throughput":
+        return f"x{o / b:.2f}" if b else "-"
+    if metric == "size":
+        return f"{o / b * 100:.1f}%" if b else "-"
+    if key in ("top1", "agreement", "cosine"):
+        return f"{(o - b) * 100:+.2f} pts" if key == "top1" else f"{o - b:+.4f}"
+    return f"{o - b:+.3g}"
+
+
+_SHOWN: dict[str, dict[str, tuple[str, Any]]] = {
+    "latency": {
+        "p50_ms": ("latency p50", _ms),
+        "p90_ms": ("latency p90", _ms),
+        "p99_ms": ("latency p99", _ms),
+    },
+    "throughput": {"samples_per_s": ("throughput (samples/s)", _num)},
+    "accuracy": {"top1": ("accuracy top-1", _pct)},
+    "fidelity": {"agreement": ("top-1 agreement with baseline", _pct), "cosine": ("cosine", _num)},
+    "size": {"bytes": ("size (saved weights)", _bytes)},
+}

@@ -1,0 +1,67 @@
+"""The ``fidelity`` metric: how closely the model's outputs follow the baseline's, on the same
+inputs. Needs no labels, so it works for any model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from inferopt import Metric, hookimpl
+
+
+@attrs.frozen
+class FidelityMetric(Metric):
+    """Agreement with the baseline's outputs: mean per-sample cosine similarity, max and mean
+    absolute error, and top-1 agreement (for outputs with a class dimension)."""
+
+    name = "fidelity"
+    summary = "agreement with the baseline outputs (cosine, max abs error, top-1 agreement)"
+    unit = ""
+    primary = "cosine"
+    higher_is_better = True
+
+    def measure(self, model: Any, backend: Any, data: Any, ctx: Any) -> dict[str, Any]:
+        import torch
+
+        from inferopt.model_io import primary_output
+
+        if ctx.baseline_outputs is None:
+            raise RuntimeError("fidelity needs the baseline outputs; the pipeline provides them")
+        cos_sum = 0.0
+        n = 0
+        max_abs = 0.0
+        abs_sum = 0.0
+        elems = 0
+        agree = 0
+        positions = 0
+        for batch, ref_out in zip(data.eval, ctx.baseline_outputs, strict=True):
+            out = primary_output(backend.forward(model, backend.to_device(batch.inputs)))
+            ref = primary_output(ref_out).to(out.device)
+            a = out.float().reshape(out.shape[0], -1)
+            b = ref.float().reshape(ref.shape[0], -1)
+            cos_sum += float(torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12).sum())
+            n += a.shape[0]
+            diff = (a - b).abs()
+            max_abs = max(max_abs, float(diff.max()))
+            abs_sum += float(diff.sum())
+            elems += diff.numel()
+            if out.dim() >= 2:
+                same = out.argmax(-1) == ref.argmax(-1)
+                agree += int(same.sum())
+                positions += same.numel()
+        result = {
+            "cosine": cos_sum / n,
+            "max_abs_err": max_abs,
+            "mean_abs_err": abs_sum / elems,
+            "agreement": agree / positions if positions else float("nan"),
+            "samples": n,
+        }
+        ctx.log.info("fidelity", cosine=round(result["cosine"], 5),
+                     agreement=round(result["agreement"], 4))
+        return result
+
+
+@hookimpl
+def inferopt_register_metrics(register: Any) -> None:
+    register(FidelityMetric)
