@@ -11,8 +11,8 @@ from .artifacts import load as _load
 from .contract import Data, StepContext
 from .logging import get_logger
 from .pipeline import as_data
-from .registry import load_plugins
 from .recipe import make_recipe
+from .registry import load_plugins
 from .report import Report
 
 if TYPE_CHECKING:

@@ -20,14 +20,14 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 def _plugin_listing(strict: bool | None = None) -> dict[str, Any]:
+    from .manager import PluginManager
     from .options import describe
     from .registry import load_plugins
-    from .manager import PluginManager
 
     manager, registry = load_plugins(PluginManager(strict=strict).load_entrypoints())
     provides: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for entry in registry.entries():
-        item = {"name": entry.name, "summary": entry.summary}
+        item: dict[str, Any] = {"name": entry.name, "summary": entry.summary}
         if entry.kind in ("optimizer", "backend", "metric"):
             item["options"] = describe(entry.obj)
         provides.setdefault(entry.plugin, {}).setdefault(entry.kind, []).append(item)
@@ -137,8 +137,8 @@ def run(
 
     configure(log_format, log_level)
     try:
-        from .pipeline import run as run_pipeline
         from .manager import PluginManager
+        from .pipeline import run as run_pipeline
         from .recipe import make_recipe
 
         rec = make_recipe(
@@ -164,7 +164,7 @@ def run(
     except KeyboardInterrupt:
         click.echo("interrupted: stopped cleanly; no partial output was kept", err=True)
         sys.exit(130)
-    except Exception as exc:  # noqa: BLE001 - a last line: one readable message, exit 2
+    except Exception as exc:
         if debug:
             raise
         click.echo(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
@@ -209,7 +209,8 @@ def plugins(as_json: bool, strict_plugins: bool) -> None:
         table.add_column(col)
     for p in listing["plugins"]:
         provides = "; ".join(
-            f"{kind}: {', '.join(i['name'] for i in items)}" for kind, items in p["provides"].items()
+            f"{kind}: {', '.join(i['name'] for i in items)}"
+            for kind, items in p["provides"].items()
         )
         hooks = ", ".join(h.removeprefix("inferopt_") for h in p["hooks"])
         table.add_row(p["name"], f"{p['distribution']} {p['version']}", provides, hooks)
@@ -217,7 +218,7 @@ def plugins(as_json: bool, strict_plugins: bool) -> None:
     console.print(table)
     for f in listing["failed"]:
         console.print(f"[red]failed:[/] {f['name']} ({f['distribution']} {f['version']}): "
-                      f"{f['error']}", markup=True, highlight=False)
+                      f"{f['error']}", markup=True, highlight=False, soft_wrap=True)
     if listing["skipped"]:
         console.print(f"skipped by INFEROPT_PLUGINS / INFEROPT_BLOCK_PLUGINS: "
                       f"{', '.join(listing['skipped'])}")

@@ -155,6 +155,7 @@ class Backend(abc.ABC):
 
     def synchronize(self) -> None:
         """Wait until queued work has finished (a no-op on CPU)."""
+        return None
 
     def time(self, fn: Callable[[], Any]) -> float:
         """Seconds ``fn`` takes on this device, synchronized on both sides."""

@@ -115,7 +115,8 @@ class PluginManager:
                 continue
             try:
                 module = ep.load()
-            except Exception as exc:  # noqa: BLE001 - any import failure is the plugin's fault
+            # any exception while importing a plugin is that plugin's fault, not the run's
+            except Exception as exc:
                 self._fail(ep.name, dist_name, version, _describe(exc), traceback.format_exc())
                 continue
             self.register(module, name=ep.name, distribution=dist_name, version=version)
@@ -136,7 +137,7 @@ class PluginManager:
         """
         try:
             self._pm.register(plugin, name=name)
-        except Exception as exc:  # noqa: BLE001 - pluggy's validation errors and duplicates
+        except Exception as exc:
             self._fail(name, distribution, version, _describe(exc))
             return None
         unknown = [
@@ -192,6 +193,12 @@ class PluginManager:
                 if self.strict or on_error is None:
                     raise
                 on_error(plugin_name, exc)
+
+    def notify(
+        self, hook_name: str, on_error: Callable[[str, BaseException], None], **kwargs: Any
+    ) -> None:
+        """Call a lifecycle hook on every observer, each on its own (see :meth:`call_each`)."""
+        self.call_each(hook_name, lambda _plugin: kwargs, on_error)
 
     def record_hook_failure(self, plugin_name: str, exc: BaseException) -> None:
         """Record that a plugin's hook raised; strict mode raises instead."""

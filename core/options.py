@@ -26,10 +26,10 @@ _FALSE = {"0", "false", "no", "off"}
 def option(
     default: Any = attrs.NOTHING,
     *,
-    help: str = "",  # noqa: A002 - the natural name for users of this function
+    help: str = "",  # shadows the builtin on purpose: the natural keyword for users
     choices: Sequence[Any] | None = None,
-    min: float | None = None,  # noqa: A002
-    max: float | None = None,  # noqa: A002
+    min: float | None = None,
+    max: float | None = None,
     searchable: Sequence[Any] | None = None,
 ) -> Any:
     """Declare one option of a plugin class (an attrs field with metadata).

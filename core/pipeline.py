@@ -216,7 +216,7 @@ def run(
         raise UsageError(f"--data {ctx.data_spec!r} gave no batches; it must yield at least one")
     _check_metrics_applicable(ctx)
     environment_facts = environment(backend)
-    manager.call_each("inferopt_run_start", lambda _p: {"run": ctx}, _observer_error(ctx))
+    manager.notify("inferopt_run_start", _observer_error(ctx), run=ctx)
 
     prepared = backend.prepare(model)
     probe = backend.to_device(ctx.data.eval[0].inputs)
@@ -239,10 +239,8 @@ def run(
 
     records = []
     for step in ctx.steps:
-        record = _apply_step(ctx, step, model)
-        model = record.pop("model")
+        model, rec = _apply_step(ctx, step, model)
         prepared = backend.prepare(model)
-        rec: StepRecord = record["record"]
         with torch.inference_mode():
             out = backend.forward(prepared, probe)
         if not all_finite(out):
@@ -257,9 +255,7 @@ def run(
                 f"from {signature} to {output_signature(out)}; steps must keep the interface"
             )
         records.append(rec)
-        manager.call_each(
-            "inferopt_step_end", lambda _p, r=rec: {"run": ctx, "step": r}, _observer_error(ctx)
-        )
+        manager.notify("inferopt_step_end", _observer_error(ctx), run=ctx, step=rec)
 
     log.info("measuring optimized model")
     optimized, _ = _measure(ctx, model, prepared, "optimized", baseline_outputs)
@@ -284,8 +280,7 @@ def run(
 
         save_run(out_dir, model, report, ctx, overwrite=overwrite)
         log.info("saved", dir=str(out_dir))
-    manager.call_each("inferopt_run_end", lambda _p: {"run": ctx, "report": report},
-                      _observer_error(ctx))
+    manager.notify("inferopt_run_end", _observer_error(ctx), run=ctx, report=report)
     return report
 
 
@@ -375,7 +370,7 @@ def _measure(
     return results, skipped
 
 
-def _apply_step(ctx: RunContext, step: Resolved, model: Any) -> dict[str, Any]:
+def _apply_step(ctx: RunContext, step: Resolved, model: Any) -> tuple[Any, StepRecord]:
     import time
 
     import torch
@@ -405,8 +400,7 @@ def _apply_step(ctx: RunContext, step: Resolved, model: Any) -> dict[str, Any]:
     record = StepRecord(
         index=step.index,
         name=step.spec.name,
-        options={f.name: _jsonable(getattr(optimizer, f.name))
-                 for f in attrs.fields(type(optimizer))} if attrs.has(type(optimizer)) else {},
+        options=_options_of(optimizer),
         plugin=step.entry.plugin,
         distribution=step.entry.distribution,
         version=step.entry.version,
@@ -415,7 +409,15 @@ def _apply_step(ctx: RunContext, step: Resolved, model: Any) -> dict[str, Any]:
         warnings=list(sctx.warnings),
         state=sctx.state,
     )
-    return {"model": new_model, "record": record}
+    return new_model, record
+
+
+def _options_of(plugin_object: Any) -> dict[str, Any]:
+    """The options an attrs plugin instance was built with, as JSON-ready values."""
+    cls = type(plugin_object)
+    if not attrs.has(cls):
+        return {}
+    return {f.name: _jsonable(getattr(plugin_object, f.name)) for f in attrs.fields(cls)}
 
 
 def _jsonable(value: Any) -> Any:

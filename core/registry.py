@@ -38,7 +38,8 @@ class Entry:
 
     @property
     def summary(self) -> str:
-        return str(getattr(self.obj, "summary", "") or (self.obj.__doc__ or "").strip().split("\n")[0])
+        doc = (self.obj.__doc__ or "").strip().split("\n")[0]
+        return str(getattr(self.obj, "summary", "") or doc)
 
 
 class Registry:

@@ -7,7 +7,7 @@ measured on the same harness, and the verdict never claims a speedup it did not 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TypeGuard
 
 import attrs
 
@@ -66,8 +66,8 @@ class Report:
     primary: dict[str, tuple[str, bool]] = attrs.field(factory=dict)
 
     @property
-    def comparison(self) -> dict[str, dict[str, dict[str, float | None]]]:
-        out: dict[str, dict[str, dict[str, float | None]]] = {}
+    def comparison(self) -> dict[str, dict[str, dict[str, Any]]]:
+        out: dict[str, dict[str, dict[str, Any]]] = {}
         for metric, base in self.baseline.items():
             opt = self.optimized.get(metric, {})
             rows = {}
@@ -136,10 +136,12 @@ class Report:
                 key = self.primary[metric][0]
                 shown = {key: (f"{metric} {key}", _num)}
             for key, cmp in fields.items():
-                if key not in (shown or {}):
+                if shown is None or key not in shown:
                     continue
                 label, fmt = shown[key]
                 b, o = cmp["baseline"], cmp["optimized"]
+                if b is None or o is None:
+                    continue
                 rows.append((label, fmt(b), fmt(o), _change(metric, key, b, o)))
         return rows
 
@@ -174,9 +176,9 @@ class Report:
         for line in self.verdict_lines():
             console.print(line)
         for name, reason in self.skipped_metrics.items():
-            console.print(f"[yellow]metric {name} skipped:[/] {reason}")
+            console.print(f"[yellow]metric {name} skipped:[/] {reason}", soft_wrap=True)
         for w in self.warnings:
-            console.print(f"[yellow]warning:[/] {w}", markup=True)
+            console.print(f"[yellow]warning:[/] {w}", markup=True, soft_wrap=True)
         if self.artifacts.get("dir"):
             console.print(f"saved: {self.artifacts['dir']}")
 
@@ -210,7 +212,7 @@ class Report:
         return "\n".join(lines)
 
 
-def _is_number(x: Any) -> bool:
+def _is_number(x: Any) -> TypeGuard[float]:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 

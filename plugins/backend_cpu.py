@@ -7,7 +7,6 @@ import platform
 from typing import Any
 
 import attrs
-
 from inferopt import Backend, hookimpl, option
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-
 from inferopt import Metric, hookimpl, option
 
 

@@ -17,7 +17,6 @@ import fnmatch
 from typing import Any
 
 import attrs
-
 from inferopt import Optimizer, hookimpl, option
 
 MODES = ("dynamic",)
