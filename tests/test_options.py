@@ -1,0 +1,59 @@
+"""Typed plugin options: conversion from CLI strings and TOML values, and the error messages."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+from inferopt import UsageError, option
+from inferopt.options import build, describe
+
+
+@attrs.frozen
+class Example:
+    mode: str = option("fast", choices=("fast", "exact"), help="how")
+    ratio: float = option(0.5, min=0.0, max=1.0)
+    steps: int = option(10, min=1)
+    verbose: bool = option(False)
+    skip: tuple[str, ...] = option(())
+    limit: int | None = option(None)
+
+
+def test_strings_are_converted_by_type():
+    ex = build(Example, {"mode": "exact", "ratio": "0.25", "steps": "3", "verbose": "yes",
+                         "skip": "head|*.fc", "limit": "none"}, "step 1 'x'")
+    assert ex == Example("exact", 0.25, 3, True, ("head", "*.fc"), None)
+
+
+def test_typed_values_from_toml_are_accepted():
+    ex = build(Example, {"ratio": 1, "skip": ["a", "b"], "limit": 7}, "step 1 'x'")
+    assert ex.ratio == 1.0 and ex.skip == ("a", "b") and ex.limit == 7
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"mode": "slow"}, "step 2 'x': option 'mode' got 'slow'; allowed: one of fast, exact"),
+        ({"ratio": "2"}, "option 'ratio' got '2'; allowed: float >= 0.0 and <= 1.0"),
+        ({"steps": "many"}, "option 'steps' got 'many'"),
+        ({"verbose": "maybe"}, "option 'verbose' got 'maybe' (expected true or false)"),
+        ({"mdoe": "fast"}, "unknown option 'mdoe'. Options: mode, ratio, steps, verbose, skip, "
+                           "limit. Did you mean 'mode'?"),
+    ],
+)
+def test_bad_values_name_step_option_value_and_allowed(raw, expected):
+    with pytest.raises(UsageError) as info:
+        build(Example, raw, "step 2 'x'")
+    assert expected in str(info.value)
+
+
+def test_bool_is_not_an_int():
+    with pytest.raises(UsageError, match="option 'steps' got True"):
+        build(Example, {"steps": True}, "s")
+
+
+def test_describe_lists_options_for_plugins_listing():
+    doc = {d["name"]: d for d in describe(Example)}
+    assert doc["mode"]["choices"] == ["fast", "exact"]
+    assert doc["mode"]["help"] == "how"
+    assert doc["ratio"]["min"] == 0.0 and doc["ratio"]["max"] == 1.0
+    assert doc["skip"]["default"] == []

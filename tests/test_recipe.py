@@ -1,0 +1,77 @@
+"""Recipes from TOML and flags; flags win."""
+
+from __future__ import annotations
+
+import pytest
+from inferopt import UsageError
+from inferopt.recipe import Gates, Spec, make_recipe, parse_spec
+
+TOML = """
+model = "demo:digits-mlp-small"
+data = "demo:digits"
+backend = { name = "cpu", threads = 1 }
+metrics = ["accuracy", "size"]
+batch_size = 32
+seed = 3
+
+[[optimize]]
+name = "int8"
+skip = ["0", "2"]
+
+[gates]
+max_accuracy_drop = 1.5
+"""
+
+
+def test_parse_spec():
+    assert parse_spec("int8:mode=dynamic,skip=a|b", "--optimize") == Spec(
+        "int8", {"mode": "dynamic", "skip": "a|b"}
+    )
+    with pytest.raises(UsageError, match="'mode' is not key=value"):
+        parse_spec("int8:mode", "--optimize")
+
+
+def test_toml_recipe(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text(TOML)
+    r = make_recipe(path)
+    assert r.model == "demo:digits-mlp-small"
+    assert r.backend == Spec("cpu", {"threads": 1})
+    assert r.optimize == (Spec("int8", {"skip": ["0", "2"]}),)
+    assert [m.name for m in r.metrics] == ["accuracy", "size"] and r.metrics_explicit
+    assert (r.batch_size, r.seed) == (32, 3)
+    assert r.gates == Gates(max_accuracy_drop=1.5)
+
+
+def test_flags_override_toml_field_by_field(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text(TOML)
+    r = make_recipe(path, optimize=["none"], batch_size=8, gates={"min_speedup": 1.1})
+    assert r.optimize == ()
+    assert r.batch_size == 8
+    assert r.model == "demo:digits-mlp-small"  # not overridden
+    assert r.gates == Gates(max_accuracy_drop=1.5, min_speedup=1.1)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('modle = "x"', "unknown key(s) modle; allowed: backend, batch_size, data"),
+        ("batch_size = \"big\"", "'batch_size' must be an integer, got 'big'"),
+        ("optimize = \"int8\"", "'optimize' must be an array"),
+        ("[[optimize]]\nmode = 'x'", "a table needs a 'name' key"),
+        ("[gates]\nmax_acc = 1", "[gates] accepts max_accuracy_drop, max_size_ratio, min_speedup"),
+        ("model = ", "is not valid TOML"),
+    ],
+)
+def test_bad_toml_is_an_error_naming_the_key(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(UsageError) as info:
+        make_recipe(path)
+    assert message in str(info.value)
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        make_recipe(tmp_path / "nope.toml")
