@@ -40,6 +40,7 @@ def run(
     ``model`` and ``data`` are specs (``"demo:digits-mlp"``) or objects (an ``nn.Module``; a
     :class:`Data`, a Dataset or an iterable of batches). A module passed in is not modified.
     """
+    _ensure_logging()
     model_spec = model if isinstance(model, str) else None
     data_spec = data if isinstance(data, str) else None
     rec = make_recipe(
@@ -80,6 +81,7 @@ def apply(
     ``data`` is needed by optimizers that calibrate or train. The module may be changed in
     place; pass a copy to keep the original.
     """
+    _ensure_logging()
     _manager, registry = load_plugins()
     entry = registry.get("optimizer", name)
     optimizer = options.build(entry.obj, opts, f"optimizer {name!r}")
@@ -89,6 +91,16 @@ def apply(
         seed=seed,
     )
     return optimizer.apply(model, ctx)
+
+
+def _ensure_logging() -> None:
+    """Library use: logs go to stderr like the CLI's unless the application set up structlog."""
+    import structlog
+
+    from .logging import configure
+
+    if not structlog.is_configured():
+        configure()
 
 
 def load(path: str | Path, model: torch.nn.Module | None = None) -> torch.nn.Module:

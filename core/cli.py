@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .errors import InferoptError
+from .errors import GateFailed, InferoptError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -146,8 +146,8 @@ def run(
             model=model,
             data=data,
             backend=backend,
-            optimize=list(optimize),
-            metrics=list(metrics),
+            optimize=list(optimize) or None,
+            metrics=list(metrics) or None,
             batch_size=batch_size,
             seed=seed,
             out=out,
@@ -176,10 +176,9 @@ def run(
         from rich.console import Console
 
         report.render_console(Console())
-    if report.gates and not all(g["passed"] for g in report.gates):
-        failed = ", ".join(g["name"] for g in report.gates if not g["passed"])
-        click.echo(f"gate failed: {failed}", err=True)
-        sys.exit(1)
+    failed = [g["name"] for g in report.gates if not g["passed"]]
+    if failed:
+        _fail(GateFailed(f"gate failed: {', '.join(failed)} (results were saved)"), False)
 
 
 def _fail(exc: InferoptError, debug: bool) -> None:

@@ -27,8 +27,8 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 if TYPE_CHECKING:
+    from .pipeline import RunContext
     from .report import Report, StepRecord
-    from .run import RunContext
 
 Register = Callable[[type], Any]
 

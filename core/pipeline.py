@@ -111,6 +111,8 @@ def resolve_plugins(
     for spec in recipe.metrics:
         if spec.name in seen:
             raise UsageError(f"metric {spec.name!r} is listed twice; list each metric once")
+        if not recipe.metrics_explicit and ("metric", spec.name) not in registry:
+            continue  # a default metric whose plugin is blocked or not installed
         seen.add(spec.name)
         entry = registry.get("metric", spec.name)
         metrics.append(Resolved(spec, entry, _build(entry, spec, f"metric {spec.name!r}")))
@@ -190,6 +192,7 @@ def run(
     )
     log = ctx.log
     out_dir = choose_out_dir(recipe, run_id, overwrite) if save else None
+    ctx.out_dir = out_dir
     backend: Backend = ctx.backend.instance
     reason = backend.available()
     if reason:
@@ -232,8 +235,16 @@ def run(
     signature = output_signature(probe_out)
     if not all_finite(probe_out):
         raise UsageError(f"the baseline model {recipe.model!r} already gives non-finite outputs")
-    baseline_outputs = [_detach_cpu(backend.forward(prepared, backend.to_device(b.inputs)))
-                        for b in ctx.data.eval]
+    baseline_outputs = []
+    for i, batch in enumerate(ctx.data.eval):
+        try:
+            out = backend.forward(prepared, backend.to_device(batch.inputs))
+        except Exception as exc:
+            raise UsageError(
+                f"the model {recipe.model!r} failed on batch {i} of {ctx.data_spec!r}: "
+                f"{type(exc).__name__}: {exc}. Check that every batch's shape and dtype fit"
+            ) from exc
+        baseline_outputs.append(_detach_cpu(out))
     log.info("measuring baseline", metrics=[m.spec.name for m in ctx.metrics])
     baseline, skipped = _measure(ctx, model, prepared, "baseline", baseline_outputs)
 
@@ -446,11 +457,12 @@ def _plugins_used(ctx: RunContext) -> dict[str, dict[str, str]]:
     used: dict[str, dict[str, str]] = {}
     for r in [ctx.backend, *ctx.steps, *ctx.metrics]:
         used[r.entry.plugin] = r.provenance()
-    if ctx.model_source is not None:
-        used[ctx.model_source.plugin] = {
-            "distribution": ctx.model_source.distribution,
-            "version": ctx.model_source.version,
-        }
+    sources = [ctx.model_source]
+    if ctx.data_spec and not ctx.data_spec.startswith("<"):
+        sources.append(resolve_model_source(ctx.registry, ctx.data_spec, kind="data source"))
+    for entry in sources:
+        if entry is not None:
+            used[entry.plugin] = {"distribution": entry.distribution, "version": entry.version}
     return used
 
 

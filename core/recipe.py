@@ -221,12 +221,12 @@ def make_recipe(
         fields["data"] = data
     if backend is not None:
         fields["backend"] = parse_spec(backend, "--backend")
-    if optimize:
+    if optimize is not None:
         steps = [parse_spec(s, "--optimize") for s in optimize]
         fields["optimize"] = tuple(s for s in steps if s.name != NO_STEPS)
     elif "optimize" in fields:
         fields["optimize"] = tuple(s for s in fields["optimize"] if s.name != NO_STEPS)
-    if metrics:
+    if metrics is not None:
         fields["metrics"] = tuple(parse_spec(m, "--metric") for m in metrics)
         fields["metrics_explicit"] = True
     if batch_size is not None:
@@ -236,6 +236,12 @@ def make_recipe(
     if out is not None:
         fields["out"] = out
     if gates:
+        allowed = {f.name for f in attrs.fields(Gates)}
+        unknown = sorted(set(gates) - allowed)
+        if unknown:
+            raise UsageError(
+                f"unknown gate(s) {', '.join(unknown)}; gates: {', '.join(sorted(allowed))}"
+            )
         merged = attrs.asdict(fields.get("gates", Gates()))
         merged.update({k: v for k, v in gates.items() if v is not None})
         fields["gates"] = Gates(**merged)

@@ -101,13 +101,14 @@ class Report:
         acc_b = self.baseline.get("accuracy", {}).get("top1")
         acc_o = self.optimized.get("accuracy", {}).get("top1")
         if _is_number(acc_b) and _is_number(acc_o):
-            v["accuracy_drop_points"] = round((acc_b - acc_o) * 100, 3)
+            v["accuracy_drop_points"] = round((acc_b - acc_o) * 100, 3) + 0.0  # no -0.0
         if self.gates:
             v["gates_passed"] = all(g["passed"] for g in self.gates)
         return v
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The JSON document; non-finite numbers become null (JSON has no NaN)."""
+        return _finite({
             "schema": SCHEMA,
             "run_id": self.run_id,
             "created": self.created,
@@ -123,7 +124,7 @@ class Report:
             "warnings": self.warnings,
             "environment": self.environment,
             "artifacts": self.artifacts,
-        }
+        })
 
     # -- rendering ----------------------------------------------------------------------------
 
@@ -153,7 +154,7 @@ class Report:
         if "size" in v:
             lines.append(f"size: {v['size']} ({v['size_ratio'] * 100:.1f}% of baseline)")
         if "accuracy_drop_points" in v:
-            lines.append(f"accuracy: {-v['accuracy_drop_points']:+.2f} points")
+            lines.append(f"accuracy: {-v['accuracy_drop_points'] + 0.0:+.2f} points")
         for g in self.gates:
             state = "passed" if g["passed"] else "FAILED"
             op = ">=" if g["name"].startswith("min_") else "<="
@@ -212,6 +213,16 @@ class Report:
         return "\n".join(lines)
 
 
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def _is_number(x: Any) -> TypeGuard[float]:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -241,13 +252,17 @@ def _num(x: float) -> str:
 
 def _change(metric: str, key: str, b: float, o: float) -> str:
     if metric == "latency":
-        return f"x{b / o:.2f} faster" if o and o <= b else f"x{o / b:.2f} slower"
+        if not o or not b:
+            return "-"
+        return f"x{b / o:.2f} faster" if o <= b else f"x{o / b:.2f} slower"
     if metric == "throughput":
         return f"x{o / b:.2f}" if b else "-"
     if metric == "size":
         return f"{o / b * 100:.1f}%" if b else "-"
-    if key in ("top1", "agreement", "cosine"):
-        return f"{(o - b) * 100:+.2f} pts" if key == "top1" else f"{o - b:+.4f}"
+    if key in ("top1", "agreement"):
+        return f"{(o - b) * 100 + 0.0:+.2f} pts"
+    if key == "cosine":
+        return f"{o - b + 0.0:+.5f}"
     return f"{o - b:+.3g}"
 
 

@@ -33,7 +33,8 @@ class SizeMetric(Metric):
         result: dict[str, Any] = {
             "bytes": len(blob),
             "tensor_bytes": tensor_bytes,
-            "parameters": sum(p.numel() for p in model.parameters()),
+            # stored values of every tensor (an int8 weight counts once, like a float one)
+            "elements": sum(t.numel() for t in state_dict_for_saving(model).values()),
         }
         result.update({f"bytes_{k}": v for k, v in sorted(by_dtype.items())})
         ctx.log.info("size", bytes=result["bytes"])

@@ -123,7 +123,7 @@ class DemoModels(ModelSource):
 
 
 class DemoData(DataSource):
-    """``demo:digits``: the held-out 20% of the digits dataset (360 images) with labels; the
+    """``demo:digits``: the held-out 20% of the digits dataset (359 images) with labels; the
     other 80% is the calibration/training split."""
 
     scheme = "demo"
@@ -139,7 +139,7 @@ class DemoData(DataSource):
         return Data(
             eval=split_tensors(x_test, y_test, ctx.batch_size),
             calibration=split_tensors(x_train, y_train, ctx.batch_size),
-            description="8x8 digits (UCI), 360 held-out images; 1,437 for calibration",
+            description="8x8 digits (UCI), 359 held-out images; 1,438 for calibration",
         )
 
 

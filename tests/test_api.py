@@ -78,3 +78,17 @@ def test_load_detects_weights_that_do_not_match(tmp_path):
     manifest.write_text(json.dumps(doc))
     with pytest.raises(inferopt.UsageError, match="does not match the saved weights"):
         inferopt.load(tmp_path / "r")
+
+
+def test_small_inputs_labels_tuple_is_one_labelled_batch():
+    x = torch.randn(8, 32)
+    y = torch.randint(0, 8, (8,))
+    report = inferopt.run(model=mlp(), data=(x, y), batch_size=64, save=False,
+                          optimize=[], metrics=["accuracy"])
+    assert report.baseline["accuracy"]["samples"] == 8
+    assert report.steps == []
+
+
+def test_unknown_gate_in_api_is_a_usage_error():
+    with pytest.raises(inferopt.UsageError, match="unknown gate"):
+        inferopt.run(model="demo:digits-mlp-small", gates={"max_latency": 1.0}, save=False)

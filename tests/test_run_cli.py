@@ -261,3 +261,22 @@ def test_log_format_json(cli):
     steps = [e for e in events if e.get("event") == "applying step"]
     assert steps and steps[0]["step"] == 1 and steps[0]["plugin"] == "int8"
     assert all("run_id" in e for e in events)
+
+
+def test_blocked_default_metric_is_left_out(cli):
+    result = cli("run", "--model", "demo:digits-mlp-small", "--json",
+                 env={"INFEROPT_BLOCK_PLUGINS": "throughput,latency"})
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert set(report["baseline"]["metrics"]) == {"accuracy", "fidelity", "size"}
+
+
+def test_model_that_fails_on_a_later_batch_is_a_usage_error(cli, tmp_path):
+    (tmp_path / "m.py").write_text(
+        "import torch\n"
+        "def model():\n    return torch.nn.Linear(4, 2)\n"
+        "def data():\n    return [torch.randn(3, 4), torch.randn(3, 5)]\n"
+    )
+    result = cli("run", "--model", "m.py:model", "--data", "m.py:data")
+    assert result.returncode == 2
+    assert "failed on batch 1 of 'm.py:data'" in result.stderr

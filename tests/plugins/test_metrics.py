@@ -74,4 +74,4 @@ def test_size_is_the_saved_file_size(tmp_path):
     save_model(model, tmp_path / "m.safetensors")
     on_disk = (tmp_path / "m.safetensors").stat().st_size
     assert abs(result["bytes"] - on_disk) < 200  # same tensors; only the header metadata differs
-    assert result["parameters"] == 5050 and result["bytes_float32"] == 5050 * 4
+    assert result["elements"] == 5050 and result["bytes_float32"] == 5050 * 4
