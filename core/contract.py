@@ -69,7 +69,8 @@ class StepContext:
     ``data`` is None when a saved model is being rebuilt (``restoring``); ``state`` is a
     JSON-serialisable dict the step may fill during ``apply`` and that is handed back,
     unchanged, to ``restore`` when the saved model is loaded (for example which channels a
-    structured pruning step kept). ``details`` goes into the report.
+    structured pruning step kept). ``details`` goes into the report; a ``"summary"`` string in it
+    is also printed under the step in the terminal table.
     """
 
     log: FilteringBoundLogger

@@ -174,6 +174,10 @@ class Report:
         console.print(table)
         steps = ", ".join(f"{s.name} ({s.seconds:.2f}s)" for s in self.steps) or "none"
         console.print(f"steps: {steps}")
+        for s in self.steps:
+            if s.details.get("summary"):
+                console.print(f"  {s.name}: {s.details['summary']}", soft_wrap=True,
+                              highlight=False)
         for line in self.verdict_lines():
             console.print(line)
         for name, reason in self.skipped_metrics.items():
@@ -197,6 +201,8 @@ class Report:
         lines += ["", "## Steps", ""]
         for s in self.steps:
             lines.append(f"- `{s.name}` {s.options or ''} — {s.seconds:.2f} s")
+            if s.details.get("summary"):
+                lines.append(f"  - {s.details['summary']}")
             for w in s.warnings:
                 lines.append(f"  - warning: {w}")
         if not self.steps:
