@@ -1,14 +1,19 @@
-"""``int8``: int8 quantization of Linear layers.
+"""``int8``: int8 quantization of Linear, Conv2d and MultiheadAttention layers.
 
-``mode=dynamic`` (default): weights int8, symmetric per output channel; activations quantized to
-uint8 per tensor at run time (asymmetric); the product runs as an int8 matrix multiplication
-(oneDNN's ``qlinear_pointwise`` on plain int8/uint8 tensors, the kernel torch.compile's x86
-quantization uses) and is rescaled to float.
+Modes:
 
-On CPUs without VNNI (AVX2 only), oneDNN multiplies uint8 by int8 with ``vpmaddubsw``, which
-adds pairs of products into int16 with saturation; full-range int8 weights then give wrong
-results. There we quantize weights to 7 bits (±63), as FBGEMM's ``reduce_range`` does, and
-record it in the report.
+* ``dynamic`` (default): int8 weights (symmetric, per output channel); activations quantized
+  at run time; int8 x int8 -> int32 products rescaled in float. Linear layers and the projections
+  of ``nn.MultiheadAttention``; Conv2d needs ``static``.
+* ``static``: activation ranges calibrated on the run's calibration data (``minmax`` or
+  ``percentile`` observer); Linear and Conv2d. Attention projections stay dynamic.
+* ``weight-only``: int8 weights, float activations (4x smaller; speed depends on the device).
+
+``smooth=ALPHA`` (SmoothQuant) moves activation outliers into the weights before quantizing:
+per input channel ``s = max|X|^ALPHA / max|W|^(1-ALPHA)``, ``W' = W s``, ``X' = X / s``.
+
+The modules and kernels are in :mod:`inferopt.plugins.int8_modules`; this module stays light so
+that listing plugins does not import torch.
 """
 
 from __future__ import annotations
@@ -17,155 +22,271 @@ import fnmatch
 from typing import Any
 
 import attrs
-from inferopt import Optimizer, hookimpl, option
+from inferopt import Optimizer, UsageError, hookimpl, option
 
-MODES = ("dynamic",)
-
-
-def cpu_has_vnni() -> bool:
-    from inferopt.plugins.backend_cpu import cpu_flags
-
-    flags = cpu_flags()
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
-
-
-def quantize_weight_per_channel(weight: Any, qmax: int) -> tuple[Any, Any]:
-    """Symmetric per-output-channel int8: (int8 weight [N, K], float32 scale [N])."""
-    import torch
-
-    w = weight.detach().float()
-    scale = (w.abs().amax(dim=1) / qmax).clamp(min=1e-12)
-    q = torch.round(w / scale[:, None]).clamp(-qmax, qmax).to(torch.int8)
-    return q, scale
-
-
-class Int8DynamicLinear:  # replaced by a real nn.Module subclass on first use (torch is lazy)
-    pass
-
-
-def _linear_class() -> type:
-    global Int8DynamicLinear
-    if isinstance(Int8DynamicLinear, type) and hasattr(Int8DynamicLinear, "forward"):
-        return Int8DynamicLinear
-    import torch
-
-    class _Int8DynamicLinear(torch.nn.Module):
-        """A Linear layer with int8 weights and dynamically quantized uint8 activations."""
-
-        def __init__(self, in_features: int, out_features: int, bias: bool, qmax: int) -> None:
-            super().__init__()
-            self.in_features = in_features
-            self.out_features = out_features
-            self.register_buffer("weight_int8", torch.zeros(out_features, in_features,
-                                                            dtype=torch.int8))
-            self.register_buffer("weight_scale", torch.ones(out_features))
-            self.register_buffer("qmax", torch.tensor(qmax, dtype=torch.int16))
-            self.bias = torch.nn.Parameter(torch.zeros(out_features)) if bias else None
-            self._packed: Any = None
-            self._zero_points: Any = None
-
-        @classmethod
-        def from_linear(cls, linear: Any, qmax: int) -> Any:
-            mod = cls(linear.in_features, linear.out_features, linear.bias is not None, qmax)
-            q, scale = quantize_weight_per_channel(linear.weight, qmax)
-            mod.weight_int8.copy_(q)
-            mod.weight_scale.copy_(scale)
-            if linear.bias is not None:
-                mod.bias.data.copy_(linear.bias.detach().float())
-            return mod.to(linear.weight.device)
-
-        def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-            self._packed = None
-            super()._load_from_state_dict(*args, **kwargs)
-
-        def _use_onednn(self, x: Any) -> bool:
-            return (
-                x.device.type == "cpu"
-                and torch.backends.mkldnn.is_available()
-                and (int(self.qmax) <= 63 or _VNNI)
-            )
-
-        def forward(self, x: Any) -> Any:
-            shape = x.shape
-            x2 = x.reshape(-1, self.in_features)
-            if x2.shape[0] == 0 or not self._use_onednn(x2):
-                w = self.weight_int8.float() * self.weight_scale[:, None]
-                out = torch.nn.functional.linear(x2.float(), w, self.bias)
-                return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
-            if self._packed is None:
-                self._packed = torch.ops.onednn.qlinear_prepack(self.weight_int8, None)
-                self._zero_points = torch.zeros(self.out_features, dtype=torch.int64)
-            xf = x2.float()
-            lo = xf.min().clamp(max=0.0)
-            hi = xf.max().clamp(min=0.0)
-            scale = ((hi - lo) / 255.0).clamp(min=1e-12)
-            zero = torch.round(-lo / scale)
-            xq = torch.clamp(torch.round(xf / scale) + zero, 0, 255).to(torch.uint8)
-            out = torch.ops.onednn.qlinear_pointwise.tensor(
-                xq, scale, zero.to(torch.int64), self._packed, self.weight_scale,
-                self._zero_points, self.bias, 1.0, 0, torch.float32, "none", [], "",
-            )
-            return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
-
-        def extra_repr(self) -> str:
-            return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                    f"bias={self.bias is not None}, weight_bits={8 if int(self.qmax) > 63 else 7}")
-
-    _Int8DynamicLinear.__name__ = "Int8DynamicLinear"
-    _Int8DynamicLinear.__qualname__ = "Int8DynamicLinear"
-    Int8DynamicLinear = _Int8DynamicLinear  # type: ignore[misc]
-    return _Int8DynamicLinear
-
-
-_VNNI = False
+MODES = ("dynamic", "static", "weight-only")
+GRANULARITY = ("per-channel", "per-tensor")
+OBSERVERS = ("minmax", "percentile")
+KERNEL_CHOICES = ("auto", "fbgemm", "onednn", "cuda", "reference")
 
 
 @attrs.frozen
 class Int8Quantizer(Optimizer):
-    """int8 quantization of Linear layers (weights per channel, activations per tensor)."""
+    """int8 weights, and int8 activations in dynamic/static modes, for Linear, Conv2d (static)
+    and MultiheadAttention layers."""
 
     name = "int8"
-    summary = "int8 weights and activations for Linear layers (int8 matrix products)"
+    summary = "int8 quantization (dynamic, static or weight-only) with int8 matrix products"
 
-    mode: str = option("dynamic", choices=MODES, help="dynamic: activations quantized at run time")
+    mode: str = option("dynamic", choices=MODES,
+                       help="dynamic: activations quantized at run time; static: calibrated "
+                            "activation ranges (also Conv2d); weight-only: float activations")
     skip: tuple[str, ...] = option(
-        (), help="layer name patterns (fnmatch) to leave in float, e.g. 'head|*.classifier'"
-    )
+        (), help="layer name patterns (fnmatch) to leave in float, e.g. 'head|*.classifier'")
+    granularity: str = option("per-channel", choices=GRANULARITY,
+                              help="weight scales per output channel or one per tensor")
+    smooth: float = option(0.0, min=0.0, max=1.0,
+                           help="SmoothQuant migration strength ALPHA (0 = off; 0.5 is typical); "
+                                "needs calibration data")
+    observer: str = option("minmax", choices=OBSERVERS,
+                           help="static mode: activation range from min/max or a percentile")
+    percentile: float = option(99.99, min=50.0, max=100.0,
+                               help="percentile observer: the percentile kept (both tails)")
+    calibration_batches: int = option(32, min=1, help="calibration batches to observe")
+    kernel: str = option("auto", choices=KERNEL_CHOICES,
+                         help="int8 kernel; auto picks the fastest that runs here")
 
     def apply(self, model: Any, ctx: Any) -> Any:
         import torch
+        from inferopt.plugins import int8_modules as q
 
-        global _VNNI
-        _VNNI = cpu_has_vnni()
-        qmax = 127 if _VNNI else 63
-        cls = _linear_class()
-        quantized: list[str] = []
-        skipped: dict[str, str] = {}
-        for name, module in list(model.named_modules()):
-            if not isinstance(module, torch.nn.Linear):
-                continue
-            if any(fnmatch.fnmatchcase(name, pat) for pat in self.skip):
-                skipped[name] = "matches skip pattern"
-                continue
-            _set_submodule(model, name, cls.from_linear(module, qmax))
-            quantized.append(name)
-        if not quantized:
-            ctx.warn("int8: no Linear layer was quantized; the model is unchanged")
-        if not _VNNI and not ctx.restoring:
-            ctx.warn("int8: this CPU has no VNNI; weights use 7 bits (±63) to avoid int16 "
-                     "saturation in the AVX2 int8 kernel")
+        device = _device_of(model)
+        qmax = q.weight_qmax(device.type)
+        per_channel = self.granularity == "per-channel"
+        targets, skipped = self._select(model, ctx)
+        if not targets:
+            raise UsageError(
+                "int8 found no layer to quantize (it handles Linear, MultiheadAttention and, "
+                f"with mode=static, Conv2d); skipped: {skipped or 'none'}. Nothing to do for "
+                "this model; remove the step or change skip/mode")
+
+        saved = ctx.state.get("layers") if ctx.restoring else None
+        smooth_scales: dict[str, Any] = {}
+        act_ranges: dict[str, tuple[float, int]] = {}
+        needs_data = self.mode == "static" or self.smooth > 0
+        if needs_data and not ctx.restoring:
+            data = ctx.data
+            if data is None or not data.calibration:
+                raise UsageError(
+                    f"step 'int8' with mode={self.mode}, smooth={self.smooth} needs calibration "
+                    "data; give --data (the run's calibration split is used)")
+            batches = data.calibration[: self.calibration_batches]
+            if self.smooth > 0:
+                smooth_scales = self._smoothing(model, targets, batches, device)
+            if self.mode == "static":
+                act_ranges, unseen = self._calibrate(model, targets, batches, device,
+                                                     smooth_scales)
+                for name in unseen:
+                    skipped[name] = "no calibration input reached it"
+                    targets.pop(name)
+            ctx.details["calibration"] = {
+                "batches": len(batches),
+                "observer": self.observer if self.mode == "static" else None,
+                "source": "eval data (no separate split)" if data.calibration_is_eval
+                else "calibration split",
+            }
+        if saved is not None:  # rebuilding a saved model: the same layers, the same structure
+            targets = {n: m for n, m in targets.items() if n in saved}
+            smooth_scales = {n: torch.ones(targets[n].in_features)
+                             for n, info in saved.items() if info.get("smooth") and n in targets}
+            act_ranges = {n: (1.0, 0) for n, info in saved.items()
+                          if info.get("static") and n in targets}
+
+        layers: dict[str, dict[str, Any]] = {}
+        for name, module in targets.items():
+            if isinstance(module, torch.nn.MultiheadAttention):
+                new = q.Int8MultiheadAttention.from_float(
+                    module, kernel=self.kernel, qmax=qmax, per_channel=per_channel)
+                kernel = new.in_proj.active_kernel
+            elif isinstance(module, torch.nn.Conv2d):
+                new = q.Int8Conv2d.from_float(module, kernel=self.kernel, qmax=qmax,
+                                              per_channel=per_channel,
+                                              act_range=act_ranges.get(name))
+                kernel = new.active_kernel
+            else:
+                new = q.Int8Linear.from_float(
+                    module, mode=self.mode, kernel=self.kernel, qmax=qmax,
+                    per_channel=per_channel, smooth_scale=smooth_scales.get(name),
+                    act_range=act_ranges.get(name))
+                kernel = new.active_kernel
+            _set_submodule(model, name, new)
+            layers[name] = {"type": type(module).__name__, "kernel": kernel,
+                            "smooth": name in smooth_scales, "static": name in act_ranges}
+        q.disable_transformer_fast_path(model)
+        ctx.state["layers"] = layers
+        kernels = sorted({info["kernel"] for info in layers.values()})
+        if self.kernel not in ("auto", *kernels):
+            ctx.warn(f"int8: kernel={self.kernel} cannot run here; used {', '.join(kernels)}")
+        if "reference" in kernels and self.mode != "weight-only" and not ctx.restoring:
+            ctx.warn("int8: some layers run on the reference kernel (dequantize + float "
+                     "matmul): correct numbers, no speedup")
+        if qmax < 127 and not ctx.restoring and any(k == "onednn" for k in kernels):
+            ctx.warn("int8: this CPU has no VNNI; weights use 7 bits (|q| <= 63) so that the "
+                     "AVX2 int8 kernel cannot saturate")
+        by_kernel: dict[str, int] = {}
+        for info in layers.values():
+            by_kernel[info["kernel"]] = by_kernel.get(info["kernel"], 0) + 1
+        summary = f"{len(layers)} layers quantized ({self.mode}; " + ", ".join(
+            f"{n} on {k}" for k, n in sorted(by_kernel.items())) + ")"
+        if skipped:
+            summary += "; left in float: " + ", ".join(
+                f"{n} ({why})" for n, why in list(skipped.items())[:5])
+            if len(skipped) > 5:
+                summary += f" and {len(skipped) - 5} more"
         ctx.details.update({
-            "quantized": quantized,
+            "summary": summary,
+            "mode": self.mode,
+            "quantized": list(layers),
+            "kernels": {n: info["kernel"] for n, info in layers.items()},
             "skipped": skipped,
-            "weight_bits": 8 if _VNNI else 7,
-            "activations": "uint8 per tensor, dynamic",
+            "weight_bits": 8 if qmax == 127 else 7,
+            "activations": _activation_note(self.mode, kernels),
         })
         return model
 
+    # -- selection and calibration ----------------------------------------------------------
+
+    def _select(self, model: Any, ctx: Any) -> tuple[dict[str, Any], dict[str, str]]:
+        import torch
+        from inferopt.plugins.int8_modules import Int8Conv2d, Int8MultiheadAttention
+
+        targets: dict[str, Any] = {}
+        skipped: dict[str, str] = {}
+        matched: set[str] = set()
+        inside_attention: set[str] = set()
+        for name, module in model.named_modules():
+            kind = _kind(module)
+            if kind is None or not name:
+                continue
+            if name in inside_attention:
+                continue
+            hit = [p for p in self.skip if fnmatch.fnmatchcase(name, p)]
+            if hit:
+                matched.update(hit)
+                skipped[name] = f"matches skip pattern {hit[0]!r}"
+                if kind == "attention":
+                    inside_attention.add(f"{name}.out_proj")
+                continue
+            if kind == "attention":
+                inside_attention.add(f"{name}.out_proj")
+                if self.mode == "weight-only":
+                    skipped[name] = "MultiheadAttention is quantized in dynamic/static modes"
+                    continue
+                reason = Int8MultiheadAttention.supported(module)
+                if reason:
+                    skipped[name] = reason
+                    continue
+            elif kind == "conv":
+                if self.mode != "static":
+                    skipped[name] = ("Conv2d needs mode=static (its int8 kernel packs the "
+                                     "activation scale with the weights)")
+                    continue
+                reason = Int8Conv2d.supported(module)
+                if reason:
+                    skipped[name] = reason
+                    continue
+            elif kind == "linear" and isinstance(
+                    module, torch.nn.modules.linear.NonDynamicallyQuantizableLinear):
+                skipped[name] = "read directly by its MultiheadAttention"
+                continue
+            targets[name] = module
+        for name in inside_attention:  # out_proj of a skipped attention: reason above
+            skipped.setdefault(name, "part of a MultiheadAttention that was left in float")
+        for name in list(skipped):
+            if name in inside_attention and name not in targets:
+                parent = name.rsplit(".", 1)[0]
+                if parent in targets:
+                    skipped.pop(name)  # converted together with its attention
+        unused = [p for p in self.skip if p not in matched]
+        if unused and not ctx.restoring:
+            ctx.warn(f"int8: skip pattern(s) {', '.join(unused)} matched no quantizable layer")
+        return targets, skipped
+
+    def _smoothing(self, model: Any, targets: dict[str, Any], batches: list[Any],
+                   device: Any) -> dict[str, Any]:
+        import torch
+        from inferopt.plugins.calibration import observe_inputs
+
+        linears = {n: m for n, m in targets.items() if isinstance(m, torch.nn.Linear)}
+        obs = observe_inputs(model, linears, batches, channel_dims=dict.fromkeys(linears, -1),
+                             keep_sample=False, device=device)
+        scales = {}
+        for name, module in linears.items():
+            act = obs[name].channel_absmax
+            if act is None:
+                continue
+            w = module.weight.detach().float().abs().amax(dim=0).cpu()
+            s = act.clamp(min=1e-5).pow(self.smooth) / w.clamp(min=1e-5).pow(1 - self.smooth)
+            scales[name] = s.clamp(min=1e-4, max=1e4)
+        return scales
+
+    def _calibrate(self, model: Any, targets: dict[str, Any], batches: list[Any],
+                   device: Any, smooth_scales: dict[str, Any]
+                   ) -> tuple[dict[str, tuple[float, int]], list[str]]:
+        import torch
+        from inferopt.plugins.calibration import affine_uint8, observe_inputs
+
+        static = {n: m for n, m in targets.items()
+                  if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)}
+        dims = {n: (1 if isinstance(m, torch.nn.Conv2d) else -1) for n, m in static.items()}
+        obs = observe_inputs(model, static, batches, channel_dims=dims,
+                             keep_sample=self.observer == "percentile", device=device,
+                             scales={n: 1.0 / s for n, s in smooth_scales.items()})
+        ranges = {}
+        unseen = []
+        for name in static:
+            if obs[name].batches == 0:
+                unseen.append(name)
+                continue
+            low, high = obs[name].range(self.observer, self.percentile)
+            ranges[name] = affine_uint8(low, high)
+        return ranges, unseen
+
+
+def _kind(module: Any) -> str | None:
+    import torch
+
+    if isinstance(module, torch.nn.MultiheadAttention):
+        return "attention"
+    if isinstance(module, torch.nn.Linear):
+        return "linear"
+    if type(module) is torch.nn.Conv2d:
+        return "conv"
+    return None
+
+
+def _device_of(model: Any) -> Any:
+    import torch
+
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _activation_note(mode: str, kernels: list[str]) -> str:
+    if mode == "weight-only":
+        return "float (weight-only)"
+    notes = []
+    if "fbgemm" in kernels:
+        notes.append("fbgemm: uint8 per tensor (7-bit range), dynamic")
+    if {"onednn", "cuda", "reference"} & set(kernels):
+        notes.append("per row, dynamic" if mode == "dynamic" else "uint8 per tensor, calibrated")
+    return "; ".join(notes)
+
 
 def _set_submodule(model: Any, name: str, new: Any) -> None:
-    if not name:
-        raise ValueError("cannot replace the root module")
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)

@@ -19,7 +19,7 @@ def test_apply_quantizes_in_the_torchao_style():
     x = torch.randn(16, 32)
     ref = model(x).detach()
     q = inferopt.apply(model, "int8", skip="2")
-    assert type(q[0]).__name__ == "Int8DynamicLinear"
+    assert type(q[0]).__name__ == "Int8Linear"
     assert isinstance(q[2], torch.nn.Linear)  # skipped
     out = q(x)
     assert torch.nn.functional.cosine_similarity(out, ref).min() > 0.999
@@ -47,7 +47,7 @@ def test_run_with_module_and_tensors_does_not_touch_the_module(tmp_path):
     with pytest.raises(inferopt.UsageError, match="pass model="):
         inferopt.load(tmp_path / "run")
     loaded = inferopt.load(tmp_path / "run", model=mlp())
-    assert type(loaded[0]).__name__ == "Int8DynamicLinear"
+    assert type(loaded[0]).__name__ == "Int8Linear"
 
 
 def test_load_rebuilds_the_saved_model_without_pickle(tmp_path):

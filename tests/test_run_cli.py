@@ -172,7 +172,7 @@ def test_toml_recipe_with_flag_override(cli, tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["recipe"]["batch_size"] == 100
-    assert report["steps"][0]["details"]["skipped"] == {"2": "matches skip pattern"}
+    assert report["steps"][0]["details"]["skipped"] == {"2": "matches skip pattern '2'"}
     assert report["recipe"]["optimize"] == ["int8:skip=2"]
 
 
