@@ -7,6 +7,7 @@ import platform
 from typing import Any
 
 import attrs
+
 from inferopt import Backend, hookimpl, option
 
 

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+
 from inferopt.model_io import call_model
 
 #: values kept per module per batch for percentile estimates (torch.quantile's input is limited)

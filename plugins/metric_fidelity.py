@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
+
 from inferopt import Metric, hookimpl
 
 
@@ -22,6 +23,7 @@ class FidelityMetric(Metric):
 
     def measure(self, model: Any, backend: Any, data: Any, ctx: Any) -> dict[str, Any]:
         import torch
+
         from inferopt.model_io import primary_output
 
         if ctx.baseline_outputs is None:

@@ -22,7 +22,9 @@ import fnmatch
 from typing import Any
 
 import attrs
+
 from inferopt import Optimizer, UsageError, hookimpl, option
+from inferopt.plugins.model_surgery import device_of, set_submodule
 
 MODES = ("dynamic", "static", "weight-only")
 GRANULARITY = ("per-channel", "per-tensor")
@@ -58,9 +60,10 @@ class Int8Quantizer(Optimizer):
 
     def apply(self, model: Any, ctx: Any) -> Any:
         import torch
+
         from inferopt.plugins import int8_modules as q
 
-        device = _device_of(model)
+        device = device_of(model)
         qmax = q.weight_qmax(device.type)
         per_channel = self.granularity == "per-channel"
         targets, skipped = self._select(model, ctx)
@@ -119,7 +122,7 @@ class Int8Quantizer(Optimizer):
                     per_channel=per_channel, smooth_scale=smooth_scales.get(name),
                     act_range=act_ranges.get(name))
                 kernel = new.active_kernel
-            _set_submodule(model, name, new)
+            set_submodule(model, name, new)
             layers[name] = {"type": type(module).__name__, "kernel": kernel,
                             "smooth": name in smooth_scales, "static": name in act_ranges}
         q.disable_transformer_fast_path(model)
@@ -158,6 +161,7 @@ class Int8Quantizer(Optimizer):
 
     def _select(self, model: Any, ctx: Any) -> tuple[dict[str, Any], dict[str, str]]:
         import torch
+
         from inferopt.plugins.int8_modules import Int8Conv2d, Int8MultiheadAttention
 
         targets: dict[str, Any] = {}
@@ -215,6 +219,7 @@ class Int8Quantizer(Optimizer):
     def _smoothing(self, model: Any, targets: dict[str, Any], batches: list[Any],
                    device: Any) -> dict[str, Any]:
         import torch
+
         from inferopt.plugins.calibration import observe_inputs
 
         linears = {n: m for n, m in targets.items() if isinstance(m, torch.nn.Linear)}
@@ -234,6 +239,7 @@ class Int8Quantizer(Optimizer):
                    device: Any, smooth_scales: dict[str, Any]
                    ) -> tuple[dict[str, tuple[float, int]], list[str]]:
         import torch
+
         from inferopt.plugins.calibration import affine_uint8, observe_inputs
 
         static = {n: m for n, m in targets.items()
@@ -265,16 +271,6 @@ def _kind(module: Any) -> str | None:
     return None
 
 
-def _device_of(model: Any) -> Any:
-    import torch
-
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
 def _activation_note(mode: str, kernels: list[str]) -> str:
     if mode == "weight-only":
         return "float (weight-only)"
@@ -284,12 +280,6 @@ def _activation_note(mode: str, kernels: list[str]) -> str:
     if {"onednn", "cuda", "reference"} & set(kernels):
         notes.append("per row, dynamic" if mode == "dynamic" else "uint8 per tensor, calibrated")
     return "; ".join(notes)
-
-
-def _set_submodule(model: Any, name: str, new: Any) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 @hookimpl

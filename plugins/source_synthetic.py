@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
+
 from inferopt import Data, DataSource, UsageError, hookimpl, option
 from inferopt.options import build
 from inferopt.recipe import parse_spec
@@ -48,6 +49,7 @@ class SyntheticData(DataSource):
 
     def load(self, spec: str, ctx: Any) -> Data:
         import torch
+
         from inferopt.contract import Batch
 
         parsed = parse_spec(spec, "--data")

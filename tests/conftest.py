@@ -39,6 +39,7 @@ def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     temporary ``*.dist-info`` are found through their real entry points, as after ``pip install``.
     """
     from click.testing import CliRunner
+
     from inferopt.cli import main
 
     monkeypatch.chdir(tmp_path)

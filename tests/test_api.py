@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
-import inferopt
 import pytest
 import torch
+
+import inferopt
 
 
 def mlp() -> torch.nn.Module:

@@ -7,6 +7,7 @@ import inspect
 from pathlib import Path
 
 import pytest
+
 from inferopt import hookspecs
 from inferopt.manager import hook_names
 

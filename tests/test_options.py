@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import attrs
 import pytest
+
 from inferopt import UsageError, option
 from inferopt.options import build, describe
 

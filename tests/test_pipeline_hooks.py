@@ -5,8 +5,9 @@ from __future__ import annotations
 import types
 
 import attrs
-import inferopt
 import pytest
+
+import inferopt
 from inferopt.manager import PluginManager
 from inferopt.pipeline import run
 from inferopt.recipe import make_recipe

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from inferopt import UsageError
 from inferopt.recipe import Gates, Spec, make_recipe, parse_spec
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from inferopt import UsageError
 from inferopt.registry import Registry
 

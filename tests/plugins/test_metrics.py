@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import inferopt
 import torch
+
+import inferopt
 from inferopt.contract import MetricContext
 from inferopt.logging import get_logger
 from inferopt.plugins.backend_cpu import CpuBackend

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import inferopt
 import pytest
 import torch
+
+import inferopt
 from inferopt.contract import StepContext
 from inferopt.logging import get_logger
 from inferopt.plugins import int8_modules as q
