@@ -94,7 +94,7 @@ def test_json_report_schema_and_field_names(cli):
 def test_unknown_optimizer_exits_2_and_lists_available(cli):
     result = cli("run", "--optimize", "nosuch")
     assert result.returncode == 2
-    assert "unknown optimizer 'nosuch'. Available: int8" in result.stderr
+    assert "unknown optimizer 'nosuch'. Available: int4, int8" in result.stderr
     assert "Traceback" not in result.stderr
 
 
