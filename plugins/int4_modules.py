@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from inferopt.plugins.int8_modules import Int8Linear, PackedWeightModule, weight_qmax
+
 BITS = (2, 3, 4)
 GROUP_SIZES = (32, 64, 128, 256)
 
@@ -143,7 +145,7 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     return codes, scales, zeros
 
 
-class Int4Linear(torch.nn.Module):
+class Int4Linear(PackedWeightModule):
     """A Linear layer whose weights are stored as packed 2/3/4-bit codes with per-group scales."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, *, bits: int,
@@ -165,7 +167,6 @@ class Int4Linear(torch.nn.Module):
         self.register_buffer("zeros", None if symmetric else
                              torch.zeros(out_features, groups, dtype=torch.uint8))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-        self._cache: dict[str, Any] = {}
 
     @classmethod
     def from_codes(cls, linear: torch.nn.Linear, codes: torch.Tensor, scales: torch.Tensor,
@@ -180,14 +181,6 @@ class Int4Linear(torch.nn.Module):
         if linear.bias is not None:
             mod.bias.copy_(linear.bias.detach().float())
         return mod.to(linear.weight.device)
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._cache.clear()
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def _apply(self, fn: Any, recurse: bool = True) -> Any:
-        self._cache.clear()
-        return super()._apply(fn, recurse)
 
     def dequantized_weight(self) -> torch.Tensor:
         k = padded(self.in_features, self.group_size)
@@ -207,8 +200,6 @@ class Int4Linear(torch.nn.Module):
         """The W4A8 compute cache: the 4-bit weights re-quantized per channel to int8."""
         layer = self._cache.get("int8")
         if layer is None:
-            from inferopt.plugins.int8_modules import Int8Linear, weight_qmax
-
             device = self.weight_packed.device
             tmp = torch.nn.Linear(self.in_features, self.out_features,
                                   bias=self.bias is not None, device="meta")

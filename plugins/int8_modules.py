@@ -130,7 +130,37 @@ def _fake_quant_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x / scale), scale
 
 
-class Int8Linear(torch.nn.Module):
+class PackedWeightModule(torch.nn.Module):
+    """Base of the quantized modules: they save plain tensors and derive kernel-specific forms
+    (packed weights, the chosen kernel, caches) on first use. Loading weights or moving the
+    module clears what was derived, so it is rebuilt for the new values or device."""
+
+    _layer_kind = "linear"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cache: dict[str, Any] = {}
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._cache.clear()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        self._cache.clear()
+        return super()._apply(fn, recurse)
+
+    @property
+    def active_kernel(self) -> str:
+        """The kernel this module runs with on its current device (chosen once per device)."""
+        device = self.weight_int8.device
+        key = f"kernel:{device}"
+        if key not in self._cache:
+            self._cache[key] = choose_kernel(self.kernel, self.mode, self._layer_kind, device,
+                                             int(self.qmax))
+        return self._cache[key]
+
+
+class Int8Linear(PackedWeightModule):
     """A Linear layer with int8 weights; activations quantized at run time (``dynamic``), with
     calibrated scales (``static``), or kept in float (``weight-only``)."""
 
@@ -150,7 +180,6 @@ class Int8Linear(torch.nn.Module):
         if mode == "static":
             self.register_buffer("act_scale", torch.tensor(1.0))
             self.register_buffer("act_zero", torch.tensor(0, dtype=torch.int64))
-        self._cache: dict[str, Any] = {}
 
     @classmethod
     def from_float(cls, linear: torch.nn.Linear, *, mode: str, kernel: str, qmax: int,
@@ -173,23 +202,6 @@ class Int8Linear(torch.nn.Module):
             mod.act_scale.fill_(act_range[0])
             mod.act_zero.fill_(act_range[1])
         return mod.to(linear.weight.device)
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._cache.clear()
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def _apply(self, fn: Any, recurse: bool = True) -> Any:
-        self._cache.clear()  # moved or cast: repack on next use
-        return super()._apply(fn, recurse)
-
-    @property
-    def active_kernel(self) -> str:
-        device = self.weight_int8.device
-        key = f"kernel:{device}"
-        if key not in self._cache:
-            self._cache[key] = choose_kernel(self.kernel, self.mode, "linear", device,
-                                             int(self.qmax))
-        return self._cache[key]
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight_int8.float() * self.weight_scale[:, None]
@@ -288,9 +300,11 @@ class Int8Linear(torch.nn.Module):
                 f"{8 if int(self.qmax) > 63 else 7}, smooth={self.smooth_inv is not None}")
 
 
-class Int8Conv2d(torch.nn.Module):
+class Int8Conv2d(PackedWeightModule):
     """A Conv2d with int8 weights (per output channel) and calibrated uint8 activations
     (static mode only: the kernel packs the activation scale with the weights)."""
+
+    _layer_kind = "conv"
 
     def __init__(self, conv: dict[str, Any], kernel: str = "auto") -> None:
         super().__init__()
@@ -310,7 +324,6 @@ class Int8Conv2d(torch.nn.Module):
         self.register_buffer("bias", torch.zeros(self.out_channels) if conv["bias"] else None)
         self.register_buffer("act_scale", torch.tensor(1.0))
         self.register_buffer("act_zero", torch.tensor(0, dtype=torch.int64))
-        self._cache: dict[str, Any] = {}
 
     @staticmethod
     def supported(conv: torch.nn.Conv2d) -> str | None:
@@ -342,23 +355,6 @@ class Int8Conv2d(torch.nn.Module):
             mod.act_scale.fill_(act_range[0])
             mod.act_zero.fill_(act_range[1])
         return mod.to(conv.weight.device)
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._cache.clear()
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def _apply(self, fn: Any, recurse: bool = True) -> Any:
-        self._cache.clear()
-        return super()._apply(fn, recurse)
-
-    @property
-    def active_kernel(self) -> str:
-        device = self.weight_int8.device
-        key = f"kernel:{device}"
-        if key not in self._cache:
-            self._cache[key] = choose_kernel(self.kernel, self.mode, "conv", device,
-                                             int(self.qmax))
-        return self._cache[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype

@@ -49,3 +49,16 @@ def load_json(text: str) -> Any:
 
 SMALL = ["--model", "demo:digits-mlp-small", "--metric", "accuracy", "--metric", "fidelity",
          "--metric", "size", "--metric", "latency:min_runs=5,min_seconds=0,warmup=1"]
+
+
+def demo_correct(model: Any, batch_size: int = 64) -> int:
+    """Correct top-1 predictions of ``model`` on the held-out demo digits, batched like a run
+    with the default batch size (dynamic activation scales depend on the batch)."""
+    import torch
+
+    from inferopt.plugins.source_demo import digits_split
+
+    _xt, _yt, x, y = digits_split()
+    with torch.inference_mode():
+        return sum(int((model(x[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum())
+                   for i in range(0, len(y), batch_size))

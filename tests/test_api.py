@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import inferopt
+from tests.helpers import demo_correct
 
 
 def mlp() -> torch.nn.Module:
@@ -55,13 +56,7 @@ def test_load_rebuilds_the_saved_model_without_pickle(tmp_path):
     report = inferopt.run(model="demo:digits-mlp-small", out=tmp_path / "r",
                           metrics=["accuracy"])
     loaded = inferopt.load(tmp_path / "r")
-    from inferopt.plugins.source_demo import digits_split
-
-    _xt, _yt, x, y = digits_split()
-    # the same batches as the run (activation scales are per batch)
-    correct = sum(int((loaded(x[i:i + 64]).argmax(-1) == y[i:i + 64]).sum())
-                  for i in range(0, len(y), 64))
-    assert correct == report.optimized["accuracy"]["correct"]
+    assert demo_correct(loaded) == report.optimized["accuracy"]["correct"]
     assert not any(isinstance(m, torch.nn.Linear) for m in loaded.modules())
 
 

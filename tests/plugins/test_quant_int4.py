@@ -10,6 +10,7 @@ from inferopt.contract import StepContext
 from inferopt.logging import get_logger
 from inferopt.plugins import int4_modules as q4
 from inferopt.plugins.quant_int4 import Int4Quantizer
+from tests.helpers import demo_correct
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -129,13 +130,7 @@ def test_demo_run_saves_loads_and_keeps_accuracy(tmp_path, method):
     assert report.verdict["accuracy_drop_points"] <= 1.5
     loaded = inferopt.load(tmp_path / "r")
     assert type(loaded[0]).__name__ == "Int4Linear"
-    from inferopt.plugins.source_demo import digits_split
-
-    _xt, _yt, x, y = digits_split()
-    with torch.inference_mode():
-        correct = sum(int((loaded(x[i:i + 64]).argmax(-1) == y[i:i + 64]).sum())
-                      for i in range(0, len(y), 64))
-    assert correct == report.optimized["accuracy"]["correct"]
+    assert demo_correct(loaded) == report.optimized["accuracy"]["correct"]
 
 
 @pytest.mark.cuda

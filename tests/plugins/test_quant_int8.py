@@ -10,6 +10,7 @@ from inferopt.contract import StepContext
 from inferopt.logging import get_logger
 from inferopt.plugins import int8_modules as q
 from inferopt.plugins.quant_int8 import Int8Quantizer
+from tests.helpers import demo_correct
 
 KERNELS = [k for k, ok in [("fbgemm", q.fbgemm_available()), ("onednn", q.onednn_available()),
                            ("reference", True)] if ok]
@@ -213,13 +214,7 @@ def test_static_smoothed_model_saves_loads_and_keeps_kernel_and_outputs(tmp_path
     loaded = inferopt.load(tmp_path / "r")
     assert loaded[0].smooth_inv is not None and float(loaded[0].act_scale) != 1.0
     assert loaded[0].active_kernel == details["kernels"]["0"]
-    from inferopt.plugins.source_demo import digits_split
-
-    _xt, _yt, x, y = digits_split()
-    with torch.inference_mode():
-        correct = sum(int((loaded(x[i:i + 64]).argmax(-1) == y[i:i + 64]).sum())
-                      for i in range(0, len(y), 64))
-    assert correct == report.optimized["accuracy"]["correct"]
+    assert demo_correct(loaded) == report.optimized["accuracy"]["correct"]
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "static", "weight-only"])
