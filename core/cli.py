@@ -221,3 +221,27 @@ def plugins(as_json: bool, strict_plugins: bool) -> None:
     if listing["skipped"]:
         console.print(f"skipped by INFEROPT_PLUGINS / INFEROPT_BLOCK_PLUGINS: "
                       f"{', '.join(listing['skipped'])}")
+
+
+@main.command("new-plugin", context_settings=CONTEXT)
+@click.argument("name")
+@click.option("--dir", "directory", metavar="DIR",
+              help="Where to write the package. Default: ./inferopt-NAME.")
+@click.option("--dist", metavar="DIST", help="Distribution name. Default: inferopt-NAME.")
+@click.option("--metric", metavar="METRIC", help="Name of the example metric. Default: NAME-flops.")
+def new_plugin(name: str, directory: str | None, dist: str | None, metric: str | None) -> None:
+    """Write a new plugin package whose optimizer is called NAME.
+
+    The package installs with pip, registers through the `inferopt` entry-point group, and its
+    tests pass as generated; replace the example technique with yours.
+    """
+    from .scaffold import write
+
+    try:
+        target = write(name, directory, dist=dist, metric=metric)
+    except InferoptError as exc:
+        _fail(exc, False)
+    click.echo(f"wrote {target}/")
+    click.echo(f"next: cd {target} && pip install -e '.[test]' && inferopt plugins && "
+               "python -m pytest")
+
