@@ -96,11 +96,16 @@ def save_run(
         )
         (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         (tmp / "report.md").write_text(report.to_markdown())
+        old = None
         if out_dir.exists():
-            if not overwrite and any(out_dir.iterdir()):
+            if any(out_dir.iterdir()) and not (overwrite and (out_dir / MANIFEST).is_file()):
                 raise UsageError(f"{out_dir} appeared while the run was going; not overwriting it")
-            shutil.rmtree(out_dir)
+            # move the earlier run aside, put the new one in place, then delete the old one
+            old = out_dir.with_name(f".{out_dir.name}.replaced-{tmp.name[-8:]}")
+            out_dir.rename(old)
         tmp.rename(out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -146,14 +146,27 @@ def resolve(recipe: Recipe, manager: PluginManager, registry: Registry, run_id: 
 def choose_out_dir(recipe: Recipe, run_id: str, overwrite: bool) -> Path:
     if recipe.out is None:
         return Path("inferopt-runs") / run_id
+    from .artifacts import MANIFEST
+
     out = Path(recipe.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {str(out)!r} exists and is not a directory; choose another path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    cwd = Path.cwd().resolve()
+    if cwd == out.resolve() or out.resolve() in cwd.parents:
         raise UsageError(
-            f"--out {str(out)!r} already exists and is not empty; choose another directory "
-            "or pass --overwrite to replace it"
-        )
+            f"--out {str(out)!r} is the current directory or contains it; give a new "
+            "subdirectory, for example --out runs/mine")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UsageError(
+                f"--out {str(out)!r} already exists and is not empty; choose another directory "
+                "or pass --overwrite to replace an earlier run there"
+            )
+        if not (out / MANIFEST).is_file():
+            raise UsageError(
+                f"--out {str(out)!r} holds files that are not an inferopt run; --overwrite only "
+                "replaces directories an earlier run wrote. Choose another directory"
+            )
     return out
 
 

@@ -94,7 +94,7 @@ def test_json_report_schema_and_field_names(cli):
 def test_unknown_optimizer_exits_2_and_lists_available(cli):
     result = cli("run", "--optimize", "nosuch")
     assert result.returncode == 2
-    assert "unknown optimizer 'nosuch'. Available: int4, int8" in result.stderr
+    assert "unknown optimizer 'nosuch'. Available: distill, int4, int8" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -124,9 +124,27 @@ def test_existing_out_dir_is_not_overwritten_without_flag(cli, tmp_path):
     assert result.returncode == 2
     assert "already exists and is not empty" in result.stderr
     assert (out / "precious.txt").read_text() == "mine"
+    # --overwrite replaces earlier runs only, never a folder of other files
     result = cli("run", *SMALL, "--out", str(out), "--overwrite")
+    assert result.returncode == 2
+    assert "holds files that are not an inferopt run" in result.stderr
+    assert (out / "precious.txt").read_text() == "mine"
+    run_dir = tmp_path / "run"
+    assert cli("run", *SMALL, "--out", str(run_dir)).returncode == 0
+    first = (run_dir / "report.json").read_text()
+    result = cli("run", *SMALL, "--out", str(run_dir), "--overwrite")
     assert result.returncode == 0, result.stderr
-    assert (out / "model.safetensors").is_file() and not (out / "precious.txt").exists()
+    assert (run_dir / "report.json").read_text() != first
+    assert not list(tmp_path.glob(".run.*"))
+
+
+def test_out_may_not_be_the_working_directory_or_above(cli, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    for out in (".", str(tmp_path), str(tmp_path.parent)):
+        result = cli("run", *SMALL, "--out", out, "--overwrite")
+        assert result.returncode == 2
+        assert "is the current directory or contains it" in result.stderr
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_failed_gate_exits_1_but_keeps_results(cli, tmp_path):
