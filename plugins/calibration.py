@@ -31,6 +31,8 @@ class InputObserver:
         self._gen = torch.Generator().manual_seed(seed)
 
     def observe(self, x: torch.Tensor) -> None:
+        if x.numel() == 0:  # e.g. an expert that got no tokens in this batch
+            return
         x = x.detach().float()
         self.batches += 1
         self.min = min(self.min, float(x.min()))

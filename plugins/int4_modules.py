@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from inferopt.plugins.int8_modules import Int8Linear, PackedWeightModule, weight_qmax
+from inferopt.plugins.int8_modules import Int8Linear, PackedWeightModule, plan_kernel
 
 BITS = (2, 3, 4)
 GROUP_SIZES = (32, 64, 128, 256)
@@ -114,9 +114,12 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     h = torch.zeros(k, k, dtype=torch.float64)
     h[:in_f, :in_f] = hessian.double()
     dead = torch.diag(h) == 0  # inputs that were always zero (and the padding)
-    h[dead, dead] = 1.0
+    live_mean = torch.diag(h)[~dead].mean() if bool((~dead).any()) else torch.tensor(1.0)
+    # dead inputs (and the padding) get the live columns' scale, so that neither they nor the
+    # dampening depend on the magnitude of the activations
+    h[dead, dead] = live_mean
     w[:, dead] = 0.0
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=torch.float64)
+    h += damp * live_mean * torch.eye(k, dtype=torch.float64)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     hinv = hinv.float()
     block = max(block, group_size)  # a group never straddles two blocks (sizes are 2**n)
@@ -207,7 +210,8 @@ class Int4Linear(PackedWeightModule):
             if self.bias is not None:
                 tmp.bias = torch.nn.Parameter(self.bias.clone(), requires_grad=False)
             layer = Int8Linear.from_float(tmp, mode="dynamic", kernel=self.kernel,
-                                          qmax=weight_qmax(device.type))
+                                          qmax=plan_kernel(self.kernel, "dynamic", "linear",
+                                                           device)[1])
             self._cache["int8"] = layer
         return layer
 
@@ -233,11 +237,17 @@ def collect_hessians(model: torch.nn.Module, layers: dict[str, torch.nn.Linear],
     counts = dict.fromkeys(layers, 0)
     handles = []
     for name, module in layers.items():
-        def hook(_m: Any, args: tuple[Any, ...], name: str = name) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double().cpu()
+        def hook(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 name: str = name) -> None:
+            x = args[0] if args else kwargs.get("input")
+            if not isinstance(x, torch.Tensor) or x.numel() == 0:
+                return
+            x = x.detach().reshape(-1, x.shape[-1]).double().cpu()
             sums[name] += x.t() @ x
             counts[name] += x.shape[0]
-        handles.append(module.register_forward_pre_hook(hook))
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    was_training = model.training
+    model.eval()
     try:
         with torch.inference_mode():
             for batch in batches:
@@ -245,4 +255,5 @@ def collect_hessians(model: torch.nn.Module, layers: dict[str, torch.nn.Linear],
     finally:
         for h in handles:
             h.remove()
+        model.train(was_training)
     return {n: (2.0 * sums[n] / max(counts[n], 1)).float() for n in layers if counts[n]}

@@ -82,11 +82,13 @@ def onednn_available() -> bool:
         return False
 
 
-def weight_qmax(device_type: str) -> int:
-    """Largest int8 weight magnitude that the kernels on this device multiply exactly."""
-    if device_type == "cpu" and not cpu_has_vnni():
-        return 63
-    return 127
+def plan_kernel(requested: str, mode: str, layer: str, device: torch.device) -> tuple[str, int]:
+    """(kernel, largest weight magnitude) for a new layer: full 8-bit weights, except 7 bits
+    when the kernel will be oneDNN on a CPU without VNNI (its u8*s8 pair sums saturate)."""
+    kernel = choose_kernel(requested, mode, layer, device, 63)
+    if kernel == "onednn" and device.type == "cpu" and not cpu_has_vnni():
+        return kernel, 63
+    return choose_kernel(requested, mode, layer, device, 127), 127
 
 
 def quantize_weight(weight: torch.Tensor, qmax: int, per_channel: bool = True
@@ -145,9 +147,24 @@ class PackedWeightModule(torch.nn.Module):
         self._cache.clear()
         super()._load_from_state_dict(*args, **kwargs)
 
+    #: float buffers the kernels need in float32, whatever .half()/.to(dtype) does to the model
+    _FP32_BUFFERS = ("weight_scale", "bias", "act_scale", "smooth_inv")
+
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         self._cache.clear()
-        return super()._apply(fn, recurse)
+        result = super()._apply(fn, recurse)
+        for name in self._FP32_BUFFERS:
+            buf = self._buffers.get(name)
+            if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32:
+                self._buffers[name] = buf.float()
+        return result
+
+    def __getstate__(self) -> dict[str, Any]:
+        # packed kernel weights are opaque tensors that cannot be copied or pickled; they are
+        # rebuilt on first use
+        state = self.__dict__.copy()
+        state["_cache"] = {}
+        return state
 
     @property
     def active_kernel(self) -> str:
@@ -357,6 +374,8 @@ class Int8Conv2d(PackedWeightModule):
         return mod.to(conv.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d accepts
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         dtype = x.dtype
         xf = x.float()
         scale = float(self.act_scale)
@@ -430,7 +449,12 @@ class Int8MultiheadAttention(torch.nn.Module):
                 key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
                 attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self_attention = query is key and key is value
         unbatched = query.dim() == 2
+        if is_causal and attn_mask is None:  # as a mask, so it combines with key padding
+            seq_dim = 1 if self.batch_first and not unbatched else 0
+            attn_mask = torch.ones(query.shape[seq_dim], key.shape[seq_dim], dtype=torch.bool,
+                                   device=query.device).triu(1)
         if unbatched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
             if key_padding_mask is not None:
@@ -439,7 +463,7 @@ class Int8MultiheadAttention(torch.nn.Module):
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         n, length, e = query.shape
         s = key.shape[1]
-        if query is key and key is value:
+        if self_attention:
             q, k, v = self.in_proj(query).chunk(3, dim=-1)
         else:
             q = self.in_proj(query)[..., :e]
@@ -454,14 +478,10 @@ class Int8MultiheadAttention(torch.nn.Module):
             scores = q @ k.transpose(-2, -1) / math.sqrt(d)
             if mask is not None:
                 scores = scores + mask
-            elif is_causal:
-                causal = torch.ones(length, s, dtype=torch.bool, device=q.device).triu(1)
-                scores = scores.masked_fill(causal, float("-inf"))
             weights = scores.softmax(dim=-1)
             out = weights @ v
         else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             weights = None
         out = self.out_proj(out.transpose(1, 2).reshape(n, length, e))
         if not self.batch_first or unbatched:

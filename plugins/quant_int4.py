@@ -47,7 +47,7 @@ class Int4Quantizer(Optimizer):
                             "dequant: dequantize per call (4-bit in memory, slower)")
     skip: tuple[str, ...] = option((), help="layer name patterns (fnmatch) to leave in float")
     calibration_batches: int = option(32, min=1, help="gptq: calibration batches to use")
-    damp: float = option(0.01, min=0.0, max=1.0,
+    damp: float = option(0.01, min=1e-4, max=1.0,
                          help="gptq: dampening added to the Hessian diagonal (fraction of mean)")
     kernel: str = option("auto", choices=KERNELS, help="int8 kernel for path=int8")
 
@@ -95,7 +95,7 @@ class Int4Quantizer(Optimizer):
             if k != linear.in_features:
                 padded[name] = f"{linear.in_features} -> {k} input channels"
             new = q4.Int4Linear.from_codes(
-                linear.cpu(), codes, scales, zeros, bits=self.bits, group_size=self.group_size,
+                linear, codes, scales, zeros, bits=self.bits, group_size=self.group_size,
                 symmetric=symmetric, path=self.path, kernel=self.kernel).to(device)
             set_submodule(model, name, new)
             methods[name] = method
@@ -120,6 +120,9 @@ class Int4Quantizer(Optimizer):
             "bits": self.bits,
             "group_size": self.group_size,
         })
+        from inferopt.plugins.int8_modules import disable_transformer_fast_path
+
+        disable_transformer_fast_path(model)
         if self.path == "dequant" and not ctx.restoring:
             ctx.warn("int4: path=dequant dequantizes the weights on every call: smallest memory, "
                      "slower than fp32 on most hardware")
@@ -133,6 +136,9 @@ class Int4Quantizer(Optimizer):
         matched: set[str] = set()
         for name, module in model.named_modules():
             if not isinstance(module, torch.nn.Linear) or not name:
+                continue
+            if type(module).forward is not torch.nn.Linear.forward:
+                skipped[name] = "a Linear subclass with its own forward"
                 continue
             hit = [p for p in self.skip if fnmatch.fnmatchcase(name, p)]
             if hit:

@@ -64,7 +64,6 @@ class Int8Quantizer(Optimizer):
         from inferopt.plugins import int8_modules as q
 
         device = device_of(model)
-        qmax = q.weight_qmax(device.type)
         per_channel = self.granularity == "per-channel"
         targets, skipped = self._select(model, ctx)
         if not targets:
@@ -92,6 +91,10 @@ class Int8Quantizer(Optimizer):
                 for name in unseen:
                     skipped[name] = "no calibration input reached it"
                     targets.pop(name)
+                if not targets:
+                    raise UsageError(
+                        "int8 mode=static: no calibration input reached any layer to quantize; "
+                        f"skipped: {skipped}. Check the calibration data fits the model")
             ctx.details["calibration"] = {
                 "batches": len(batches),
                 "observer": self.observer if self.mode == "static" else None,
@@ -106,7 +109,14 @@ class Int8Quantizer(Optimizer):
                           if info.get("static") and n in targets}
 
         layers: dict[str, dict[str, Any]] = {}
+        bits: set[int] = set()
         for name, module in targets.items():
+            kind = _kind(module)
+            mode = "dynamic" if kind == "attention" else self.mode
+            _kernel, qmax = q.plan_kernel(self.kernel, mode, kind or "linear", device)
+            if saved is not None and "qmax" in saved.get(name, {}):
+                qmax = saved[name]["qmax"]
+            bits.add(8 if qmax == 127 else 7)
             if isinstance(module, torch.nn.MultiheadAttention):
                 new = q.Int8MultiheadAttention.from_float(
                     module, kernel=self.kernel, qmax=qmax, per_channel=per_channel)
@@ -123,7 +133,7 @@ class Int8Quantizer(Optimizer):
                     act_range=act_ranges.get(name))
                 kernel = new.active_kernel
             set_submodule(model, name, new)
-            layers[name] = {"type": type(module).__name__, "kernel": kernel,
+            layers[name] = {"type": type(module).__name__, "kernel": kernel, "qmax": qmax,
                             "smooth": name in smooth_scales, "static": name in act_ranges}
         q.disable_transformer_fast_path(model)
         ctx.state["layers"] = layers
@@ -133,7 +143,7 @@ class Int8Quantizer(Optimizer):
         if "reference" in kernels and self.mode != "weight-only" and not ctx.restoring:
             ctx.warn("int8: some layers run on the reference kernel (dequantize + float "
                      "matmul): correct numbers, no speedup")
-        if qmax < 127 and not ctx.restoring and any(k == "onednn" for k in kernels):
+        if 7 in bits and not ctx.restoring:
             ctx.warn("int8: this CPU has no VNNI; weights use 7 bits (|q| <= 63) so that the "
                      "AVX2 int8 kernel cannot saturate")
         by_kernel: dict[str, int] = {}
@@ -152,7 +162,7 @@ class Int8Quantizer(Optimizer):
             "quantized": list(layers),
             "kernels": {n: info["kernel"] for n, info in layers.items()},
             "skipped": skipped,
-            "weight_bits": 8 if qmax == 127 else 7,
+            "weight_bits": sorted(bits),
             "activations": _activation_note(self.mode, kernels),
         })
         return model
@@ -170,6 +180,8 @@ class Int8Quantizer(Optimizer):
         inside_attention: set[str] = set()
         for name, module in model.named_modules():
             kind = _kind(module)
+            if kind is None and isinstance(module, torch.nn.Linear) and name:
+                skipped[name] = "a Linear subclass with its own forward"
             if kind is None or not name:
                 continue
             if name in inside_attention:
@@ -264,8 +276,8 @@ def _kind(module: Any) -> str | None:
 
     if isinstance(module, torch.nn.MultiheadAttention):
         return "attention"
-    if isinstance(module, torch.nn.Linear):
-        return "linear"
+    if isinstance(module, torch.nn.Linear) and type(module).forward is torch.nn.Linear.forward:
+        return "linear"  # a subclass with its own forward does more than a matmul: left alone
     if type(module) is torch.nn.Conv2d:
         return "conv"
     return None

@@ -145,3 +145,53 @@ def test_cuda_paths():
         out = qm(x)
         assert out.device.type == "cuda"
         assert torch.nn.functional.cosine_similarity(out, ref).min() > 0.99
+
+
+# --- regressions found in review -------------------------------------------------------------
+
+
+def test_transformer_layers_run_after_int4():
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(2, 5, 64)
+    with torch.inference_mode():
+        ref = layer(x)
+    qm, ctx = apply(layer, group_size=32)
+    with torch.inference_mode():
+        out = qm(x)  # used to fail: the fused fast path read linear1.weight
+    cos = torch.nn.functional.cosine_similarity(out.reshape(-1, 64), ref.reshape(-1, 64))
+    assert cos.min() > 0.98
+    assert "self_attn.out_proj" in ctx.details["skipped"]
+
+
+def test_gptq_on_a_padded_layer_does_not_depend_on_activation_scale():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(100, 64)  # padded to 128 at group 64
+    mixing = torch.randn(20, 100)  # correlated inputs, where GPTQ has something to exploit
+    for scale in (1.0, 0.001):
+        x = torch.randn(512, 20) @ mixing * scale
+        data = inferopt.Data(eval=[inferopt.Batch(x)], calibration=[inferopt.Batch(x)])
+        with torch.inference_mode():
+            ref = layer(x)
+        errors = {}
+        for method in ("rtn", "gptq"):
+            qm, _ = apply(torch.nn.Sequential(copy_of(layer)), data=data, method=method,
+                          group_size=64, path="dequant")
+            with torch.inference_mode():
+                errors[method] = float((qm(x) - ref).pow(2).mean())
+        assert errors["gptq"] < 0.5 * errors["rtn"], (scale, errors)
+
+
+def copy_of(module):
+    import copy
+
+    return copy.deepcopy(module)
+
+
+def test_gptq_leaves_a_training_model_untouched():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.BatchNorm1d(16),
+                                torch.nn.Linear(16, 4)).train()
+    data = inferopt.Data(eval=[inferopt.Batch(torch.randn(32, 16))])
+    before = model[1].running_mean.clone()
+    apply(model, data=data, method="gptq", group_size=32)
+    assert torch.equal(model[1].running_mean, before) and model.training

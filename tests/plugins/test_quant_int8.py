@@ -62,9 +62,13 @@ def test_weight_quantization_is_symmetric_per_channel_or_per_tensor():
     assert qt[0].tolist() == [13, -6, 3]
 
 
-def test_no_vnni_means_7_bit_weights_on_cpu():
-    assert q.weight_qmax("cpu") == (127 if q.cpu_has_vnni() else 63)
-    assert q.weight_qmax("cuda") == 127
+def test_weights_are_7_bit_only_for_onednn_on_cpus_without_vnni():
+    cpu = torch.device("cpu")
+    kernel, qmax = q.plan_kernel("onednn", "dynamic", "linear", cpu)
+    assert (kernel, qmax) == ("onednn", 127 if q.cpu_has_vnni() else 63)
+    if q.fbgemm_available():  # FBGEMM keeps activations to 7 bits instead: 8-bit weights
+        assert q.plan_kernel("auto", "dynamic", "linear", cpu) == ("fbgemm", 127)
+    assert q.plan_kernel("auto", "dynamic", "linear", torch.device("cuda"))[1] == 127
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -241,3 +245,76 @@ def test_cuda_dynamic_and_static_kernels():
     data = inferopt.Data(eval=[inferopt.Batch(x)])
     qm, ctx = apply(mlp().cuda(), mode="static", data=data)
     assert cos(qm(x), ref) > 0.99
+
+
+# --- regressions found in review -------------------------------------------------------------
+
+
+def test_linear_subclass_with_its_own_forward_is_left_alone():
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 10
+
+    model = torch.nn.Sequential(Scaled(8, 8), torch.nn.Linear(8, 4))
+    qm, ctx = apply(model)
+    assert isinstance(qm[0], Scaled)
+    assert ctx.details["skipped"]["0"] == "a Linear subclass with its own forward"
+
+
+def test_empty_calibration_inputs_are_ignored():
+    class Router(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = torch.nn.Linear(8, 8)
+            self.idle = torch.nn.Linear(8, 8)  # an expert that never gets a token
+
+        def forward(self, x):
+            return self.used(x) + self.idle(x[:0]).sum()
+
+    _qm, ctx = apply(Router(), data=calib(4, 8), mode="static")
+    assert ctx.details["skipped"]["idle"] == "no calibration input reached it"
+
+
+def test_half_copy_and_unbatched_conv_after_quantization():
+    import copy
+
+    qm, _ = apply(mlp(), kernel="onednn" if q.onednn_available() else "reference")
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        qm(x)  # packs the kernel's opaque weights
+    clone = copy.deepcopy(qm)  # used to fail on oneDNN's opaque packed tensor
+    assert torch.equal(clone(x), qm(x))
+    half = copy.deepcopy(qm).half()
+    assert half[0].weight_scale.dtype == torch.float32
+    out = half(x.half())
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    conv, _ = apply(cnn(), data=calib(4, 3, 16, 16), mode="static")
+    single = torch.randn(3, 16, 16)
+    assert torch.allclose(conv[0](single), conv[0](single[None])[0])
+
+
+def test_causal_flag_combines_with_key_padding():
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    x = torch.randn(2, 6, 32)
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, 4:] = True
+    causal = torch.ones(6, 6, dtype=torch.bool).triu(1)
+    ref, _ = mha(x, x, x, key_padding_mask=pad, attn_mask=causal, need_weights=False)
+    qm = q.Int8MultiheadAttention.from_float(mha, kernel="reference", qmax=127,
+                                             per_channel=True)
+    out, _ = qm(x, x, x, key_padding_mask=pad, is_causal=True, need_weights=False)
+    assert cos(out, ref.detach()) > 0.995
+
+
+def test_static_mode_with_no_reachable_layer_is_an_error():
+    class Unused(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return x * 2
+
+    with pytest.raises(inferopt.UsageError, match="no calibration input reached any layer"):
+        apply(Unused(), data=calib(4, 8), mode="static")
