@@ -12,8 +12,10 @@ import torch
 
 from inferopt.model_io import call_model
 
-#: values kept per module per batch for percentile estimates (torch.quantile's input is limited)
-PERCENTILE_SAMPLE = 1 << 16
+#: values kept per module per batch for percentile estimates, and batches sampled at most:
+#: bounded memory (about 1 MB per layer) and within torch.quantile's input limit
+PERCENTILE_SAMPLE = 1 << 13
+PERCENTILE_BATCHES = 32
 
 
 class InputObserver:
@@ -43,7 +45,7 @@ class InputObserver:
         self.channel_absmax = (
             absmax if self.channel_absmax is None else torch.maximum(self.channel_absmax, absmax)
         )
-        if self.keep_sample:
+        if self.keep_sample and len(self.samples) < PERCENTILE_BATCHES:
             flat = x.flatten().cpu()
             if flat.numel() > PERCENTILE_SAMPLE:
                 idx = torch.randint(0, flat.numel(), (PERCENTILE_SAMPLE,), generator=self._gen)
@@ -55,8 +57,6 @@ class InputObserver:
         if observer == "minmax" or not self.samples:
             return self.min, self.max
         values = torch.cat(self.samples)
-        if values.numel() > 1 << 24:
-            values = values[: 1 << 24]
         q = torch.tensor([(100.0 - percentile) / 100.0, percentile / 100.0])
         low, high = torch.quantile(values, q).tolist()
         return float(low), float(high)

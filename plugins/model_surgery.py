@@ -6,12 +6,16 @@ from typing import Any
 
 
 def set_submodule(model: Any, name: str, new: Any) -> None:
-    """Replace the submodule called ``name`` (as in ``model.named_modules()``) by ``new``."""
+    """Replace the submodule called ``name`` (as in ``model.named_modules()``) by ``new``,
+    wherever the model refers to that same module (a shared module has several names)."""
     if not name:
         raise ValueError("cannot replace the root module")
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    old = model.get_submodule(name)
+    for parent in model.modules():
+        # _modules, not named_children(): that one yields a module shared twice only once
+        for child_name, child in list(parent._modules.items()):
+            if child is old:
+                setattr(parent, child_name, new)
 
 
 def device_of(model: Any) -> Any:

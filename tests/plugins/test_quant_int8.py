@@ -318,3 +318,11 @@ def test_static_mode_with_no_reachable_layer_is_an_error():
 
     with pytest.raises(inferopt.UsageError, match="no calibration input reached any layer"):
         apply(Unused(), data=calib(4, 8), mode="static")
+
+
+def test_a_shared_layer_is_replaced_under_every_name():
+    shared = torch.nn.Linear(8, 8)
+    model = torch.nn.Sequential(shared, torch.nn.ReLU(), shared)
+    qm, ctx = apply(model)
+    assert qm[0] is qm[2] and type(qm[2]).__name__ == "Int8Linear"
+    assert ctx.details["quantized"] == ["0"]
