@@ -5,7 +5,7 @@ maxima); imported only inside the optimizers that need it (it imports torch).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -62,6 +62,39 @@ class InputObserver:
         return float(low), float(high)
 
 
+def run_with_input_hooks(
+    model: torch.nn.Module,
+    watchers: dict[str, tuple[torch.nn.Module, Callable[[torch.Tensor], None]]],
+    batches: Iterable[Any],
+    device: Any = None,
+) -> None:
+    """Run ``batches`` through ``model`` (eval and inference mode, restored afterwards) and call
+    each watcher with the first floating-point input of its module on every non-empty call."""
+    from inferopt.model_io import move_to
+
+    def hook_for(fn: Callable[[torch.Tensor], None]) -> Any:
+        def hook(_mod: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = args[0] if args else next(iter(kwargs.values()), None)
+            if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel():
+                fn(x)
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(hook_for(fn), with_kwargs=True)
+               for module, fn in watchers.values()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                call_model(model, batch.inputs if device is None
+                           else move_to(batch.inputs, device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+
 def observe_inputs(
     model: torch.nn.Module,
     modules: dict[str, torch.nn.Module],
@@ -73,37 +106,21 @@ def observe_inputs(
     scales: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, InputObserver]:
     """Run ``batches`` (each a :class:`inferopt.Batch`) through ``model`` and observe the first
-    positional input of every module in ``modules``; ``scales[name]``, when given, multiplies
-    that module's input channels (the last dimension) before observing."""
+    input of every module in ``modules``; ``scales[name]``, when given, multiplies that module's
+    input channels (the last dimension) before observing."""
     scales = scales or {}
-    from inferopt.model_io import move_to
-
     observers = {name: InputObserver(channel_dims[name], keep_sample) for name in modules}
-    handles = []
-    for name, module in modules.items():
-        hook = _observing_hook(observers[name], scales.get(name))
-        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for batch in batches:
-                inputs = batch.inputs if device is None else move_to(batch.inputs, device)
-                call_model(model, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+
+    def watcher(obs: InputObserver, scale: torch.Tensor | None) -> Callable[[torch.Tensor], None]:
+        return lambda x: obs.observe(x if scale is None else x * scale.to(x.device))
+
+    run_with_input_hooks(
+        model,
+        {n: (m, watcher(observers[n], scales.get(n))) for n, m in modules.items()},
+        batches,
+        device,
+    )
     return observers
-
-
-def _observing_hook(obs: InputObserver, scale: torch.Tensor | None) -> Any:
-    def hook(_mod: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        x = args[0] if args else next(iter(kwargs.values()), None)
-        if isinstance(x, torch.Tensor) and x.is_floating_point():
-            obs.observe(x if scale is None else x * scale.to(x.device))
-
-    return hook
 
 
 def affine_uint8(low: float, high: float) -> tuple[float, int]:

@@ -230,30 +230,20 @@ class Int4Linear(PackedWeightModule):
 def collect_hessians(model: torch.nn.Module, layers: dict[str, torch.nn.Linear],
                      batches: list[Any], device: Any) -> dict[str, torch.Tensor]:
     """``H = 2/n * sum x x^T`` over every input row each layer sees on the calibration batches."""
-    from inferopt.model_io import call_model, move_to
+    from inferopt.plugins.calibration import run_with_input_hooks
 
     sums = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64)
             for n, m in layers.items()}
     counts = dict.fromkeys(layers, 0)
-    handles = []
-    for name, module in layers.items():
-        def hook(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-                 name: str = name) -> None:
-            x = args[0] if args else kwargs.get("input")
-            if not isinstance(x, torch.Tensor) or x.numel() == 0:
-                return
-            x = x.detach().reshape(-1, x.shape[-1]).double().cpu()
-            sums[name] += x.t() @ x
-            counts[name] += x.shape[0]
-        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for batch in batches:
-                call_model(model, move_to(batch.inputs, device))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+
+    def accumulate(name: str) -> Any:
+        def add(x: torch.Tensor) -> None:
+            rows = x.detach().reshape(-1, x.shape[-1]).double().cpu()
+            sums[name] += rows.t() @ rows
+            counts[name] += rows.shape[0]
+
+        return add
+
+    run_with_input_hooks(model, {n: (m, accumulate(n)) for n, m in layers.items()}, batches,
+                         device)
     return {n: (2.0 * sums[n] / max(counts[n], 1)).float() for n in layers if counts[n]}
