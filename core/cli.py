@@ -226,7 +226,7 @@ def plugins(as_json: bool, strict_plugins: bool) -> None:
 @main.command("new-plugin", context_settings=CONTEXT)
 @click.argument("name")
 @click.option("--dir", "directory", metavar="DIR",
-              help="Where to write the package. Default: ./inferopt-NAME.")
+              help="Where to write the package. Default: ./DIST (./inferopt-NAME).")
 @click.option("--dist", metavar="DIST", help="Distribution name. Default: inferopt-NAME.")
 @click.option("--metric", metavar="METRIC", help="Name of the example metric. Default: NAME-flops.")
 def new_plugin(name: str, directory: str | None, dist: str | None, metric: str | None) -> None:
