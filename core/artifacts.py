@@ -15,6 +15,7 @@ never leaves a half-written model that :func:`load` would accept.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -73,7 +74,7 @@ def save_run(
         save_model(model, tmp / WEIGHTS)
         manifest = {
             "format": FORMAT,
-            "model": ctx.recipe.model,
+            "model": _portable_spec(ctx.recipe.model),
             "batch_size": ctx.recipe.batch_size,
             "seed": ctx.recipe.seed,
             "steps": [
@@ -109,6 +110,15 @@ def save_run(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _portable_spec(spec: str) -> str:
+    """A ``PATH.py:CALLABLE`` spec with an absolute path, so that ``inferopt.load`` works from
+    any working directory."""
+    match = re.match(r"^(python:)?(.+\.py):([A-Za-z_][\w.]*)$", spec)
+    if match and Path(match[2]).is_file():
+        return f"{match[1] or ''}{Path(match[2]).resolve()}:{match[3]}"
+    return spec
 
 
 def load(path: str | Path, model: torch.nn.Module | None = None) -> torch.nn.Module:

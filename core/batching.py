@@ -70,7 +70,9 @@ def batches_from(obj: Any, batch_size: int, what: str) -> list[Batch]:
         and obj[0].shape[0] == obj[1].shape[0]
     ):  # (inputs, labels): the documented meaning of a pair of tensors
         return split_tensors(obj[0], obj[1], batch_size)
-    if isinstance(obj, torch.utils.data.Dataset) and hasattr(obj, "__len__"):
+    if isinstance(obj, torch.utils.data.IterableDataset) or (
+        isinstance(obj, torch.utils.data.Dataset) and hasattr(obj, "__len__")
+    ):
         obj = torch.utils.data.DataLoader(obj, batch_size=batch_size, shuffle=False)
     try:
         iterator = iter(obj)

@@ -92,7 +92,10 @@ class PluginManager:
     def load_entrypoints(self) -> PluginManager:
         """Load every plugin of the ``inferopt`` entry-point group, each on its own."""
         seen: set[str] = set()
-        for ep in _entry_points():
+        # inferopt's own plugins first: a third-party entry point reusing a built-in's name is
+        # the one reported as failed, never the built-in
+        ordered = sorted(_entry_points(), key=lambda e: getattr(e.dist, "name", "") != "inferopt")
+        for ep in ordered:
             dist = getattr(ep, "dist", None)
             dist_name = dist.metadata["Name"] if dist is not None else "?"
             version = dist.version if dist is not None else "?"
@@ -184,7 +187,7 @@ class PluginManager:
         the arguments (so that, for example, ``register`` knows who is registering).
         """
         caller = getattr(self._pm.hook, hook_name)
-        for impl in reversed(caller.get_hookimpls()):  # registration order
+        for impl in caller.get_hookimpls():  # registration order (pluggy itself calls LIFO)
             plugin_name = impl.plugin_name
             kwargs = kwargs_for(plugin_name)
             try:

@@ -9,6 +9,8 @@ and reports a bad value with the step, the option, the value and what is allowed
 from __future__ import annotations
 
 import difflib
+import enum
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -52,11 +54,31 @@ def _meta(field: attrs.Attribute) -> dict[str, Any]:
     return dict(field.metadata.get("inferopt") or {})
 
 
+def _hints(cls: type) -> dict[str, Any]:
+    """Field types; a plugin whose annotations cannot be resolved (a name imported only for
+    type checking) gets its options unconverted rather than breaking every listing."""
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # any failure: fall back to the raw annotations
+        return {}
+
+
+def json_safe(value: Any) -> Any:
+    """An option value as JSON can hold it (paths and enums become strings)."""
+    if isinstance(value, tuple | list):
+        return [json_safe(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return json_safe(value.value)
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
 def describe(cls: type) -> list[dict[str, Any]]:
     """The options of a plugin class as plain data: name, type, default, help, choices, range."""
     if not attrs.has(cls):
         return []
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     out = []
     for field in attrs.fields(cls):
         if not field.init:
@@ -66,10 +88,10 @@ def describe(cls: type) -> list[dict[str, Any]]:
         out.append(
             {
                 "name": field.name,
-                "type": _type_name(hints.get(field.name, Any)),
-                "default": list(default) if isinstance(default, tuple) else default,
+                "type": _type_name(hints.get(field.name, field.type or Any)),
+                "default": json_safe(default),
                 "help": meta.get("help", ""),
-                "choices": list(meta["choices"]) if meta.get("choices") else None,
+                "choices": json_safe(list(meta["choices"])) if meta.get("choices") else None,
                 "min": meta.get("min"),
                 "max": meta.get("max"),
             }
@@ -84,7 +106,7 @@ def build(cls: type, raw: Mapping[str, Any], where: str) -> Any:
         if raw:
             raise UsageError(f"{where} takes no options, got {', '.join(raw)}")
         return cls()
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     fields = {f.name: f for f in attrs.fields(cls) if f.init}
     values: dict[str, Any] = {}
     for key, value in raw.items():
@@ -137,6 +159,8 @@ def _convert(value: Any, tp: Any, field: attrs.Attribute, where: str) -> Any:
             raise bad()
     low, high = meta.get("min"), meta.get("max")
     if isinstance(converted, int | float) and not isinstance(converted, bool):
+        if isinstance(converted, float) and not math.isfinite(converted):
+            raise bad("not a finite number")
         if (low is not None and converted < low) or (high is not None and converted > high):
             raise bad()
     return converted
@@ -198,6 +222,16 @@ def _coerce(value: Any, tp: Any) -> Any:
         if isinstance(value, str):
             return value
         raise TypeError(f"expected a string, got {type(value).__name__}")
+    if tp is not Any and isinstance(tp, type) and isinstance(value, str) \
+            and not isinstance(value, tp):
+        # other simple option types (pathlib.Path, an Enum by value, ...) take the string
+        if issubclass(tp, enum.Enum):
+            try:
+                return tp(value)
+            except ValueError:
+                return tp[value]
+        constructor: Any = tp
+        return constructor(value)
     return value
 
 

@@ -383,8 +383,12 @@ def _measure(
         )
         try:
             results[m.spec.name] = metric.measure(prepared, ctx.backend.instance, ctx.data, mctx)
-        except InferoptError:
-            raise
+        except InferoptError as exc:
+            if ctx.recipe.metrics_explicit:
+                raise
+            # a default metric that does not apply to this model: say so and go on
+            skipped[m.spec.name] = str(exc)
+            continue
         except Exception as exc:
             # a broken metric plugin costs its own numbers, not the run
             msg = f"metric {m.spec.name!r} ({m.entry.plugin}) failed on the {role}: {exc!r}"
@@ -441,13 +445,9 @@ def _options_of(plugin_object: Any) -> dict[str, Any]:
     cls = type(plugin_object)
     if not attrs.has(cls):
         return {}
-    return {f.name: _jsonable(getattr(plugin_object, f.name)) for f in attrs.fields(cls)}
+    return {f.name: options.json_safe(getattr(plugin_object, f.name)) for f in attrs.fields(cls)}
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return list(value)
-    return value
 
 
 def _observer_error(ctx: RunContext) -> Any:

@@ -8,6 +8,7 @@ with ``name`` in TOML. List-valued options use ``|`` on the command line
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -88,6 +89,11 @@ class Gates:
     max_accuracy_drop: float | None = None  # points of top-1 accuracy (percent)
     min_speedup: float | None = None  # baseline p50 latency / optimized p50 latency
     max_size_ratio: float | None = None  # optimized bytes / baseline bytes
+
+    def __attrs_post_init__(self) -> None:
+        for key, value in attrs.asdict(self).items():
+            if value is not None and not math.isfinite(value):
+                raise UsageError(f"gate {key} got {value!r}; give a finite number")
 
     def to_dict(self) -> dict[str, float]:
         return {k: v for k, v in attrs.asdict(self).items() if v is not None}

@@ -8,6 +8,7 @@ test.
 
 from __future__ import annotations
 
+import keyword
 import re
 import string
 from importlib import resources
@@ -26,6 +27,15 @@ def _camel(name: str) -> str:
     return "".join(part.capitalize() for part in name.split("-"))
 
 
+def _builtin_names() -> set[str]:
+    """Entry-point names and registered names of inferopt's own plugins."""
+    import importlib.metadata as md
+
+    names = {ep.name for ep in md.entry_points(group="inferopt")
+             if getattr(ep.dist, "name", "") == "inferopt"}
+    return names | {"latency", "throughput", "accuracy", "fidelity", "size", "cpu"}
+
+
 def plan(name: str, dist: str | None = None, metric: str | None = None) -> dict[str, str]:
     """The template variables for a plugin whose optimizer is called ``name``."""
     for label, value in (("plugin name", name), ("--dist", dist), ("--metric", metric)):
@@ -33,7 +43,13 @@ def plan(name: str, dist: str | None = None, metric: str | None = None) -> dict[
             raise UsageError(
                 f"{label} {value!r}: use lowercase letters, digits and single dashes, starting "
                 "with a letter (for example 'my-technique')")
+    builtin = _builtin_names()
+    if name in builtin:
+        raise UsageError(f"plugin name {name!r} is taken by a built-in inferopt plugin; "
+                         f"choose another (built-ins: {', '.join(sorted(builtin))})")
     dist = dist or f"inferopt-{name}"
+    if keyword.iskeyword(_identifier(dist)) or dist == "inferopt":
+        raise UsageError(f"--dist {dist!r} cannot be a Python package name; choose another")
     metric = metric or f"{name}-flops"
     return {
         "name": name,

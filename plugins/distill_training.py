@@ -132,7 +132,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         kd = F.cross_entropy(s, t.argmax(dim=-1))
     if labels is None or cfg.alpha >= 1.0:
         return kd
-    y = labels.reshape(-1).to(s.device)
+    y = labels.reshape(-1).to(s.device).long()
     if not bool((y != IGNORE_INDEX).any()):
         return kd
     ce = F.cross_entropy(s, y, ignore_index=IGNORE_INDEX)
@@ -189,7 +189,7 @@ def train_student(student: torch.nn.Module, teacher: torch.nn.Module, batches: l
         log.info("distill epoch", **{k: round(v, 5) for k, v in row.items()})
         if progress is not None:
             progress(epoch, cfg.epochs)
-        if val_loss < best[0] - 1e-6:
+        if math.isfinite(val_loss) and val_loss < best[0] - 1e-6:
             best = (val_loss, epoch, copy.deepcopy(student.state_dict()))
             stale = 0
         else:
@@ -197,6 +197,10 @@ def train_student(student: torch.nn.Module, teacher: torch.nn.Module, batches: l
             if stale >= cfg.patience:
                 log.info("early stop", epoch=epoch, best_epoch=best[1])
                 break
+    if best[1] == 0:
+        raise UsageError(
+            f"distill: training never produced a finite validation loss (last: {val_loss}); "
+            "lower lr or temperature, or check the data for NaN/inf")
     student.load_state_dict(best[2])
     return TrainResult(epoch, best[1], best[0], history, time.perf_counter() - start)
 

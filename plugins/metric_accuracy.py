@@ -14,7 +14,16 @@ IGNORE_INDEX = -100
 def top1_correct(logits: Any, labels: Any) -> tuple[int, int]:
     """(correct, counted) for class logits ``[..., C]`` against labels ``[...]``; labels equal to
     -100 (the PyTorch ignore index) are not counted."""
-    pred = logits.argmax(dim=-1)
+    from inferopt.errors import UsageError
+
+    if not logits.is_floating_point():
+        pred = logits  # the model already returns class indices
+    elif logits.dim() < 2:
+        raise UsageError(
+            f"accuracy needs class logits [batch, classes] (or class indices); the model "
+            f"returned a float tensor of shape {tuple(logits.shape)}. Use --metric fidelity")
+    else:
+        pred = logits.argmax(dim=-1)
     labels = labels.to(pred.device).reshape(pred.shape)
     keep = labels != IGNORE_INDEX
     return int((pred[keep] == labels[keep]).sum()), int(keep.sum())

@@ -38,18 +38,27 @@ class FidelityMetric(Metric):
         for batch, ref_out in zip(data.eval, ctx.baseline_outputs, strict=True):
             out = primary_output(backend.forward(model, backend.to_device(batch.inputs)))
             ref = primary_output(ref_out).to(out.device)
-            a = out.float().reshape(out.shape[0], -1)
-            b = ref.float().reshape(ref.shape[0], -1)
-            cos_sum += float(torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12).sum())
-            n += a.shape[0]
+            per_sample = out.dim() >= 2 and out.shape[1:].numel() > 1
+            # one value per sample (or a scalar): a per-sample cosine would only compare signs,
+            # so compare the batch as one vector
+            a = out.float().reshape(out.shape[0], -1) if per_sample else out.float().reshape(1, -1)
+            b = ref.float().reshape(a.shape)
+            rows = out.shape[0] if out.dim() >= 1 else 1
+            cos = torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12)
+            cos_sum += float(cos.sum()) if per_sample else float(cos) * rows
+            n += rows
             diff = (a - b).abs()
             max_abs = max(max_abs, float(diff.max()))
             abs_sum += float(diff.sum())
             elems += diff.numel()
-            if out.dim() >= 2:
+            if not out.is_floating_point():  # predictions (class indices): exact matches
+                same = out == ref
+            elif out.dim() >= 2:
                 same = out.argmax(-1) == ref.argmax(-1)
-                agree += int(same.sum())
-                positions += same.numel()
+            else:
+                continue
+            agree += int(same.sum())
+            positions += same.numel()
         result = {
             "cosine": cos_sum / n,
             "max_abs_err": max_abs,

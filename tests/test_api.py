@@ -88,3 +88,26 @@ def test_small_inputs_labels_tuple_is_one_labelled_batch():
 def test_unknown_gate_in_api_is_a_usage_error():
     with pytest.raises(inferopt.UsageError, match="unknown gate"):
         inferopt.run(model="demo:digits-mlp-small", gates={"max_latency": 1.0}, save=False)
+
+
+def test_iterable_datasets_are_batched():
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            g = torch.Generator().manual_seed(0)
+            for _ in range(20):
+                yield torch.randn(32, generator=g), torch.tensor(1)
+
+    report = inferopt.run(model=mlp(), data=Stream(), batch_size=8, save=False, optimize=[],
+                          metrics=["accuracy"])
+    assert report.baseline["accuracy"]["samples"] == 20
+
+
+def test_saved_runs_of_file_models_load_from_any_directory(tmp_path, monkeypatch):
+    (tmp_path / "m.py").write_text(
+        "import torch\ndef build():\n    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(32, 8))\n")
+    monkeypatch.chdir(tmp_path)
+    inferopt.run(model="m.py:build", data="synthetic:shape=4x32", out="r", metrics=["size"])
+    monkeypatch.chdir(tmp_path.parent)
+    loaded = inferopt.load(tmp_path / "r")
+    assert type(loaded[0]).__name__ == "Int8Linear"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import enum
+import json
+from pathlib import Path
+
 import attrs
 import pytest
 
@@ -58,3 +62,37 @@ def test_describe_lists_options_for_plugins_listing():
     assert doc["mode"]["help"] == "how"
     assert doc["ratio"]["min"] == 0.0 and doc["ratio"]["max"] == 1.0
     assert doc["skip"]["default"] == []
+
+
+def test_non_finite_numbers_are_rejected():
+    for raw in ({"ratio": "nan"}, {"ratio": float("inf")}):
+        with pytest.raises(UsageError, match="not a finite number"):
+            build(Example, raw, "s")
+
+
+class Color(enum.Enum):
+    RED = "red"
+
+
+@attrs.frozen
+class Typed:
+    where: Path = option(Path("/tmp"))
+    color: Color = option(Color.RED)
+
+
+def test_other_simple_types_are_built_from_strings_and_listed_as_json():
+    t = build(Typed, {"where": "/x", "color": "red"}, "s")
+    assert t.where == Path("/x") and t.color is Color.RED
+    json.dumps(describe(Typed))  # paths and enums become strings
+    assert {d["name"]: d["default"] for d in describe(Typed)} == {"where": "/tmp",
+                                                                  "color": "red"}
+
+
+def test_unresolvable_annotations_do_not_break_listing():
+    namespace: dict = {}
+    exec(  # an annotation naming something imported only for type checking
+        "from __future__ import annotations\n"
+        "import attrs\nfrom inferopt import option\n"
+        "@attrs.frozen\nclass Odd:\n    thing: Missing | None = option(None)\n", namespace)
+    assert describe(namespace["Odd"])[0]["name"] == "thing"
+    assert build(namespace["Odd"], {"thing": "x"}, "s").thing == "x"

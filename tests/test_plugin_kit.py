@@ -120,3 +120,12 @@ def test_testing_fixtures_are_available_to_any_test_suite(inferopt_registry, inf
     assert inferopt_cli("plugins", "--json").returncode == 0
     report, _loaded = inferopt_roundtrip("int8", mode="static")
     assert report.steps[0].details["mode"] == "static"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["new-plugin", "int8"], "taken by a built-in inferopt plugin"),
+    (["new-plugin", "ok", "--dist", "class"], "cannot be a Python package name"),
+])
+def test_scaffold_refuses_names_that_would_break(cli, args, message):
+    result = cli(*args)
+    assert result.returncode == 2 and message in result.stderr

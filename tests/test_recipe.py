@@ -76,3 +76,8 @@ def test_bad_toml_is_an_error_naming_the_key(tmp_path, text, message):
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
         make_recipe(tmp_path / "nope.toml")
+
+
+def test_non_finite_gates_are_rejected():
+    with pytest.raises(UsageError, match="gate min_speedup got nan"):
+        make_recipe(gates={"min_speedup": float("nan")})

@@ -129,3 +129,15 @@ def test_bad_students_fail_before_training(tmp_path):
         Distiller().apply(regressor, ctx)
     with pytest.raises(inferopt.UsageError, match="needs training data"):
         Distiller().apply(teacher, StepContext(log=get_logger()))
+
+
+def test_int32_labels_and_diverging_training():
+    teacher, data = teacher_and_data(labels=True)
+    data32 = inferopt.Data(
+        eval=data.eval,
+        calibration=[inferopt.Batch(b.inputs, b.labels.int()) for b in data.calibration])
+    ctx = StepContext(log=get_logger(), data=data32)
+    Distiller(epochs=2, patience=2).apply(copy.deepcopy(teacher), ctx)
+    with pytest.raises(inferopt.UsageError, match="never produced a finite validation loss"):
+        Distiller(epochs=2, lr=1e30).apply(copy.deepcopy(teacher),
+                                           StepContext(log=get_logger(), data=data))

@@ -76,3 +76,29 @@ def test_size_is_the_saved_file_size(tmp_path):
     on_disk = (tmp_path / "m.safetensors").stat().st_size
     assert abs(result["bytes"] - on_disk) < 200  # same tensors; only the header metadata differs
     assert result["elements"] == 5050 and result["bytes_float32"] == 5050 * 4
+
+
+class Indices(torch.nn.Module):
+    """Returns class indices, not logits."""
+
+    def forward(self, x):
+        return x.sum(-1).long().clamp(0, 2)
+
+
+def test_models_returning_class_indices_are_measured_sensibly():
+    d = inferopt.Data(eval=[inferopt.Batch(torch.tensor([[0.0], [1.0], [2.0], [1.0]]),
+                                           torch.tensor([0, 1, 1, 1]))])
+    ref = [Indices()(b.inputs) for b in d.eval]
+    fid = FidelityMetric().measure(Indices(), CpuBackend(), d, ctx(baseline_outputs=ref))
+    assert fid["cosine"] > 0.9999 and fid["agreement"] == 1.0
+    acc = AccuracyMetric().measure(Indices(), CpuBackend(), d, ctx())
+    assert acc["top1"] == 0.75
+
+
+def test_accuracy_on_one_value_per_sample_is_a_clear_error():
+    import pytest
+
+    d = data([0, 1])
+    with pytest.raises(inferopt.UsageError, match="accuracy needs class logits"):
+        AccuracyMetric().measure(torch.nn.Sequential(torch.nn.Flatten(0)), CpuBackend(), d,
+                                 ctx())
