@@ -159,6 +159,19 @@ class PackedWeightModule(torch.nn.Module):
                 self._buffers[name] = buf.float()
         return result
 
+    def _fill(self, weight: torch.Tensor, bias: torch.Tensor | None, qmax: int,
+              per_channel: bool, act_range: tuple[float, int] | None) -> None:
+        """Quantize ``weight`` into the buffers, copy the bias and any calibrated range."""
+        q, scale = quantize_weight(weight, qmax, per_channel)
+        self.weight_int8.copy_(q)
+        self.weight_scale.copy_(scale)
+        self.qmax.fill_(qmax)
+        if bias is not None:
+            self.bias.copy_(bias.detach().float())
+        if act_range is not None:
+            self.act_scale.fill_(act_range[0])
+            self.act_zero.fill_(act_range[1])
+
     def __getstate__(self) -> dict[str, Any]:
         # packed kernel weights are opaque tensors that cannot be copied or pickled; they are
         # rebuilt on first use
@@ -207,17 +220,9 @@ class Int8Linear(PackedWeightModule):
             weight = weight * smooth_scale[None, :].to(weight.device)
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None,
                   mode=mode, kernel=kernel, smooth=smooth_scale is not None)
-        q, scale = quantize_weight(weight, qmax, per_channel)
-        mod.weight_int8.copy_(q)
-        mod.weight_scale.copy_(scale)
-        mod.qmax.fill_(qmax)
-        if linear.bias is not None:
-            mod.bias.copy_(linear.bias.detach().float())
+        mod._fill(weight, linear.bias, qmax, per_channel, act_range)
         if smooth_scale is not None:
             mod.smooth_inv.copy_(1.0 / smooth_scale)
-        if act_range is not None:
-            mod.act_scale.fill_(act_range[0])
-            mod.act_zero.fill_(act_range[1])
         return mod.to(linear.weight.device)
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -362,15 +367,7 @@ class Int8Conv2d(PackedWeightModule):
     def from_float(cls, conv: torch.nn.Conv2d, *, kernel: str, qmax: int, per_channel: bool,
                    act_range: tuple[float, int] | None) -> Int8Conv2d:
         mod = cls(cls.config(conv), kernel)
-        q, scale = quantize_weight(conv.weight, qmax, per_channel)
-        mod.weight_int8.copy_(q)
-        mod.weight_scale.copy_(scale)
-        mod.qmax.fill_(qmax)
-        if conv.bias is not None:
-            mod.bias.copy_(conv.bias.detach().float())
-        if act_range is not None:
-            mod.act_scale.fill_(act_range[0])
-            mod.act_zero.fill_(act_range[1])
+        mod._fill(conv.weight, conv.bias, qmax, per_channel, act_range)
         return mod.to(conv.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
