@@ -27,7 +27,7 @@ import torch
 import inferopt
 from inferopt.contract import Batch, Data, SourceContext
 from inferopt.logging import configure, get_logger
-from inferopt.plugins.distill_training import parameter_count
+from inferopt.plugins.model_cost import parameter_count
 from inferopt.plugins.source_demo import DemoData, DemoModels
 
 

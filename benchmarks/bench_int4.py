@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 import warnings
 from typing import Any
 
 import torch
+from timing import interleaved_p50
 
 import inferopt
 from inferopt.artifacts import weights_bytes
@@ -35,28 +34,9 @@ def mlp() -> torch.nn.Module:
                                torch.nn.Linear(4096, 1024)).eval()
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def p50_pair(base: Any, cand: Any, x: torch.Tensor, repeats: int, device: str
              ) -> tuple[float, float]:
-    def once(m: Any) -> float:
-        sync(device)
-        start = time.perf_counter()
-        m(x)
-        sync(device)
-        return time.perf_counter() - start
-
-    with torch.inference_mode():
-        for _ in range(3):
-            once(base), once(cand)
-        tb, tc = [], []
-        for _ in range(repeats):
-            tb.append(once(base))
-            tc.append(once(cand))
-    return statistics.median(tb) * 1e3, statistics.median(tc) * 1e3
+    return interleaved_p50(lambda: base(x), lambda: cand(x), repeats, device)
 
 
 def speed(device: str, repeats: int) -> None:

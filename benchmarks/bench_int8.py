@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from timing import interleaved_p50
 
 import inferopt
 from inferopt.artifacts import weights_bytes
@@ -54,36 +53,15 @@ def cnn() -> torch.nn.Module:
         torch.nn.Flatten(), torch.nn.Linear(256, 10)).eval()
 
 
-def timed(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def compare(base: torch.nn.Module, cand: torch.nn.Module, x: torch.Tensor, repeats: int,
             device: str) -> tuple[float, float, float]:
     """(base p50 ms, candidate p50 ms, min row cosine), timed A B A B ..."""
+    base_ms, cand_ms = interleaved_p50(lambda: base(x), lambda: cand(x), repeats, device)
     with torch.inference_mode():
-        for _ in range(3):
-            base(x)
-            cand(x)
-        sync(device)
-        if timed(lambda: cand(x)) > 5 * timed(lambda: base(x)):
-            repeats = min(repeats, 5)  # a far slower variant: a few runs tell enough
-        tb, tc = [], []
-        for _ in range(repeats):
-            sync(device)
-            tb.append(timed(lambda: (base(x), sync(device))))
-            tc.append(timed(lambda: (cand(x), sync(device))))
         ref, out = base(x), cand(x)
     cos = torch.nn.functional.cosine_similarity(
         out.reshape(-1, out.shape[-1]).float(), ref.reshape(-1, ref.shape[-1]).float()).min()
-    return statistics.median(tb) * 1e3, statistics.median(tc) * 1e3, float(cos)
+    return base_ms, cand_ms, float(cos)
 
 
 def calibration(x: torch.Tensor) -> inferopt.Data:

@@ -54,6 +54,7 @@ class Distiller(Optimizer):
         import torch
 
         from inferopt.plugins import distill_training as dt
+        from inferopt.plugins.model_cost import parameter_count
         from inferopt.plugins.model_surgery import device_of
 
         teacher = model
@@ -71,7 +72,7 @@ class Distiller(Optimizer):
                              self.weight_decay, self.val_fraction, self.patience, ctx.seed)
         result = dt.train_student(student, teacher, list(data.calibration), cfg, device,
                                   ctx.log)
-        t_params, s_params = dt.parameter_count(teacher), dt.parameter_count(student)
+        t_params, s_params = parameter_count(teacher), parameter_count(student)
         last = result.history[result.best_epoch - 1] if result.best_epoch else {}
         ctx.details.update({
             "summary": (f"student with {s_params:,} parameters ({s_params / t_params:.2%} of "

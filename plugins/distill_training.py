@@ -89,10 +89,6 @@ def shrink(teacher: torch.nn.Module, ratio: float, round_to: int = 1) -> torch.n
     return torch.nn.Sequential(*out)
 
 
-def parameter_count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 @attrs.frozen
 class TrainConfig:
     mode: str  # "soft" or "hard"
