@@ -95,8 +95,9 @@ def main() -> None:
 @click.option("--out", "-o", metavar="DIR",
               help="Where to save model and report. Default: inferopt-runs/RUN_ID.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
-@click.option("--max-accuracy-drop", type=float, metavar="POINTS",
-              help="Gate: exit 1 if top-1 accuracy drops by more than this many points.")
+@click.option("--max-accuracy-drop", metavar="POINTS|PCT%",
+              help="Gate: exit 1 if top-1 accuracy drops by more than this many points "
+                   "(1.0), or by more than this share of the baseline's accuracy (2%).")
 @click.option("--min-speedup", type=float, metavar="X",
               help="Gate: exit 1 if p50 latency speedup is below X.")
 @click.option("--max-size-ratio", type=float, metavar="R",
@@ -120,7 +121,7 @@ def run(
     seed: int | None,
     out: str | None,
     overwrite: bool,
-    max_accuracy_drop: float | None,
+    max_accuracy_drop: str | None,
     min_speedup: float | None,
     max_size_ratio: float | None,
     as_json: bool,
@@ -152,7 +153,7 @@ def run(
             seed=seed,
             out=out,
             gates={
-                "max_accuracy_drop": max_accuracy_drop,
+                **_accuracy_gate(max_accuracy_drop),
                 "min_speedup": min_speedup,
                 "max_size_ratio": max_size_ratio,
             },
@@ -245,3 +246,22 @@ def new_plugin(name: str, directory: str | None, dist: str | None, metric: str |
     click.echo(f"next: cd {target} && pip install -e '.[test]' && inferopt plugins && "
                "python -m pytest")
 
+
+def _accuracy_gate(value: str | None) -> dict[str, float | None]:
+    """``--max-accuracy-drop``: ``1.0`` is points of top-1 accuracy, ``2%`` a share of the
+    baseline's accuracy."""
+    from .errors import UsageError
+
+    if value is None:
+        return {}
+    text = value.strip()
+    relative = text.endswith("%")
+    try:
+        number = float(text.rstrip("%").strip())
+    except ValueError:
+        raise UsageError(f"--max-accuracy-drop {value!r}: give points of accuracy (1.0) or a "
+                         "share of the baseline's accuracy (2%)") from None
+    if number < 0:
+        raise UsageError(f"--max-accuracy-drop {value!r}: give a number >= 0")
+    key = "max_relative_accuracy_drop" if relative else "max_accuracy_drop"
+    return {key: number}

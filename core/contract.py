@@ -107,6 +107,10 @@ class Optimizer(abc.ABC):
 
     name: ClassVar[str]
     summary: ClassVar[str] = ""
+    #: what kind of technique this is: "quantization", "pruning", "distillation" or anything
+    #: else; the report's verdict uses it to say "quantized but not smaller", "pruned but not
+    #: faster"
+    kind: ClassVar[str] = ""
 
     @abc.abstractmethod
     def apply(self, model: torch.nn.Module, ctx: StepContext) -> torch.nn.Module:
@@ -192,6 +196,22 @@ class Metric(abc.ABC):
         self, model: torch.nn.Module, backend: Backend, data: Data, ctx: MetricContext
     ) -> dict[str, Any]:
         """Measure ``model`` (already prepared on ``backend``) on ``data``."""
+
+    @property
+    def paired(self) -> bool:
+        """True when :meth:`measure_pair` measures this metric; the pipeline then keeps a copy
+        of the baseline model until the optimized one is measured."""
+        return False
+
+    def measure_pair(
+        self, baseline: torch.nn.Module, optimized: torch.nn.Module, backend: Backend,
+        data: Data, ctx: MetricContext,
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]] | None:
+        """Measure both models together, for metrics whose comparison is only fair when the
+        two share the same conditions (timings: run them alternately). Return ``(baseline
+        result, optimized result, comparison)``, the comparison holding at least ``verdict``;
+        or None to be measured by :meth:`measure` on each model instead."""
+        return None
 
 
 @attrs.define

@@ -8,11 +8,12 @@ first, so a typo fails in well under a second.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as dt
 import platform
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +117,8 @@ def resolve_plugins(
         seen.add(spec.name)
         entry = registry.get("metric", spec.name)
         metrics.append(Resolved(spec, entry, _build(entry, spec, f"metric {spec.name!r}")))
-    needed = {"max_accuracy_drop": "accuracy", "min_speedup": "latency", "max_size_ratio": "size"}
+    needed = {"max_accuracy_drop": "accuracy", "max_relative_accuracy_drop": "accuracy",
+              "min_speedup": "latency", "max_size_ratio": "size"}
     for gate, metric in needed.items():
         if gate in recipe.gates.to_dict() and metric not in seen:
             raise UsageError(f"gate {gate} needs the {metric!r} metric; add --metric {metric}")
@@ -259,7 +261,12 @@ def run(
             ) from exc
         baseline_outputs.append(_detach_cpu(out))
     log.info("measuring baseline", metrics=[m.spec.name for m in ctx.metrics])
-    baseline, skipped = _measure(ctx, model, prepared, "baseline", baseline_outputs)
+    paired = {m.spec.name for m in ctx.metrics if m.instance.paired}
+    baseline_model = _keep_baseline(ctx, model) if paired else None
+    if baseline_model is None:
+        paired = set()
+    baseline, skipped = _measure(ctx, model, prepared, "baseline", baseline_outputs,
+                                 skip=paired)
 
     records = []
     for step in ctx.steps:
@@ -282,7 +289,15 @@ def run(
         manager.notify("inferopt_step_end", _observer_error(ctx), run=ctx, step=rec)
 
     log.info("measuring optimized model")
-    optimized, _ = _measure(ctx, model, prepared, "optimized", baseline_outputs)
+    optimized, _ = _measure(ctx, model, prepared, "optimized", baseline_outputs, skip=paired)
+    comparisons: dict[str, dict[str, Any]] = {}
+    if paired:
+        assert baseline_model is not None
+        _measure_pairs(ctx, backend.prepare(baseline_model), prepared, paired, baseline,
+                       optimized, comparisons, skipped, baseline_outputs)
+        order = [m.spec.name for m in ctx.metrics]
+        baseline = {k: baseline[k] for k in order if k in baseline}
+        optimized = {k: optimized[k] for k in order if k in optimized}
     report = Report(
         run_id=run_id,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -290,6 +305,7 @@ def run(
         plugins=_plugins_used(ctx),
         baseline=baseline,
         optimized=optimized,
+        comparisons=comparisons,
         steps=records,
         environment=environment_facts,
         skipped_metrics=skipped,
@@ -362,40 +378,89 @@ def _detach_cpu(outputs: Any) -> Any:
     return move_to(outputs, "cpu")
 
 
-def _measure(
-    ctx: RunContext, model: Any, prepared: Any, role: str, baseline_outputs: list[Any]
-) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+def _keep_baseline(ctx: RunContext, model: Any) -> Any:
+    """A copy of the baseline model for metrics that measure both models together; None (and
+    a warning) when the model cannot be copied, so those metrics measure each model alone."""
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:  # any failure to copy: fall back, never fail the run for it
+        ctx.warnings.append(f"the baseline model could not be copied ({exc!r}), so it was "
+                            "measured before the steps instead of interleaved with the result")
+        return None
+
+
+def _metric_context(ctx: RunContext, m: Resolved, role: str, model: Any,
+                    baseline_outputs: list[Any]) -> MetricContext:
     from .artifacts import weights_bytes
 
+    return MetricContext(
+        log=ctx.log.bind(metric=m.spec.name, plugin=m.entry.plugin, role=role),
+        role=role,
+        baseline_outputs=baseline_outputs,
+        saved_weights=lambda: weights_bytes(model),
+    )
+
+
+def _measure(
+    ctx: RunContext, model: Any, prepared: Any, role: str, baseline_outputs: list[Any],
+    skip: set[str] | None = None,
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     assert ctx.data is not None
     results: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
     for m in ctx.metrics:
         metric: Metric = m.instance
+        if skip and m.spec.name in skip:
+            continue
         if metric.needs_labels and not ctx.data.has_labels:
             skipped[m.spec.name] = f"the data {ctx.data_spec!r} has no labels"
             continue
-        mctx = MetricContext(
-            log=ctx.log.bind(metric=m.spec.name, plugin=m.entry.plugin, role=role),
-            role=role,
-            baseline_outputs=baseline_outputs,
-            saved_weights=lambda: weights_bytes(model),
-        )
-        try:
+        mctx = _metric_context(ctx, m, role, model, baseline_outputs)
+        with _metric_errors(ctx, m, role, skipped):
             results[m.spec.name] = metric.measure(prepared, ctx.backend.instance, ctx.data, mctx)
-        except InferoptError as exc:
-            if ctx.recipe.metrics_explicit:
-                raise
-            # a default metric that does not apply to this model: say so and go on
-            skipped[m.spec.name] = str(exc)
-            continue
-        except Exception as exc:
-            # a broken metric plugin costs its own numbers, not the run
-            msg = f"metric {m.spec.name!r} ({m.entry.plugin}) failed on the {role}: {exc!r}"
-            ctx.log.error(msg)
-            ctx.warnings.append(msg)
-            skipped[m.spec.name] = msg
     return results, skipped
+
+
+def _measure_pairs(ctx: RunContext, base_prepared: Any, prepared: Any, names: set[str],
+                   baseline: dict[str, Any], optimized: dict[str, Any],
+                   comparisons: dict[str, Any], skipped: dict[str, str],
+                   baseline_outputs: list[Any]) -> None:
+    """Metrics that measure baseline and optimized together (interleaved timings)."""
+    assert ctx.data is not None
+    backend = ctx.backend.instance
+    for m in ctx.metrics:
+        if m.spec.name not in names:
+            continue
+        if m.instance.needs_labels and not ctx.data.has_labels:
+            skipped[m.spec.name] = f"the data {ctx.data_spec!r} has no labels"
+            continue
+        mctx = _metric_context(ctx, m, "pair", prepared, baseline_outputs)
+        with _metric_errors(ctx, m, "pair", skipped):
+            result = m.instance.measure_pair(base_prepared, prepared, backend, ctx.data, mctx)
+            if result is None:  # the metric chose to measure each model on its own
+                baseline[m.spec.name] = m.instance.measure(base_prepared, backend, ctx.data,
+                                                           mctx)
+                optimized[m.spec.name] = m.instance.measure(prepared, backend, ctx.data, mctx)
+            else:
+                baseline[m.spec.name], optimized[m.spec.name], comparisons[m.spec.name] = result
+
+
+@contextlib.contextmanager
+def _metric_errors(ctx: RunContext, m: Resolved, role: str,
+                   skipped: dict[str, str]) -> Iterator[None]:
+    try:
+        yield
+    except InferoptError as exc:
+        if ctx.recipe.metrics_explicit:
+            raise
+        # a default metric that does not apply to this model: say so and go on
+        skipped[m.spec.name] = str(exc)
+    except Exception as exc:
+        # a broken metric plugin costs its own numbers, not the run
+        msg = f"metric {m.spec.name!r} ({m.entry.plugin}) failed on the {role}: {exc!r}"
+        ctx.log.error(msg)
+        ctx.warnings.append(msg)
+        skipped[m.spec.name] = msg
 
 
 def _apply_step(ctx: RunContext, step: Resolved, model: Any) -> tuple[Any, StepRecord]:
@@ -436,6 +501,7 @@ def _apply_step(ctx: RunContext, step: Resolved, model: Any) -> tuple[Any, StepR
         details=sctx.details,
         warnings=list(sctx.warnings),
         state=sctx.state,
+        kind=str(getattr(optimizer, "kind", "") or ""),
     )
     return new_model, record
 
@@ -489,6 +555,14 @@ def _evaluate_gates(recipe: Recipe, report: Report) -> list[dict[str, Any]]:
             raise UsageError("gate max_accuracy_drop needs the accuracy metric and labelled data")
         gates.append({"name": "max_accuracy_drop", "threshold": g.max_accuracy_drop,
                       "value": drop, "passed": drop <= g.max_accuracy_drop})
+    if g.max_relative_accuracy_drop is not None:
+        drop = v.get("accuracy_drop_percent")
+        if drop is None:
+            raise UsageError("gate max_relative_accuracy_drop needs the accuracy metric and "
+                             "labelled data")
+        gates.append({"name": "max_relative_accuracy_drop",
+                      "threshold": g.max_relative_accuracy_drop, "value": drop,
+                      "passed": drop <= g.max_relative_accuracy_drop})
     if g.min_speedup is not None:
         speedup = v.get("speedup")
         if speedup is None:

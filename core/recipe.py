@@ -87,6 +87,7 @@ class Gates:
     """Thresholds that make the run exit 1 when not met."""
 
     max_accuracy_drop: float | None = None  # points of top-1 accuracy (percent)
+    max_relative_accuracy_drop: float | None = None  # percent of the baseline's top-1 accuracy
     min_speedup: float | None = None  # baseline p50 latency / optimized p50 latency
     max_size_ratio: float | None = None  # optimized bytes / baseline bytes
 

@@ -13,8 +13,8 @@ import attrs
 
 SCHEMA = "inferopt.report/1"
 
-# Relative change in p50 latency under which we call the difference noise. The metrics issue
-# replaces this with a confidence interval from interleaved runs.
+# Relative change in p50 latency under which a difference is called noise, when the latency
+# was not measured interleaved (then the verdict comes from the speedup's confidence interval).
 NOISE_BAND = 0.05
 
 
@@ -32,6 +32,7 @@ class StepRecord:
     details: dict[str, Any] = attrs.field(factory=dict)
     warnings: list[str] = attrs.field(factory=list)
     state: dict[str, Any] = attrs.field(factory=dict)
+    kind: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -42,6 +43,7 @@ class StepRecord:
             "distribution": self.distribution,
             "version": self.version,
             "seconds": round(self.seconds, 4),
+            "kind": self.kind,
             "details": self.details,
             "warnings": self.warnings,
         }
@@ -59,6 +61,7 @@ class Report:
     optimized: dict[str, dict[str, Any]]
     steps: list[StepRecord]
     environment: dict[str, Any]
+    comparisons: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     artifacts: dict[str, str] = attrs.field(factory=dict)
     skipped_metrics: dict[str, str] = attrs.field(factory=dict)
     warnings: list[str] = attrs.field(factory=list)
@@ -84,7 +87,13 @@ class Report:
         v: dict[str, Any] = {}
         lat_b = self.baseline.get("latency", {}).get("p50_ms")
         lat_o = self.optimized.get("latency", {}).get("p50_ms")
-        if _is_number(lat_b) and _is_number(lat_o) and lat_o > 0:
+        paired = self.comparisons.get("latency", {})
+        if _is_number(paired.get("speedup")):
+            v["speedup"] = round(paired["speedup"], 3)
+            v["speedup_ci"] = [round(paired["ci_low"], 3), round(paired["ci_high"], 3)]
+            v["speedup_confidence"] = paired.get("confidence")
+            v["latency"] = paired["verdict"]
+        elif _is_number(lat_b) and _is_number(lat_o) and lat_o > 0:
             speedup = lat_b / lat_o
             v["speedup"] = round(speedup, 3)
             if speedup > 1 + NOISE_BAND:
@@ -102,8 +111,11 @@ class Report:
         acc_o = self.optimized.get("accuracy", {}).get("top1")
         if _is_number(acc_b) and _is_number(acc_o):
             v["accuracy_drop_points"] = round((acc_b - acc_o) * 100, 3) + 0.0  # no -0.0
+            if acc_b > 0:
+                v["accuracy_drop_percent"] = round((acc_b - acc_o) / acc_b * 100, 3) + 0.0
         if self.gates:
             v["gates_passed"] = all(g["passed"] for g in self.gates)
+        v["findings"] = _findings(self, v)
         return v
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,6 +130,7 @@ class Report:
             "optimized": {"metrics": self.optimized},
             "steps": [s.to_dict() for s in self.steps],
             "comparison": self.comparison,
+            "paired": self.comparisons,
             "verdict": self.verdict,
             "gates": self.gates,
             "skipped_metrics": self.skipped_metrics,
@@ -149,12 +162,19 @@ class Report:
     def verdict_lines(self) -> list[str]:
         v = self.verdict
         lines = []
-        if "latency" in v:
+        if "latency" in v and "speedup_ci" in v:
+            low, high = v["speedup_ci"]
+            level = round((v.get("speedup_confidence") or 0.95) * 100)
+            lines.append(f"latency: {v['latency']} (p50 speedup x{v['speedup']:.2f}, {level}% "
+                         f"CI x{low:.2f}-x{high:.2f}, interleaved A/B)")
+        elif "latency" in v:
             lines.append(f"latency: {v['latency']} (p50 speedup x{v['speedup']:.2f})")
         if "size" in v:
             lines.append(f"size: {v['size']} ({v['size_ratio'] * 100:.1f}% of baseline)")
         if "accuracy_drop_points" in v:
             lines.append(f"accuracy: {-v['accuracy_drop_points'] + 0.0:+.2f} points")
+        for finding in v["findings"]:
+            lines.append(f"{finding['finding']}: {finding['cause']}")
         for g in self.gates:
             state = "passed" if g["passed"] else "FAILED"
             op = ">=" if g["name"].startswith("min_") else "<="
@@ -219,6 +239,41 @@ class Report:
         return "\n".join(lines)
 
 
+def _findings(report: Report, v: dict[str, Any]) -> list[dict[str, str]]:
+    """Plain statements of what did not go as the steps promised, each with its likely cause."""
+    out: list[dict[str, str]] = []
+    kinds = {s.kind for s in report.steps}
+    not_faster = v.get("latency") in ("no measurable change", "slower")
+    if v.get("latency") == "slower":
+        slow_warnings = [w for s in report.steps for w in s.warnings
+                         if any(k in w for k in ("slower", "reference", "dequantiz"))]
+        out.append({"finding": "slower than baseline", "cause": "; ".join(slow_warnings) or (
+            "the optimized layers' kernels cost more than they save at this batch size and on "
+            "this hardware; try a larger --batch-size, another kernel, or skip small layers")})
+    if "pruning" in kinds and not_faster:
+        unstructured = [s.name for s in report.steps
+                        if s.kind == "pruning" and s.details.get("mode") == "unstructured"]
+        out.append({"finding": "pruned but not faster", "cause": (
+            f"{', '.join(unstructured)} zeroed single weights, which dense kernels multiply like "
+            "any other; use prune-l1:structured=true or prune-activations to remove whole "
+            "neurons") if unstructured else (
+            "the pruned layers take too small a share of the run time at this batch size; "
+            "prune more, or more layers")})
+    if "quantization" in kinds and v.get("size") == "not smaller":
+        out.append({"finding": "quantized but not smaller", "cause": (
+            "no layer was quantized (see the step's skipped layers)") if not any(
+            s.details.get("quantized") for s in report.steps if s.kind == "quantization") else (
+            "the quantized layers hold a small share of the weights; the rest stayed in float")})
+    for g in report.gates:
+        if not g["passed"] and "accuracy" in g["name"]:
+            names = ", ".join(s.name for s in report.steps) or "no step"
+            out.append({"finding": "outside the accuracy budget", "cause": (
+                f"{g['name']} {g['value']} > {g['threshold']} after {names}; try milder "
+                "options (skip sensitive layers, lower sparsity, more calibration data) or "
+                "fine-tuning")})
+    return out
+
+
 def _finite(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
@@ -256,6 +311,13 @@ def _num(x: float) -> str:
     return f"{x:.4g}"
 
 
+def _count(x: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= size:
+            return f"{x / size:.2f}{unit}"
+    return f"{x:.0f}"
+
+
 def _change(metric: str, key: str, b: float, o: float) -> str:
     if metric == "latency":
         if not o or not b:
@@ -263,9 +325,11 @@ def _change(metric: str, key: str, b: float, o: float) -> str:
         return f"x{b / o:.2f} faster" if o <= b else f"x{o / b:.2f} slower"
     if metric == "throughput":
         return f"x{o / b:.2f}" if b else "-"
-    if metric == "size":
+    if metric in ("size", "memory") or key in ("macs_per_sample", "parameters"):
         return f"{o / b * 100:.1f}%" if b else "-"
-    if key in ("top1", "agreement"):
+    if key == "weight_sparsity":
+        return f"{(o - b) * 100 + 0.0:+.2f} pts"
+    if key in ("top1", "top5", "agreement"):
         return f"{(o - b) * 100 + 0.0:+.2f} pts"
     if key == "cosine":
         return f"{o - b + 0.0:+.5f}"
@@ -276,10 +340,17 @@ _SHOWN: dict[str, dict[str, tuple[str, Any]]] = {
     "latency": {
         "p50_ms": ("latency p50", _ms),
         "p90_ms": ("latency p90", _ms),
+        "p95_ms": ("latency p95", _ms),
         "p99_ms": ("latency p99", _ms),
     },
     "throughput": {"samples_per_s": ("throughput (samples/s)", _num)},
-    "accuracy": {"top1": ("accuracy top-1", _pct)},
-    "fidelity": {"agreement": ("top-1 agreement with baseline", _pct), "cosine": ("cosine", _num)},
+    "accuracy": {"top1": ("accuracy top-1", _pct), "top5": ("accuracy top-5", _pct)},
+    "fidelity": {"agreement": ("top-1 agreement with baseline", _pct), "cosine": ("cosine", _num),
+                 "snr_db": ("output SNR vs baseline (dB)", _num)},
     "size": {"bytes": ("size (saved weights)", _bytes)},
+    "memory": {"peak_increase_bytes": ("peak memory during inference", _bytes),
+               "weight_bytes": ("weights in memory", _bytes)},
+    "compute": {"macs_per_sample": ("MACs per sample", _count),
+                "parameters": ("parameters", _count),
+                "weight_sparsity": ("zero weights", _pct)},
 }

@@ -32,6 +32,7 @@ class Distiller(Optimizer):
     """Train a smaller student on the teacher's outputs (soft or hard targets)."""
 
     name = "distill"
+    kind = "distillation"
     summary = "knowledge distillation into a smaller student (soft or hard teacher targets)"
 
     student: str = option("shrink", help="'shrink', or a model spec building the student")

@@ -1,4 +1,4 @@
-"""The ``accuracy`` metric: top-1 accuracy against the data's labels."""
+"""The ``accuracy`` metric: top-1 and top-5 accuracy against the data's labels."""
 
 from __future__ import annotations
 
@@ -11,30 +11,38 @@ from inferopt import Metric, hookimpl
 IGNORE_INDEX = -100
 
 
-def top1_correct(logits: Any, labels: Any) -> tuple[int, int]:
-    """(correct, counted) for class logits ``[..., C]`` against labels ``[...]``; labels equal to
-    -100 (the PyTorch ignore index) are not counted."""
+def topk_correct(logits: Any, labels: Any, ks: tuple[int, ...] = (1, 5)) -> tuple[dict[int, int],
+                                                                                   int]:
+    """({k: correct}, counted) for class logits ``[..., C]`` against labels ``[...]``: a sample
+    is top-k correct when its label is among the k highest logits. Labels equal to -100 (the
+    PyTorch ignore index) are not counted; k larger than the class count is left out."""
     from inferopt.errors import UsageError
 
-    if not logits.is_floating_point():
-        pred = logits  # the model already returns class indices
-    elif logits.dim() < 2:
+    if not logits.is_floating_point():  # the model already returns class indices
+        labels = labels.to(logits.device).reshape(logits.shape)
+        keep = labels != IGNORE_INDEX
+        return {1: int((logits[keep] == labels[keep]).sum())}, int(keep.sum())
+    if logits.dim() < 2:
         raise UsageError(
             f"accuracy needs class logits [batch, classes] (or class indices); the model "
             f"returned a float tensor of shape {tuple(logits.shape)}. Use --metric fidelity")
-    else:
-        pred = logits.argmax(dim=-1)
-    labels = labels.to(pred.device).reshape(pred.shape)
+    classes = logits.shape[-1]
+    flat = logits.reshape(-1, classes)
+    labels = labels.to(logits.device).reshape(-1)
     keep = labels != IGNORE_INDEX
-    return int((pred[keep] == labels[keep]).sum()), int(keep.sum())
+    flat, labels = flat[keep], labels[keep]
+    ranked = flat.topk(min(max(ks), classes), dim=-1).indices
+    hits = ranked == labels[:, None]
+    return {k: int(hits[:, :k].any(dim=-1).sum()) for k in ks if k <= classes}, int(keep.sum())
 
 
 @attrs.frozen
 class AccuracyMetric(Metric):
-    """Top-1 accuracy (fraction of samples whose argmax equals the label)."""
+    """Top-1 and top-5 accuracy (share of samples whose label is among the 1 or 5 highest
+    logits; top-5 when there are at least 5 classes)."""
 
     name = "accuracy"
-    summary = "top-1 accuracy against labels"
+    summary = "top-1 and top-5 accuracy against labels"
     unit = "fraction"
     primary = "top1"
     higher_is_better = True
@@ -43,15 +51,19 @@ class AccuracyMetric(Metric):
     def measure(self, model: Any, backend: Any, data: Any, ctx: Any) -> dict[str, Any]:
         from inferopt.model_io import primary_output
 
-        correct = total = 0
+        correct: dict[int, int] = {}
+        total = 0
         for batch in data.eval:
             out = primary_output(backend.forward(model, backend.to_device(batch.inputs)))
-            c, n = top1_correct(out, batch.labels)
-            correct += c
+            hits, n = topk_correct(out, batch.labels)
+            for k, c in hits.items():
+                correct[k] = correct.get(k, 0) + c
             total += n
-        top1 = correct / total if total else float("nan")
-        ctx.log.info("accuracy", top1=round(top1, 4), samples=total)
-        return {"top1": top1, "correct": correct, "samples": total}
+        result: dict[str, Any] = {f"top{k}": c / total if total else float("nan")
+                                  for k, c in sorted(correct.items())}
+        result.update({"correct": correct.get(1, 0), "samples": total})
+        ctx.log.info("accuracy", top1=round(result.get("top1", float("nan")), 4), samples=total)
+        return result
 
 
 @hookimpl

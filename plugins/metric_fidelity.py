@@ -3,6 +3,7 @@ inputs. Needs no labels, so it works for any model."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import attrs
@@ -13,10 +14,11 @@ from inferopt import Metric, hookimpl
 @attrs.frozen
 class FidelityMetric(Metric):
     """Agreement with the baseline's outputs: mean per-sample cosine similarity, max and mean
-    absolute error, and top-1 agreement (for outputs with a class dimension)."""
+    absolute error, signal-to-noise ratio in dB, and top-1 agreement (for outputs with a class
+    dimension)."""
 
     name = "fidelity"
-    summary = "agreement with the baseline outputs (cosine, max abs error, top-1 agreement)"
+    summary = "agreement with the baseline outputs (cosine, max abs error, SNR, top-1 agreement)"
     unit = ""
     primary = "cosine"
     higher_is_better = True
@@ -35,6 +37,7 @@ class FidelityMetric(Metric):
         elems = 0
         agree = 0
         positions = 0
+        signal = noise = 0.0
         for batch, ref_out in zip(data.eval, ctx.baseline_outputs, strict=True):
             out = primary_output(backend.forward(model, backend.to_device(batch.inputs)))
             ref = primary_output(ref_out).to(out.device)
@@ -48,6 +51,8 @@ class FidelityMetric(Metric):
             cos_sum += float(cos.sum()) if per_sample else float(cos) * rows
             n += rows
             diff = (a - b).abs()
+            signal += float(b.double().pow(2).sum())
+            noise += float(diff.double().pow(2).sum())
             max_abs = max(max_abs, float(diff.max()))
             abs_sum += float(diff.sum())
             elems += diff.numel()
@@ -64,6 +69,10 @@ class FidelityMetric(Metric):
             "max_abs_err": max_abs,
             "mean_abs_err": abs_sum / elems,
             "agreement": agree / positions if positions else float("nan"),
+            # signal-to-noise ratio of the outputs, the baseline being the signal and the
+            # difference the noise (infinite, null in JSON, when they are identical)
+            "snr_db": 10 * math.log10(signal / noise) if noise > 0 and signal > 0
+            else (math.inf if noise == 0 else -math.inf),
             "samples": n,
         }
         ctx.log.info("fidelity", cosine=round(result["cosine"], 5),

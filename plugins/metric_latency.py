@@ -1,4 +1,5 @@
-"""The ``latency`` metric: time per batch, with warm-up and enough runs for stable percentiles."""
+"""The ``latency`` metric: time per batch, with warm-up and enough runs for stable percentiles;
+baseline and optimized models timed interleaved, with a confidence interval on the speedup."""
 
 from __future__ import annotations
 
@@ -7,64 +8,112 @@ from typing import Any
 import attrs
 
 from inferopt import Metric, hookimpl, option
+from inferopt.plugins.timing_stats import percentiles_ms, speed_verdict, speedup_ci
 
-
-def percentiles_ms(seconds: list[float]) -> dict[str, float]:
-    import numpy as np
-
-    ms = np.asarray(seconds) * 1e3
-    return {
-        "p50_ms": float(np.percentile(ms, 50)),
-        "p90_ms": float(np.percentile(ms, 90)),
-        "p99_ms": float(np.percentile(ms, 99)),
-        "mean_ms": float(ms.mean()),
-        "std_ms": float(ms.std()),
-        "min_ms": float(ms.min()),
-        "max_ms": float(ms.max()),
-    }
+# precision presets: (min_runs, min_seconds). quick reaches the MLPerf minimum for p90,
+# thorough the one for p99.
+PRESETS = {"quick": (64, 0.5), "thorough": (662, 5.0)}
 
 
 @attrs.frozen
 class LatencyMetric(Metric):
     """Milliseconds per batch: warm-up runs, then runs until both a minimum count and a minimum
-    time are reached, cycling through the data's full-size batches."""
+    time are reached, cycling through the data's full-size batches. Compared with the baseline,
+    the two models run alternately (A B B A ...) so that machine noise hits both alike, and the
+    speedup gets a bootstrap confidence interval and a verdict."""
 
     name = "latency"
-    summary = "milliseconds per batch (p50/p90/p99/mean)"
+    summary = "milliseconds per batch (p50/p90/p95/p99), interleaved A/B speedup with a CI"
     unit = "ms"
     primary = "p50_ms"
     higher_is_better = False
 
+    precision: str = option("quick", choices=tuple(PRESETS),
+                            help="quick: >= 64 runs and 0.5 s (p90 meaningful); thorough: "
+                                 ">= 662 runs and 5 s (p99 meaningful)")
     warmup: int = option(5, min=0, help="untimed runs first")
-    min_runs: int = option(64, min=1, help="at least this many timed runs")
-    min_seconds: float = option(0.5, min=0.0, help="and at least this much timed time")
+    min_runs: int = option(0, min=0, help="at least this many timed runs (0: by precision)")
+    min_seconds: float = option(-1.0, help="and at least this much timed time per model "
+                                           "(negative: by precision)")
     max_runs: int = option(100_000, min=1, help="stop after this many runs")
+    interleave: bool = option(True, help="time baseline and optimized alternately in one loop "
+                                         "(needs both models in memory at once)")
+    confidence: float = option(0.95, min=0.5, max=0.999,
+                               help="confidence level of the speedup interval")
+    min_effect: float = option(0.02, min=0.0, max=1.0,
+                               help="smallest relative change called faster or slower")
+
+    @property
+    def paired(self) -> bool:
+        return self.interleave
+
+    def _budget(self) -> tuple[int, float]:
+        runs, seconds = PRESETS[self.precision]
+        return (self.min_runs or runs, self.min_seconds if self.min_seconds >= 0 else seconds)
+
+    def _batches(self, backend: Any, data: Any) -> list[Any]:
+        size = data.eval[0].size
+        return [backend.to_device(b.inputs) for b in data.eval if b.size == size]
 
     def measure(self, model: Any, backend: Any, data: Any, ctx: Any) -> dict[str, Any]:
         import torch
 
-        size = data.eval[0].size
-        batches = [backend.to_device(b.inputs) for b in data.eval if b.size == size]
-
-        def one(i: int) -> Any:
-            return backend.forward(model, batches[i % len(batches)])
-
+        batches = self._batches(backend, data)
+        min_runs, min_seconds = self._budget()
+        times: list[float] = []
         with torch.inference_mode():
             for i in range(self.warmup):
-                one(i)
-            times: list[float] = []
+                backend.forward(model, batches[i % len(batches)])
             total = 0.0
-            i = 0
-            while (len(times) < self.min_runs or total < self.min_seconds) and len(
-                times
-            ) < self.max_runs:
-                t = backend.time(lambda i=i: one(i))
-                times.append(t)
-                total += t
-                i += 1
-        result = percentiles_ms(times)
-        result.update({"runs": len(times), "batch_size": size, "threads": torch.get_num_threads()})
+            while (len(times) < min_runs or total < min_seconds) and len(times) < self.max_runs:
+                x = batches[len(times) % len(batches)]
+                times.append(backend.time(lambda x=x: backend.forward(model, x)))
+                total += times[-1]
+        result = self._stats(times, data, torch.get_num_threads())
         ctx.log.info("latency", p50_ms=round(result["p50_ms"], 4), runs=len(times))
+        return result
+
+    def measure_pair(self, baseline: Any, optimized: Any, backend: Any, data: Any, ctx: Any
+                     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]] | None:
+        if not self.interleave:
+            return None
+        import torch
+
+        batches = self._batches(backend, data)
+        min_runs, min_seconds = self._budget()
+        times: tuple[list[float], list[float]] = ([], [])
+        models = (baseline, optimized)
+        with torch.inference_mode():
+            for i in range(self.warmup):
+                for m in models:
+                    backend.forward(m, batches[i % len(batches)])
+            total = 0.0
+            n = 0
+            while (n < min_runs or total < 2 * min_seconds) and n < self.max_runs:
+                x = batches[n % len(batches)]
+                # A B, then B A: neither model always runs right after the other
+                for k in ((0, 1) if n % 2 == 0 else (1, 0)):
+                    t = backend.time(lambda m=models[k], x=x: backend.forward(m, x))
+                    times[k].append(t)
+                    total += t
+                n += 1
+        threads = torch.get_num_threads()
+        base, opt = (self._stats(t, data, threads) for t in times)
+        speedup, low, high = speedup_ci(times[0], times[1], self.confidence, seed=0)
+        verdict = speed_verdict(speedup, low, high, self.min_effect)
+        comparison = {
+            "speedup": speedup, "ci_low": low, "ci_high": high, "confidence": self.confidence,
+            "min_effect": self.min_effect, "verdict": verdict, "pairs": n,
+            "method": "interleaved A/B runs; ratio of medians; percentile bootstrap of pairs",
+        }
+        ctx.log.info("latency A/B", speedup=round(speedup, 3), ci=[round(low, 3), round(high, 3)],
+                     verdict=verdict, pairs=n)
+        return base, opt, comparison
+
+    def _stats(self, times: list[float], data: Any, threads: int) -> dict[str, Any]:
+        result = percentiles_ms(times)
+        result.update({"runs": len(times), "batch_size": data.eval[0].size, "threads": threads,
+                       "precision": self.precision})
         return result
 
 

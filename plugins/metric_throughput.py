@@ -6,7 +6,7 @@ from typing import Any
 
 import attrs
 
-from inferopt import Metric, hookimpl, option
+from inferopt import Metric, UsageError, hookimpl, option
 
 
 @attrs.frozen
@@ -22,16 +22,38 @@ class ThroughputMetric(Metric):
 
     min_passes: int = option(2, min=1, help="at least this many full passes")
     min_seconds: float = option(0.5, min=0.0, help="and at least this much time")
+    batch_sizes: tuple[int, ...] = option(
+        (), help="also measure with the eval data re-batched to these sizes (e.g. 1|8|64); "
+                 "needs tensor inputs (or tuples/dicts of tensors)")
 
     def measure(self, model: Any, backend: Any, data: Any, ctx: Any) -> dict[str, Any]:
+        samples, seconds = self._offline(model, backend, [b.inputs for b in data.eval],
+                                         sum(b.size for b in data.eval))
+        result: dict[str, Any] = {"samples_per_s": samples / seconds, "samples": samples,
+                                  "seconds": seconds}
+        if self.batch_sizes:
+            inputs = _concatenated([b.inputs for b in data.eval])
+            for size in self.batch_sizes:
+                if size < 1:
+                    raise UsageError(f"throughput batch_sizes: {size} is not a batch size; "
+                                     "give positive integers such as 1|8|64")
+                batches = _split(inputs, size)
+                s, t = self._offline(model, backend, batches, sum(_rows(b) for b in batches))
+                result[f"samples_per_s_batch{size}"] = s / t
+        ctx.log.info("throughput", samples_per_s=round(result["samples_per_s"], 1))
+        return result
+
+    def _offline(self, model: Any, backend: Any, inputs: list[Any], per_pass: int
+                 ) -> tuple[int, float]:
+        """Samples and seconds over whole passes: one untimed pass, then passes until both
+        ``min_passes`` and ``min_seconds``."""
         import torch
 
-        batches = [backend.to_device(b.inputs) for b in data.eval]
-        samples_per_pass = sum(b.size for b in data.eval)
+        batches = [backend.to_device(x) for x in inputs]
 
         def one_pass() -> None:
-            for inputs in batches:
-                backend.forward(model, inputs)
+            for x in batches:
+                backend.forward(model, x)
 
         with torch.inference_mode():
             one_pass()
@@ -39,13 +61,36 @@ class ThroughputMetric(Metric):
             while passes < self.min_passes or seconds < self.min_seconds:
                 seconds += backend.time(one_pass)
                 passes += 1
-        result = {
-            "samples_per_s": samples_per_pass * passes / seconds,
-            "samples": samples_per_pass * passes,
-            "seconds": seconds,
-        }
-        ctx.log.info("throughput", samples_per_s=round(result["samples_per_s"], 1))
-        return result
+        return per_pass * passes, seconds
+
+
+def _concatenated(inputs: list[Any]) -> Any:
+    import torch
+
+    first = inputs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(inputs)
+    if isinstance(first, tuple | list) and all(isinstance(t, torch.Tensor) for t in first):
+        return tuple(torch.cat([x[i] for x in inputs]) for i in range(len(first)))
+    if isinstance(first, dict) and all(isinstance(t, torch.Tensor) for t in first.values()):
+        return {k: torch.cat([x[k] for x in inputs]) for k in first}
+    raise UsageError("throughput batch_sizes re-batches the eval data, which needs tensor "
+                     f"inputs (or tuples/dicts of tensors); these are {type(first).__name__}")
+
+
+def _split(inputs: Any, size: int) -> list[Any]:
+    if isinstance(inputs, tuple):
+        return list(zip(*(t.split(size) for t in inputs), strict=True))
+    if isinstance(inputs, dict):
+        parts = {k: v.split(size) for k, v in inputs.items()}
+        return [{k: parts[k][i] for k in inputs} for i in range(len(next(iter(parts.values()))))]
+    return list(inputs.split(size))
+
+
+def _rows(inputs: Any) -> int:
+    from inferopt.model_io import first_tensor
+
+    return int(first_tensor(inputs).shape[0])
 
 
 @hookimpl

@@ -28,13 +28,15 @@ import attrs
 
 from inferopt import Optimizer, UsageError, hookimpl, option
 
-NO_SPEEDUP = ("dense kernels multiply zeros like any other number, so no speedup is expected "
-              "and the saved file is not smaller; structured=true removes whole neurons instead")
+NO_SPEEDUP = ("dense kernels multiply zeros like any other number, and zeros take as many bytes "
+              "in the saved file; structured=true removes whole neurons instead")
 
 
 @attrs.frozen
 class _Pruner(Optimizer):
     """Options and the flow shared by the pruning optimizers."""
+
+    kind = "pruning"
 
     sparsity: float = option(0.5, min=0.0, max=0.99, searchable=(0.25, 0.5),
                              help="share of weights (unstructured) or of channels per layer "

@@ -33,6 +33,7 @@ class Int4Quantizer(Optimizer):
     """Weight-only low-bit quantization (2/3/4 bits, group-wise), RTN or GPTQ."""
 
     name = "int4"
+    kind = "quantization"
     summary = "packed 4-bit (or 2/3-bit) group-wise weights; RTN or GPTQ; W4A8 or dequant compute"
 
     bits: int = option(4, choices=BITS, help="bits per weight")

@@ -38,6 +38,7 @@ class Int8Quantizer(Optimizer):
     and MultiheadAttention layers."""
 
     name = "int8"
+    kind = "quantization"
     summary = "int8 quantization (dynamic, static or weight-only) with int8 matrix products"
 
     mode: str = option("dynamic", choices=MODES,
