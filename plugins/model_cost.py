@@ -48,9 +48,12 @@ def count_macs(model: torch.nn.Module, inputs: Any, device: Any = None) -> MacCo
         inputs = move_to(inputs, device)
     tensor = first_tensor(inputs)
     batch = int(tensor.shape[0]) if tensor is not None and tensor.dim() > 0 else 1
+    from inferopt.plugins.pruning_channels import no_fast_path
+
     counter = _Counter()
     try:
-        with torch.inference_mode(), counter:
+        # transformer layers' fused path runs as one op the counter cannot see into
+        with torch.inference_mode(), no_fast_path(), counter:
             call_model(model, inputs)
     except Exception:  # an operation the counter cannot dispatch: no count rather than a crash
         return None

@@ -27,6 +27,7 @@ from typing import Any
 import attrs
 
 from inferopt import Optimizer, UsageError, hookimpl, option
+from inferopt.model_io import move_to
 
 NO_SPEEDUP = ("dense kernels multiply zeros like any other number, and zeros take as many bytes "
               "in the saved file; structured=true removes whole neurons instead")
@@ -52,7 +53,6 @@ class _Pruner(Optimizer):
     # --- shared flow ---------------------------------------------------------------------
 
     def apply(self, model: Any, ctx: Any) -> Any:
-        import torch
 
         from inferopt.plugins.model_cost import macs_per_sample, parameter_count
         from inferopt.plugins.model_surgery import device_of
@@ -70,7 +70,6 @@ class _Pruner(Optimizer):
         before = {"parameters": parameter_count(model),
                   "macs_per_sample": macs_per_sample(model, probe, device) if probe is not None
                   else None}
-        torch.manual_seed(ctx.seed)
         targets = None
         if self.finetune_steps and data is not None and not all(
                 b.labels is not None for b in data.calibration):
@@ -120,10 +119,17 @@ class _Pruner(Optimizer):
 
         from inferopt.plugins import pruning_channels as pc
 
-        groups, gm = pc.find_groups(model)
+        data = ctx.data
+        probe = data.eval[0].inputs if data is not None and data.eval else None
+        example = move_to(probe, device) if probe is not None else None
+        groups, gm, trace_error = pc.find_groups(model, example)
         chosen, skipped = [], {}
+        if trace_error:
+            skipped["(rest of the model)"] = trace_error
         for group in groups:
-            pattern = next((p for p in self.skip for n in group.producers
+            # a skipped layer keeps its shape, so neither its outputs nor its inputs may change
+            pattern = next((p for p in self.skip
+                            for n in group.producers + [c for c, _ in group.consumers]
                             if fnmatch.fnmatchcase(n, p)), None)
             if group.blocked is not None:
                 skipped[group.name] = group.blocked
@@ -136,11 +142,11 @@ class _Pruner(Optimizer):
                 "convolution layer found"
             raise UsageError(f"step '{self.name}' found no layer whose output channels can be "
                              f"removed ({reasons})")
+        before = _output_signature(model, example)
         original = {g.name: g.channels for g in chosen}
         rounds: list[dict[str, Any]] = []
-        no_bias: set[str] = set()
         for round_no in range(1, self.iterations + 1):
-            target = self.sparsity * round_no / self.iterations
+            target = self._target(round_no)
             stats = None
             if criterion != "l1":
                 batches = list(ctx.data.calibration)[: self.calibration_batches]
@@ -152,15 +158,20 @@ class _Pruner(Optimizer):
                 if stats is None:
                     score = pc.weight_scores(model, group)
                 else:
-                    score = pc.activation_scores(model, group, stats[group.name], criterion)
+                    score = pc.activation_scores(model, group, stats, criterion)
                 keep = torch.topk(score, keep_n, sorted=False).indices
                 if stats is not None and self._compensate():
-                    for name in pc.fold_means(model, group, keep, stats[group.name]):
-                        no_bias.add(name)
+                    pc.fold_means(model, group, keep, stats)
                 pc.prune_group(model, group, keep)
                 group.channels = keep_n
             rounds.append({"round": round_no, "sparsity": round(target, 4),
                            "finetune": self._finetune(model, ctx, device, targets, round_no)})
+        after = _output_signature(model, example)
+        if before != after:
+            raise UsageError(
+                f"step '{self.name}': the pruned model's outputs changed from {before} to "
+                f"{after}; a coupling between layers was missed (a bug; please report it). "
+                f"Leave the affected layers out with skip=... ({', '.join(original)})")
         touched = sorted({n for g in chosen for n in g.producers + g.norms
                           + [c for c, _ in g.consumers]})
         ctx.state["structure"] = pc.structure_of(model, touched)
@@ -176,12 +187,15 @@ class _Pruner(Optimizer):
                 f"{n} ({why})" for n, why in list(skipped.items())[:4])
         if self._compensate():
             summary += "; mean activations of removed channels folded into the next biases"
-        if no_bias:
-            ctx.warn(f"{self.name}: layers without a bias could not take the mean activation "
-                     f"of the removed channels: {', '.join(sorted(no_bias))}")
         ctx.details.update({"summary": summary, "mode": "structured", "criterion": criterion,
                             "groups": pruned, "not_pruned": skipped, "rounds": rounds})
         return model
+
+    def _target(self, round_no: int) -> float:
+        """Sparsity to reach in round ``round_no``; the last round's is the option itself."""
+        if round_no >= self.iterations:
+            return self.sparsity
+        return self.sparsity * round_no / self.iterations
 
     def _round_to(self) -> int:
         return 1
@@ -245,11 +259,16 @@ class L1Pruner(_Pruner):
         rounds: list[dict[str, Any]] = []
         masks: dict[str, Any] = {}
         for round_no in range(1, self.iterations + 1):
-            target = self.sparsity * round_no / self.iterations
+            target = self._target(round_no)
             norms = None
             if self.score == "wanda":
                 batches = list(ctx.data.calibration)[: self.calibration_batches]
                 norms = pw.input_norms(model, layers, batches, device)
+                unseen = sorted(set(layers) - set(norms))
+                if unseen and round_no == 1:
+                    ctx.warn(f"prune-l1: score=wanda saw no input of {', '.join(unseen)} "
+                             "(called without their forward, e.g. attention projections); "
+                             "those layers were scored by |W| alone")
             masks = pw.masks_for(pw.scores(layers, norms), target, scope)
             pw.apply_masks(layers, masks)
 
@@ -263,11 +282,13 @@ class L1Pruner(_Pruner):
         zeros = sum(int((~m).sum()) for m in masks.values())
         total = sum(m.numel() for m in masks.values())
         how = {"l1": "|W|", "wanda": "|W| x input norm (Wanda)"}[self.score]
+        where = {"layer": "per layer", "global": "over all layers", "row": "per output row"}
         summary = (f"zeroed {zeros:,} of {total:,} weights ({overall:.2%}) in {len(layers)} "
-                   f"layers by {how}, {self.scope} scope; no speedup expected: {NO_SPEEDUP}")
+                   f"layers by {how}, counted {where[scope]}; no speedup expected: "
+                   f"{NO_SPEEDUP}")
         ctx.details.update({
             "summary": summary, "mode": "unstructured", "score": self.score,
-            "scope": self.scope, "sparsity": overall,
+            "scope": scope, "sparsity": overall,
             "layer_sparsity": {k: round(v, 6) for k, v in per_layer.items()},
             "not_pruned": skipped, "rounds": rounds, "speedup_expected": False,
         })
@@ -279,8 +300,8 @@ class ActivationPruner(_Pruner):
     """Structured pruning that ranks channels by their activations on the run's data."""
 
     name = "prune-activations"
-    summary = ("remove the neurons/channels with the weakest activations on the run's data "
-               "(mean |activation| or APoZ)")
+    summary = ("remove the neurons/channels that matter least on the run's data (activation "
+               "variance x outgoing weight, mean |activation| or APoZ)")
 
     criterion: str = option(
         "variance", choices=("variance", "mean", "apoz"),
@@ -302,6 +323,26 @@ class ActivationPruner(_Pruner):
 
     def _prune(self, model: Any, ctx: Any, device: Any, targets: Any) -> Any:
         return self._prune_channels(model, ctx, device, targets, self.criterion)
+
+
+def _output_signature(model: Any, inputs: Any) -> Any:
+    """Output shapes and dtypes on ``inputs`` (None without inputs); a model that fails gives
+    the error, so that a broken model never passes as unchanged."""
+    if inputs is None:
+        return None
+    import torch
+
+    from inferopt.model_io import call_model, output_signature
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return output_signature(call_model(model, inputs))
+    except Exception as exc:  # the check must report, not crash
+        return f"an error ({type(exc).__name__}: {exc})"
+    finally:
+        model.train(was_training)
 
 
 @hookimpl

@@ -18,6 +18,7 @@ own, found by module type.
 
 from __future__ import annotations
 
+import inspect
 import operator
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -62,9 +63,9 @@ class ChannelGroup:
     """Channels that must be removed together.
 
     ``producers`` lose output channels, ``norms`` lose features, ``consumers`` lose input columns
-    (``(name, repeat)``: ``repeat`` columns per channel after a Flatten). ``probes`` say where the
-    activations carrying these channels are observed (fx node names, or module names whose input
-    is observed for groups found by module type). ``channel_dim`` is 1 for convolutions, -1 for
+    (``(name, repeat)``: ``repeat`` columns per channel after a Flatten). ``probes[i]`` says where
+    the input of ``consumers[i]`` is observed: an fx node name, or ``module:NAME`` for the input
+    of a module (groups found by module type). ``channel_dim`` is 1 for convolutions, -1 for
     Linear features.
     """
 
@@ -74,12 +75,15 @@ class ChannelGroup:
     norms: list[str] = attrs.field(factory=list)
     consumers: list[tuple[str, int]] = attrs.field(factory=list)
     probes: list[str] = attrs.field(factory=list)
-    module_probes: list[str] = attrs.field(factory=list)
     blocked: str | None = None
 
     @property
     def name(self) -> str:
         return "+".join(self.producers)
+
+    def add_consumer(self, name: str, repeat: int, probe: str) -> None:
+        self.consumers.append((name, repeat))
+        self.probes.append(probe)
 
 
 class _Tracer(torch.fx.Tracer):
@@ -87,10 +91,26 @@ class _Tracer(torch.fx.Tracer):
         return isinstance(m, _OPAQUE_LEAVES) or super().is_leaf_module(m, module_qualified_name)
 
 
-def trace(model: nn.Module) -> torch.fx.GraphModule:
-    """``model`` as an fx GraphModule that shares its submodules (nothing copied)."""
+def positional(model: nn.Module, inputs: Any) -> list[Any]:
+    """``inputs`` (a tensor, a tuple, or keyword arguments) as positional arguments of
+    ``model.forward``, defaults filled in; what an fx graph's placeholders take."""
+    if isinstance(inputs, dict):
+        bound = inspect.signature(model.forward).bind(**inputs)
+        bound.apply_defaults()
+        return list(bound.args)
+    if isinstance(inputs, tuple | list):
+        return list(inputs)
+    return [inputs]
+
+
+def trace(model: nn.Module, given: Iterable[str] = ()) -> torch.fx.GraphModule:
+    """``model`` as an fx GraphModule that shares its submodules (nothing copied). Arguments
+    that default to None and are not in ``given`` are traced as None, so that ``if mask is not
+    None`` takes the path the data takes."""
+    params = inspect.signature(model.forward).parameters
+    concrete = {n: None for n, p in params.items() if p.default is None and n not in set(given)}
     try:
-        graph = _Tracer().trace(model)
+        graph = _Tracer().trace(model, concrete_args=concrete or None)
     except Exception as exc:
         raise UsageError(
             f"structured pruning follows channels through the model's graph, and torch.fx could "
@@ -139,7 +159,7 @@ class _Spaces:
             ga.blocked = gb.blocked
         if ga.blocked is None and ga.producers and gb.producers and (
                 ga.channels != gb.channels or ga.channel_dim != gb.channel_dim):
-            ga.blocked = (f"{ga.name} and {gb.name} are added together but have "
+            ga.blocked = (f"{ga.name} and {gb.name} are combined element-wise but have "
                           f"{ga.channels} and {gb.channels} channels")
         if not ga.producers:
             ga.channels, ga.channel_dim = gb.channels, gb.channel_dim
@@ -164,17 +184,35 @@ def _describe(node: torch.fx.Node) -> str:
     return f"function {target}() at '{node.name}'"
 
 
-def find_groups(model: nn.Module) -> tuple[list[ChannelGroup], torch.fx.GraphModule | None]:
-    """Every channel group of ``model`` (blocked ones included, with the reason), and the traced
-    graph. A model that cannot be traced still has its transformer feed-forward groups (found
-    by module type; the graph is then None); with none of those the tracing error is raised."""
+def _ndim(node: torch.fx.Node) -> int | None:
+    meta = node.meta.get("tensor_meta")
+    return len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def find_groups(model: nn.Module, example: Any = None
+                ) -> tuple[list[ChannelGroup], torch.fx.GraphModule | None, str | None]:
+    """Every channel group of ``model`` (blocked ones included, with the reason), the traced
+    graph, and why tracing failed (if it did). ``example`` (one batch of inputs) lets the
+    analysis check tensor ranks where it matters (BatchNorm after a Linear); without it such
+    cases are blocked. A model that cannot be traced still has its transformer feed-forward
+    groups (found by module type; the graph is then None); with none of those the tracing
+    error is raised."""
+    given = example.keys() if isinstance(example, dict) else ()
     try:
-        gm = trace(model)
-    except UsageError:
+        gm = trace(model, given)
+    except UsageError as exc:
         ffn = _transformer_ffn_groups(model)
         if not ffn:
             raise
-        return ffn, None
+        return ffn, None, str(exc)
+    if example is not None:
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        try:
+            with torch.no_grad():
+                ShapeProp(gm).propagate(*positional(model, example))
+        except Exception:  # shapes are a refinement; without them the analysis is stricter
+            pass
     modules = dict(model.named_modules())
     spaces = _Spaces()
     flat: dict[str, str] = {}  # flattened node -> the node whose channels it carries
@@ -193,18 +231,23 @@ def find_groups(model: nn.Module) -> tuple[list[ChannelGroup], torch.fx.GraphMod
     for node in gm.graph.nodes:
         args = _tensor_args(node)
         first = args[0] if args else None
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+        flat_args = [a for a in args if a.name in flat]
         if node.op == "placeholder":
             fresh(node, "its channels are the model's input")
         elif node.op == "get_attr":
             fresh(node, f"it is combined with the stored tensor '{node.target}'")
         elif node.op == "output":
             block_inputs(node, "the model's output")
-        elif first is not None and first.name in flat:
-            _follow_flat(node, first, flat, spaces, modules, block_inputs, fresh)
+        elif flat_args and (len(args) > 1 or first is not flat_args[0]):
+            block_inputs(node, _describe(node))  # flattened channels mixed with other tensors
+            fresh(node, f"it comes from {_describe(node)}")
+        elif flat_args:
+            _follow_flat(node, flat_args[0], flat, spaces, modules, block_inputs, fresh)
         elif node.op == "call_module":
-            module = modules[str(node.target)]
-            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
-            _follow_module(node, module, first, spaces, block_inputs, fresh, flat)
+            _follow_module(node, modules[str(node.target)], first, spaces, block_inputs, fresh,
+                           flat)
         elif node.op in ("call_function", "call_method"):
             _follow_function(node, args, first, spaces, block_inputs, fresh, flat)
         else:
@@ -218,7 +261,7 @@ def find_groups(model: nn.Module) -> tuple[list[ChannelGroup], torch.fx.GraphMod
         if shared and group.blocked is None:
             group.blocked = f"module '{shared[0]}' is called more than once"
     groups += _transformer_ffn_groups(model)
-    return groups, gm
+    return groups, gm, None
 
 
 def _follow_module(node: torch.fx.Node, module: nn.Module, first: torch.fx.Node | None,
@@ -235,15 +278,20 @@ def _follow_module(node: torch.fx.Node, module: nn.Module, first: torch.fx.Node 
             elif in_group.producers and in_group.channel_dim != wants:
                 block_inputs(node, f"'{name}', which reads another axis than the channels")
             else:
-                in_group.consumers.append((name, 1))
-                in_group.probes.append(first.name)
+                in_group.add_consumer(name, 1, first.name)
         channels = module.out_channels if conv else module.out_features
         blocked = f"grouped convolution '{name}'" if conv and module.groups != 1 else None
         spaces.new(node.name, ChannelGroup([name], channels, 1 if conv else -1,
                                            blocked=blocked))
     elif isinstance(module, _NORMS) and first is not None:
         spaces.alias(node.name, first.name)
-        spaces.group(node.name).norms.append(name)
+        group = spaces.group(node.name)
+        group.norms.append(name)
+        if group.channel_dim == -1 and _ndim(first) != 2:
+            # BatchNorm normalises dim 1; a Linear's features are the last dim: the same axis
+            # only for 2-D tensors, which only the shapes of real data can show
+            spaces.block(node.name, f"BatchNorm '{name}' follows a Linear on a tensor that is "
+                                    "not known to be 2-D (give --data so shapes are known)")
     elif isinstance(module, _ELEMENTWISE_MODULES) and first is not None:
         spaces.alias(node.name, first.name)
     elif isinstance(module, _SPATIAL_MODULES) and first is not None:
@@ -251,7 +299,7 @@ def _follow_module(node: torch.fx.Node, module: nn.Module, first: torch.fx.Node 
         if spaces.group(node.name).channel_dim == -1:
             spaces.block(node.name, f"pooling '{name}' runs over the feature axis")
     elif isinstance(module, nn.Flatten) and first is not None:
-        _flatten(node, first, module.start_dim, spaces, flat, fresh)
+        _flatten(node, first, module.start_dim, module.end_dim, spaces, flat, fresh)
     else:
         block_inputs(node, f"{type(module).__name__} '{name}'")
         fresh(node, f"it comes from {type(module).__name__} '{name}'")
@@ -272,26 +320,29 @@ def _follow_function(node: torch.fx.Node, args: list[torch.fx.Node], first: torc
             spaces.union(first.name, other.name)
     elif (target in _FLATTEN_FUNCTIONS if function else target == "flatten"):
         start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-        _flatten(node, first, start if isinstance(start, int) else -99, spaces, flat, fresh)
+        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+        _flatten(node, first, start if isinstance(start, int) else -99,
+                 end if isinstance(end, int) else -99, spaces, flat, fresh)
     else:
         block_inputs(node, _describe(node))
         fresh(node, f"it comes from {_describe(node)}")
 
 
-def _flatten(node: torch.fx.Node, first: torch.fx.Node, start_dim: int, spaces: _Spaces,
-             flat: dict[str, str], fresh: Callable[..., None]) -> None:
-    if start_dim == 1 and spaces.group(first.name).channel_dim == 1:
+def _flatten(node: torch.fx.Node, first: torch.fx.Node, start_dim: int, end_dim: int,
+             spaces: _Spaces, flat: dict[str, str], fresh: Callable[..., None]) -> None:
+    if start_dim == 1 and end_dim == -1 and spaces.group(first.name).channel_dim == 1:
         flat[node.name] = first.name
     else:
         spaces.block(first.name, f"it is flattened at '{node.name}' in a way structured "
-                                 "pruning cannot follow (only start_dim=1 after channels)")
+                                 "pruning cannot follow (only start_dim=1, end_dim=-1 after "
+                                 "channels)")
         fresh(node, f"it comes from the flatten at '{node.name}'")
 
 
-def _follow_flat(node: torch.fx.Node, first: torch.fx.Node, flat: dict[str, str],
+def _follow_flat(node: torch.fx.Node, arg: torch.fx.Node, flat: dict[str, str],
                  spaces: _Spaces, modules: dict[str, nn.Module],
                  block_inputs: Callable[..., None], fresh: Callable[..., None]) -> None:
-    base = flat[first.name]
+    base = flat[arg.name]
     module = modules.get(str(node.target)) if node.op == "call_module" else None
     if isinstance(module, nn.Linear):
         group = spaces.group(base)
@@ -300,15 +351,14 @@ def _follow_flat(node: torch.fx.Node, first: torch.fx.Node, flat: dict[str, str]
             spaces.block(base, f"the flattened features reaching '{node.target}' are not a "
                                "whole number per channel")
         else:
-            group.consumers.append((str(node.target), module.in_features // channels))
-            group.probes.append(base)
+            group.add_consumer(str(node.target), module.in_features // channels, arg.name)
         spaces.new(node.name, ChannelGroup([str(node.target)], module.out_features, -1))
     elif isinstance(module, _ELEMENTWISE_MODULES) or (
-            node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS):
+            node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS) or (
+            node.op == "call_method" and node.target in _ELEMENTWISE_METHODS):
         flat[node.name] = base
     else:
-        spaces.block(base, f"its flattened channels reach {_describe(node)}, which "
-                           "structured pruning cannot follow")
+        block_inputs(node, _describe(node))
         fresh(node, f"it comes from {_describe(node)}")
 
 
@@ -318,7 +368,7 @@ def _transformer_ffn_groups(model: nn.Module) -> list[ChannelGroup]:
         if isinstance(module, nn.TransformerEncoderLayer | nn.TransformerDecoderLayer):
             first, second = f"{name}.linear1", f"{name}.linear2"
             groups.append(ChannelGroup([first], module.linear1.out_features, -1,
-                                       consumers=[(second, 1)], module_probes=[second]))
+                                       consumers=[(second, 1)], probes=[f"module:{second}"]))
     return groups
 
 
@@ -338,7 +388,9 @@ def weight_scores(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
 
 @attrs.define
 class ActivationStats:
-    """Per-channel sums over every sample and position: |a|, a, a^2, and zeros (for APoZ)."""
+    """Per-column sums over every sample and position of one consumer's input: |a|, a, a^2,
+    and zeros (for APoZ). Columns are a Linear's input features (channel x position after a
+    Flatten) or a convolution's input channels."""
 
     abs_sum: torch.Tensor
     total: torch.Tensor
@@ -347,11 +399,11 @@ class ActivationStats:
     count: int = 0
 
     @classmethod
-    def empty(cls, channels: int) -> ActivationStats:
-        return cls(*(torch.zeros(channels, dtype=torch.float64) for _ in range(4)))
+    def empty(cls, columns: int) -> ActivationStats:
+        return cls(*(torch.zeros(columns, dtype=torch.float64) for _ in range(4)))
 
-    def add(self, x: torch.Tensor, channel_dim: int) -> None:
-        x = x.detach().movedim(channel_dim, -1).reshape(-1, x.shape[channel_dim]).double().cpu()
+    def add(self, x: torch.Tensor, dim: int) -> None:
+        x = x.detach().movedim(dim, -1).reshape(-1, x.shape[dim]).double().cpu()
         self.abs_sum += x.abs().sum(dim=0)
         self.total += x.sum(dim=0)
         self.sq_sum += x.pow(2).sum(dim=0)
@@ -376,46 +428,69 @@ class ActivationStats:
         return (self.zeros / max(self.count, 1)).float()
 
 
+def _consumer_dim(model: nn.Module, name: str) -> int:
+    return -1 if isinstance(model.get_submodule(name), nn.Linear) else 1
+
+
+def no_fast_path() -> Any:
+    """Transformer layers' fused inference path skips hooks and the flop counter; turn it off."""
+    import contextlib
+
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def off() -> Any:
+        was = mha.get_fastpath_enabled()
+        mha.set_fastpath_enabled(False)
+        try:
+            yield
+        finally:
+            mha.set_fastpath_enabled(was)
+
+    return off()
+
+
 def activation_stats(model: nn.Module, gm: torch.fx.GraphModule | None, groups: list[ChannelGroup],
                      batches: Iterable[Any], device: Any) -> dict[str, ActivationStats]:
-    """Observe the activations entering each group's consumers on ``batches``."""
-    stats = {g.name: ActivationStats.empty(g.channels) for g in groups}
-    by_node: dict[str, list[ChannelGroup]] = {}
+    """Observe the input of every consumer of ``groups`` on ``batches``; keyed by probe."""
+    stats: dict[str, ActivationStats] = {}
+    wanted: dict[str, int] = {}  # probe -> axis of its consumer's columns
     for group in groups:
-        for probe in dict.fromkeys(group.probes):
-            by_node.setdefault(probe, []).append(group)
+        for (name, _repeat), probe in zip(group.consumers, group.probes, strict=True):
+            wanted[probe] = _consumer_dim(model, name)
+
+    def record(probe: str, x: Any) -> None:
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            dim = wanted[probe]
+            stats.setdefault(probe, ActivationStats.empty(x.shape[dim])).add(x, dim)
 
     class Observer(torch.fx.Interpreter):
         def run_node(self, n: torch.fx.Node) -> Any:
             result = super().run_node(n)
-            for group in by_node.get(n.name, ()):
-                if isinstance(result, torch.Tensor) and result.shape[group.channel_dim] == \
-                        group.channels:
-                    stats[group.name].add(result, group.channel_dim)
+            if n.name in wanted:
+                record(n.name, result)
             return result
 
     handles = []
-    for group in groups:
-        for name in group.module_probes:
-            def hook(_m: Any, args: tuple[Any, ...], group: ChannelGroup = group) -> None:
-                stats[group.name].add(args[0], group.channel_dim)
-            handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    for probe in wanted:
+        if probe.startswith("module:"):
+            def hook(_m: Any, args: tuple[Any, ...], probe: str = probe) -> None:
+                record(probe, args[0])
+            handles.append(model.get_submodule(probe[7:]).register_forward_pre_hook(hook))
+    graph_probes = any(not p.startswith("module:") for p in wanted)
+    observer = Observer(gm) if graph_probes and gm is not None else None
     was_training = model.training
     model.eval()
-    observer = Observer(gm) if by_node and gm is not None else None
     try:
-        # grad mode on: transformer layers then take their ordinary path, where hooks fire
-        with torch.enable_grad():
+        with torch.no_grad(), no_fast_path():
             for batch in batches:
                 inputs = move_to(batch.inputs, device)
                 if observer is None:
                     call_model(model, inputs)
-                elif isinstance(inputs, dict):
-                    observer.run(**inputs)
-                elif isinstance(inputs, tuple | list):
-                    observer.run(*inputs)
                 else:
-                    observer.run(inputs)
+                    observer.run(*positional(model, inputs))
     finally:
         for handle in handles:
             handle.remove()
@@ -423,60 +498,83 @@ def activation_stats(model: nn.Module, gm: torch.fx.GraphModule | None, groups: 
     return stats
 
 
-def _consumer_columns(model: nn.Module, group: ChannelGroup
-                      ) -> list[tuple[nn.Module, torch.Tensor]]:
-    """Each consumer with its weight arranged as [outputs, channels, everything else]."""
-    out = []
-    for name, repeat in dict.fromkeys(group.consumers):
-        module = model.get_submodule(name)
-        weight = module.weight.detach().float().cpu()
-        out.append((module, weight.reshape(weight.shape[0], group.channels, -1)
-                    if repeat > 1 or isinstance(module, nn.Linear)
-                    else weight.reshape(weight.shape[0], weight.shape[1], -1)))
-    return out
+def _columns_by_channel(model: nn.Module, group: ChannelGroup, index: int
+                        ) -> tuple[nn.Module, torch.Tensor]:
+    """Consumer ``index`` and its weight as [outputs, channels, repeat, kernel...] flattened to
+    [outputs, channels, -1]."""
+    name, _repeat = group.consumers[index]
+    module = model.get_submodule(name)
+    weight = module.weight.detach().float().cpu()
+    return module, weight.reshape(weight.shape[0], group.channels, -1)
 
 
-def activation_scores(model: nn.Module, group: ChannelGroup, stat: ActivationStats,
+def _per_channel(values: torch.Tensor, channels: int, reduce: str) -> torch.Tensor:
+    grid = values.reshape(channels, -1)
+    return grid.sum(dim=1) if reduce == "sum" else grid.mean(dim=1)
+
+
+def activation_scores(model: nn.Module, group: ChannelGroup, stats: dict[str, ActivationStats],
                       criterion: str) -> torch.Tensor:
-    """Higher means keep.
+    """Higher means keep, over the group's consumers (each with the statistics of its own
+    input).
 
-    * ``variance``: variance of the channel's activation times the squared norm of the weights
-      that read it: the output error its removal causes once its mean is folded into the next
-      layer's bias (:func:`fold_means`);
+    * ``variance``: variance of each input column times the squared norm of the weights that
+      read it, summed per channel: the error removing the channel causes in the consumers once
+      its mean is folded into their biases (:func:`fold_means`);
     * ``mean``: mean |activation|;
     * ``apoz``: fewer zeros is better (Hu et al., 2016), mean |activation| breaking ties
       (activations such as GELU are never exactly zero).
     """
-    if criterion == "variance":
-        reach = torch.zeros(group.channels)
-        for _module, weight in _consumer_columns(model, group):
-            reach += weight.pow(2).sum(dim=(0, 2))
-        return stat.variance * reach
-    mean_abs = stat.mean_abs
-    if criterion == "mean":
-        return mean_abs
-    return (1.0 - stat.apoz) + 1e-3 * mean_abs / mean_abs.max().clamp_min(1e-12)
+    c = group.channels
+    total = torch.zeros(c)
+    seen = 0
+    for i, probe in enumerate(group.probes):
+        stat = stats.get(probe)
+        if stat is None:
+            continue
+        seen += 1
+        if criterion == "variance":
+            _module, weight = _columns_by_channel(model, group, i)
+            reach = weight.pow(2).sum(dim=0)  # [channels, repeat x kernel]
+            per_col = stat.variance.reshape(c, -1)
+            total += (per_col * reach.reshape(c, per_col.shape[1], -1).sum(dim=2)).sum(dim=1)
+        elif criterion == "mean":
+            total += _per_channel(stat.mean_abs, c, "mean")
+        else:
+            mean_abs = _per_channel(stat.mean_abs, c, "mean")
+            total += (1.0 - _per_channel(stat.apoz, c, "mean")) + \
+                1e-3 * mean_abs / mean_abs.max().clamp_min(1e-12)
+    if not seen:
+        raise UsageError(f"no activations reached the layers reading {group.name}; check that "
+                         "the data runs through them")
+    return total
 
 
 def fold_means(model: nn.Module, group: ChannelGroup, keep: torch.Tensor,
-               stat: ActivationStats) -> list[str]:
-    """Add what the channels about to go contributed on average to each consumer's bias, so
-    that removing them shifts the next layer's output by nothing on average (the channel mean
-    is taken over all positions, so after a Flatten or a convolution it is exact on average over
-    space, not per position). Returns the consumers without a bias, which get no correction."""
+               stats: dict[str, ActivationStats]) -> None:
+    """Add what the channels about to go contributed on average to each consumer's output to
+    its bias (creating a bias where there is none), so that removing them shifts nothing on
+    average. Exact per input column for Linear consumers (after a Flatten too); for a
+    convolution the channel mean is over all positions, so it is right on average over space."""
     dropped = torch.ones(group.channels, dtype=torch.bool)
     dropped[keep] = False
-    means = stat.mean * dropped
-    no_bias = []
-    for (name, _repeat), (module, weight) in zip(dict.fromkeys(group.consumers),
-                                                 _consumer_columns(model, group), strict=True):
-        if module.bias is None:
-            no_bias.append(name)
+    for i, probe in enumerate(group.probes):
+        stat = stats.get(probe)
+        if stat is None:
             continue
-        shift = torch.einsum("ocr,c->o", weight, means)
+        module, weight = _columns_by_channel(model, group, i)
+        if isinstance(module, nn.Linear):
+            means = stat.mean.reshape(group.channels, -1) * dropped[:, None]
+            shift = torch.einsum("ocr,cr->o", weight, means)
+        else:
+            means = stat.mean * dropped
+            shift = torch.einsum("ocr,c->o", weight, means)
         with torch.no_grad():
+            if module.bias is None:
+                param = module.weight
+                module.bias = nn.Parameter(torch.zeros(param.shape[0], dtype=param.dtype,
+                                                       device=param.device))
             module.bias += shift.to(module.bias.device, module.bias.dtype)
-    return no_bias
 
 
 def channels_to_keep(channels: int, sparsity: float, round_to: int) -> int:
@@ -492,8 +590,9 @@ def channels_to_keep(channels: int, sparsity: float, round_to: int) -> int:
 
 def _replace(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
     old = getattr(module, name)
-    if isinstance(old, nn.Parameter):
-        setattr(module, name, nn.Parameter(tensor.contiguous(), requires_grad=old.requires_grad))
+    if old is None or isinstance(old, nn.Parameter):  # None: a bias that fold_means added
+        setattr(module, name, nn.Parameter(tensor.contiguous(),
+                                           requires_grad=old is None or old.requires_grad))
     else:
         setattr(module, name, tensor.contiguous())
 
@@ -552,7 +651,8 @@ def resize(model: nn.Module, structure: dict[str, dict[str, Any]]) -> None:
             raise UsageError(f"the saved pruning step refers to layer '{name}', which the model "
                              "does not have; was it built by a different model spec?") from exc
         for attr, shape in spec["tensors"].items():
-            old = getattr(module, attr)
-            _replace(module, attr, torch.zeros(shape, dtype=old.dtype, device=old.device))
+            like = getattr(module, attr, None)
+            like = like if like is not None else module.weight
+            _replace(module, attr, torch.zeros(shape, dtype=like.dtype, device=like.device))
         for attr, value in spec["sizes"].items():
             setattr(module, attr, value)

@@ -54,6 +54,21 @@ def finetune(model: torch.nn.Module, batches: list[Any], steps: int, lr: float, 
     losses: list[float] = []
     model.train()
     order: list[int] = []
+    try:
+        _train(model, batches, steps, labelled, targets, device, opt, gen, order, losses,
+               after_step, log)
+    finally:
+        model.eval()
+    tenth = max(len(losses) // 10, 1)
+    return {"first_loss": sum(losses[:tenth]) / tenth, "last_loss": sum(losses[-tenth:]) / tenth,
+            "loss": "cross-entropy on labels" if labelled
+            else "MSE to the unpruned model's outputs"}
+
+
+def _train(model: torch.nn.Module, batches: list[Any], steps: int, labelled: bool,
+           targets: list[torch.Tensor] | None, device: Any, opt: Any, gen: Any,
+           order: list[int], losses: list[float], after_step: Callable[[], None] | None,
+           log: Any) -> None:
     with torch.enable_grad():
         for step in range(steps):
             if not order:
@@ -76,8 +91,3 @@ def finetune(model: torch.nn.Module, batches: list[Any], steps: int, lr: float, 
             losses.append(float(loss.detach()))
             if (step + 1) % max(steps // 5, 1) == 0:
                 log.info("prune fine-tune", step=step + 1, of=steps, loss=round(losses[-1], 5))
-    model.eval()
-    tenth = max(len(losses) // 10, 1)
-    return {"first_loss": sum(losses[:tenth]) / tenth, "last_loss": sum(losses[-tenth:]) / tenth,
-            "loss": "cross-entropy on labels" if labelled
-            else "MSE to the unpruned model's outputs"}

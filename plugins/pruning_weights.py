@@ -63,8 +63,11 @@ def scores(layers: dict[str, nn.Module], norms: dict[str, torch.Tensor] | None
     for name, module in layers.items():
         weight = module.weight.detach().float().abs().cpu()
         if norms is not None and name in norms:
-            shape = [1, -1] + [1] * (weight.dim() - 2)
-            weight = weight * norms[name].reshape(shape)
+            groups = getattr(module, "groups", 1)
+            # a grouped convolution's output channel o reads only its group's input channels
+            per_row = norms[name].reshape(groups, 1, -1).expand(
+                groups, weight.shape[0] // groups, -1).reshape(weight.shape[0], -1)
+            weight = weight * per_row.reshape(*per_row.shape, *[1] * (weight.dim() - 2))
         out[name] = weight
     return out
 

@@ -85,7 +85,7 @@ def test_structured_pruning_equals_the_model_with_those_channels_silenced(kind):
     model = build().eval()
     _randomize_norms(model)
     x = torch.randn(*shape)
-    groups, _gm = pc.find_groups(model)
+    groups, _gm, _error = pc.find_groups(model, x)
     free = [g for g in groups if g.blocked is None]
     assert free, [g.blocked for g in groups]
     reference = copy.deepcopy(model)
@@ -108,7 +108,7 @@ def test_structured_pruning_equals_the_model_with_those_channels_silenced(kind):
 
 
 def test_coupled_layers_are_found():
-    groups, _ = pc.find_groups(ResNetish())
+    groups = pc.find_groups(ResNetish())[0]
     by_name = {g.name: g for g in groups}
     stream = by_name["stem+blocks.0.conv2+blocks.1.conv2"]
     assert stream.blocked is None
@@ -280,3 +280,124 @@ def test_cli_structured_run_reports_cost_and_bad_options_exit_2(cli):
                   "synthetic:shape=8x64,batches=2", "--optimize",
                   "prune-activations:finetune_steps=3", "--metric", "fidelity")
     assert no_data.returncode == 0, no_data.stderr  # unlabelled data: MSE to the dense outputs
+
+
+class _Broken(nn.Module):
+    """Patterns that once slipped through the dependency analysis."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(4 * 64 if kind != "cat" else 10 * 64, 10)
+        self.lin = nn.Linear(16, 8)
+        self.norm = nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        if self.kind == "cat":  # flattened tensors that are not the first argument
+            return self.fc(torch.cat([torch.flatten(self.a(x), 1),
+                                      torch.flatten(self.b(x), 1)], 1))
+        if self.kind == "shared":  # the same Linear after a flatten and again later
+            h = self.fc(torch.flatten(self.a(x), 1))
+            return h + self.fc(torch.flatten(self.a(x * 2), 1))
+        if self.kind == "end_dim":  # Flatten(1, 2) keeps the last axis apart
+            return torch.flatten(self.a(x), 1, 2)
+        if self.kind == "bn3d":  # Linear on [B, T, F], BatchNorm1d over T (not the features)
+            return self.norm(self.lin(x)).sum(-1)
+        raise AssertionError(self.kind)
+
+
+@pytest.mark.parametrize(("kind", "shape"), [("cat", (2, 3, 8, 8)), ("shared", (2, 3, 8, 8)),
+                                             ("end_dim", (2, 3, 8, 8)), ("bn3d", (2, 5, 16))])
+def test_tricky_couplings_never_give_a_broken_model(kind, shape):
+    model = _Broken(kind).eval()
+    x = torch.randn(*shape)
+    data = inferopt.Data(eval=[inferopt.Batch(x)])
+    expected = model(x).shape
+    try:
+        pruned = inferopt.apply(model, "prune-l1", data=data, structured=True)
+    except inferopt.UsageError as exc:
+        assert "found no layer whose output channels can be removed" in str(exc)
+        return
+    assert pruned(x).shape == expected
+
+
+def test_activation_pruning_takes_keyword_inputs():
+    class Keyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up, self.down = nn.Linear(4, 16), nn.Linear(16, 2)
+
+        def forward(self, features, mask=None):
+            h = torch.relu(self.up(features))
+            return self.down(h if mask is None else h * mask)
+
+    torch.manual_seed(0)
+    data = inferopt.Data(eval=[inferopt.Batch({"features": torch.randn(8, 4)})
+                               for _ in range(2)])
+    pruned = inferopt.apply(Keyword(), "prune-activations", data=data)
+    assert pruned.up.out_features == 8 and pruned(features=torch.randn(3, 4)).shape == (3, 2)
+
+
+def test_constant_channels_of_a_residual_stream_go_at_no_cost():
+    """Each consumer gets the mean of its own input folded in, also where one stream is read at
+    several points (the stream's values differ after every addition)."""
+
+    class Stream(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(4, 8)
+            self.f1, self.f2 = nn.Linear(8, 8), nn.Linear(8, 8)
+            self.r1, self.r2, self.head = nn.Linear(8, 3), nn.Linear(8, 3), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.inp(x)
+            a = self.r1(h)
+            h = h + self.f1(h)
+            b = self.r2(h)
+            h = h + self.f2(h)
+            return self.head(h) + a + b
+
+    torch.manual_seed(0)
+    model = Stream().eval()
+    with torch.no_grad():  # channels 0-3 constant everywhere on the stream
+        for layer in (model.inp, model.f1, model.f2):
+            layer.weight[:4] = 0.0
+            layer.bias[:4] = torch.tensor([5.0, -2.0, 1.5, 3.0])
+    x = torch.randn(64, 4)
+    data = inferopt.Data(eval=[inferopt.Batch(x[i:i + 16]) for i in range(0, 64, 16)])
+    pruned = inferopt.apply(copy.deepcopy(model), "prune-activations", data=data)
+    assert pruned.inp.out_features == 4
+    torch.testing.assert_close(pruned(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_macs_of_transformers_are_counted_and_shrink():
+    from inferopt.plugins.model_cost import count_macs
+
+    layer = nn.TransformerEncoderLayer(16, 2, 64, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, 16)
+    before = count_macs(model, x)
+    assert before is not None and before.complete and before.per_sample > 0
+    pruned = inferopt.apply(model, "prune-l1", structured=True)
+    after = count_macs(pruned, x)
+    assert after is not None and 0 < after.per_sample < before.per_sample
+
+
+def test_wanda_on_grouped_convolutions_and_exact_counts_over_rounds():
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, groups=4), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    data = inferopt.Data(eval=[inferopt.Batch(torch.randn(2, 8, 6, 6))])
+    pruned = inferopt.apply(model, "prune-l1", data=data, score="wanda", sparsity=0.5)
+    assert int((pruned[0].weight == 0).sum()) == pruned[0].weight.numel() // 2
+    layer = nn.Sequential(nn.Linear(5, 1, bias=False))
+    pruned = inferopt.apply(layer, "prune-l1", sparsity=0.1, iterations=3)
+    assert int((pruned[0].weight == 0).sum()) == round(0.1 * 5)
+
+
+def test_skipping_a_layer_keeps_its_inputs_too():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                          nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    pruned = inferopt.apply(model, "prune-l1", structured=True, skip="2")
+    assert (pruned[2].in_features, pruned[2].out_features) == (8, 8)
+    assert pruned[0].out_features == 8  # its channels feed the skipped layer
+    assert (pruned[4].out_features, pruned[6].in_features) == (4, 4)
