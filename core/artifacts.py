@@ -95,6 +95,7 @@ def save_run(
         (tmp / "recipe.json").write_text(
             json.dumps({"recipe": report.recipe, "plugins": report.plugins}, indent=2) + "\n"
         )
+        _plot_into(tmp, out_dir, report, ctx)
         (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         (tmp / "report.md").write_text(report.to_markdown())
         old = None
@@ -110,6 +111,22 @@ def save_run(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _plot_into(tmp: Path, out_dir: Path, report: Report, ctx: RunContext) -> None:
+    """``plot.png`` when matplotlib is installed; a failed plot costs the plot, not the run."""
+    from . import plotting
+
+    if not plotting.available():
+        return
+    try:
+        plotting.plot_reports([report.to_dict()], tmp / "plot.png",
+                              f"inferopt run {report.run_id}")
+    except Exception as exc:  # a plotting problem must never lose the saved model
+        report.warnings.append(f"the plot could not be drawn: {exc!r}")
+        ctx.log.warning("plot failed", error=repr(exc))
+        return
+    report.artifacts["plot"] = str(out_dir / "plot.png")
 
 
 def _portable_spec(spec: str) -> str:

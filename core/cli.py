@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import sys
 import traceback
+from pathlib import Path
 from typing import Any
 
 import click
 
 from . import __version__
-from .errors import GateFailed, InferoptError
+from .errors import GateFailed, InferoptError, UsageError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -137,6 +138,9 @@ def run(
     from .logging import configure
 
     configure(log_format, log_level)
+    from .progress import set_disabled
+
+    set_disabled(as_json)  # with --json, stdout is the document and stderr only the logs
     try:
         from .manager import PluginManager
         from .pipeline import run as run_pipeline
@@ -224,6 +228,47 @@ def plugins(as_json: bool, strict_plugins: bool) -> None:
                       f"{', '.join(listing['skipped'])}")
 
 
+@main.command(context_settings=CONTEXT)
+@click.argument("runs", nargs=-1, required=True, metavar="RUN...")
+@click.option("--markdown", is_flag=True, help="Print a Markdown table.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@click.option("--plot", "plot_path", metavar="FILE.png",
+              help="Also draw quality vs latency and size for all runs (needs matplotlib).")
+def compare(runs: tuple[str, ...], markdown: bool, as_json: bool, plot_path: str | None) -> None:
+    """Tabulate several runs: RUN is a run directory or a report.json file."""
+    from . import compare as cmp
+
+    try:
+        docs = [cmp.load_report(r) for r in runs]
+        if plot_path:
+            from . import plotting
+
+            if not plotting.available():
+                raise UsageError("--plot needs matplotlib: pip install 'inferopt[plot]'")
+            if Path(plot_path).exists():
+                raise UsageError(f"--plot {plot_path}: the file exists; give a new name")
+            plotting.plot_reports(docs, Path(plot_path), "inferopt compare")
+    except InferoptError as exc:
+        _fail(exc, False)
+    rows = [cmp.row(d) for d in docs]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    elif markdown:
+        click.echo(cmp.to_markdown(rows), nl=False)
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"inferopt compare: {len(rows)} run(s)")
+        for col in cmp.COLUMNS:
+            table.add_column(col)
+        for r in rows:
+            table.add_row(*(r[c] for c in cmp.COLUMNS))
+        Console().print(table)
+    if plot_path:
+        click.echo(f"plot: {plot_path}", err=True)
+
+
 @main.command("new-plugin", context_settings=CONTEXT)
 @click.argument("name")
 @click.option("--dir", "directory", metavar="DIR",
@@ -250,8 +295,6 @@ def new_plugin(name: str, directory: str | None, dist: str | None, metric: str |
 def _accuracy_gate(value: str | None) -> dict[str, float | None]:
     """``--max-accuracy-drop``: ``1.0`` is points of top-1 accuracy, ``2%`` a share of the
     baseline's accuracy."""
-    from .errors import UsageError
-
     if value is None:
         return {}
     text = value.strip()

@@ -80,15 +80,19 @@ def run_with_input_hooks(
 
         return hook
 
+    from inferopt.progress import progress
+
+    batches = list(batches)
     handles = [module.register_forward_pre_hook(hook_for(fn), with_kwargs=True)
                for module, fn in watchers.values()]
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), progress(len(batches), "calibration", 8) as advance:
             for batch in batches:
                 call_model(model, batch.inputs if device is None
                            else move_to(batch.inputs, device))
+                advance(1)
     finally:
         for handle in handles:
             handle.remove()

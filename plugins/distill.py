@@ -71,8 +71,11 @@ class Distiller(Optimizer):
         self._check_compatible(teacher, student, data.calibration[0], device)
         cfg = dt.TrainConfig(self.mode, self.temperature, self.alpha, self.epochs, self.lr,
                              self.weight_decay, self.val_fraction, self.patience, ctx.seed)
-        result = dt.train_student(student, teacher, list(data.calibration), cfg, device,
-                                  ctx.log)
+        from inferopt.progress import progress
+
+        with progress(self.epochs, "distillation (epochs)") as advance:
+            result = dt.train_student(student, teacher, list(data.calibration), cfg, device,
+                                      ctx.log, progress=lambda _epoch, _total: advance(1))
         t_params, s_params = parameter_count(teacher), parameter_count(student)
         last = result.history[result.best_epoch - 1] if result.best_epoch else {}
         ctx.details.update({

@@ -83,13 +83,17 @@ class LatencyMetric(Metric):
         min_runs, min_seconds = self._budget()
         times: tuple[list[float], list[float]] = ([], [])
         models = (baseline, optimized)
-        with torch.inference_mode():
+        from inferopt.progress import progress
+
+        with torch.inference_mode(), progress(min_runs, "latency A/B (pairs)", 200) as advance:
             for i in range(self.warmup):
                 for m in models:
                     backend.forward(m, batches[i % len(batches)])
             total = 0.0
             n = 0
             while (n < min_runs or total < 2 * min_seconds) and n < self.max_runs:
+                if n < min_runs:
+                    advance(1)
                 x = batches[n % len(batches)]
                 # A B, then B A: neither model always runs right after the other
                 for k in ((0, 1) if n % 2 == 0 else (1, 0)):

@@ -54,9 +54,12 @@ def finetune(model: torch.nn.Module, batches: list[Any], steps: int, lr: float, 
     losses: list[float] = []
     model.train()
     order: list[int] = []
+    from inferopt.progress import progress
+
     try:
-        _train(model, batches, steps, labelled, targets, device, opt, gen, order, losses,
-               after_step, log)
+        with progress(steps, "fine-tuning (steps)", 20) as advance:
+            _train(model, batches, steps, labelled, targets, device, opt, gen, order, losses,
+                   after_step, log, advance)
     finally:
         model.eval()
     tenth = max(len(losses) // 10, 1)
@@ -68,7 +71,7 @@ def finetune(model: torch.nn.Module, batches: list[Any], steps: int, lr: float, 
 def _train(model: torch.nn.Module, batches: list[Any], steps: int, labelled: bool,
            targets: list[torch.Tensor] | None, device: Any, opt: Any, gen: Any,
            order: list[int], losses: list[float], after_step: Callable[[], None] | None,
-           log: Any) -> None:
+           log: Any, advance: Callable[[int], None]) -> None:
     with torch.enable_grad():
         for step in range(steps):
             if not order:
@@ -89,5 +92,6 @@ def _train(model: torch.nn.Module, batches: list[Any], steps: int, labelled: boo
             if after_step is not None:
                 after_step()
             losses.append(float(loss.detach()))
+            advance(1)
             if (step + 1) % max(steps // 5, 1) == 0:
                 log.info("prune fine-tune", step=step + 1, of=steps, loss=round(losses[-1], 5))

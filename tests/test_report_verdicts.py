@@ -1,0 +1,95 @@
+"""What the report concludes: findings with causes, the relative accuracy budget, plots,
+`inferopt compare`, and progress bars that stay out of the way."""
+
+from __future__ import annotations
+
+import json
+
+from inferopt.report import Report, StepRecord
+from tests.helpers import SMALL
+
+
+def _report(baseline, optimized, steps, gates=(), comparisons=None):
+    return Report(run_id="r", created="now", recipe={}, plugins={}, baseline=baseline,
+                  optimized=optimized, steps=steps, environment={}, gates=list(gates),
+                  comparisons=comparisons or {})
+
+
+def _step(name, kind, **details):
+    return StepRecord(index=1, name=name, options={}, plugin=name, distribution="inferopt",
+                      version="0", details=details, kind=kind)
+
+
+def test_findings_name_what_went_wrong_and_why():
+    same_speed = {"latency": {"speedup": 1.0, "ci_low": 0.97, "ci_high": 1.03,
+                              "confidence": 0.95, "verdict": "no measurable change"}}
+    pruned = _report({"latency": {"p50_ms": 1.0}}, {"latency": {"p50_ms": 1.0}},
+                     [_step("prune-l1", "pruning", mode="unstructured")],
+                     comparisons=same_speed)
+    findings = {f["finding"]: f["cause"] for f in pruned.verdict["findings"]}
+    assert "use prune-l1:structured=true" in findings["pruned but not faster"]
+    quantized = _report({"size": {"bytes": 100}}, {"size": {"bytes": 100}},
+                        [_step("int8", "quantization", quantized=[])])
+    assert quantized.verdict["findings"] == [
+        {"finding": "quantized but not smaller",
+         "cause": "no layer was quantized (see the step's skipped layers)"}]
+    slower = _report({}, {}, [_step("int4", "quantization", quantized=["fc"])],
+                     comparisons={"latency": {"speedup": 0.5, "ci_low": 0.45, "ci_high": 0.55,
+                                              "verdict": "slower"}})
+    slower.steps[0].warnings.append("int4: path=dequant dequantizes the weights on every call: "
+                                    "smallest memory, slower than fp32 on most hardware")
+    assert slower.verdict["findings"][0]["finding"] == "slower than baseline"
+    assert "dequantizes" in slower.verdict["findings"][0]["cause"]
+    fine = _report({}, {}, [_step("prune-l1", "pruning", mode="structured")],
+                   comparisons={"latency": {"speedup": 2.0, "ci_low": 1.9, "ci_high": 2.1,
+                                            "verdict": "faster"}})
+    assert fine.verdict["findings"] == []
+
+
+def test_relative_accuracy_budget_fails_the_run_with_the_finding(cli):
+    result = cli("run", *SMALL, "--optimize", "prune-l1:sparsity=0.95",
+                 "--max-accuracy-drop", "1%", "--json")
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    gate = report["gates"][0]
+    assert gate["name"] == "max_relative_accuracy_drop" and not gate["passed"]
+    drop = report["verdict"]["accuracy_drop_percent"]
+    base = report["baseline"]["metrics"]["accuracy"]["top1"]
+    opt = report["optimized"]["metrics"]["accuracy"]["top1"]
+    assert abs(drop - (base - opt) / base * 100) < 1e-2
+    assert "outside the accuracy budget" in [f["finding"] for f in report["verdict"]["findings"]]
+    bad = cli("run", *SMALL, "--max-accuracy-drop", "one point")
+    assert bad.returncode == 2 and "give points of accuracy (1.0)" in bad.stderr
+
+
+def test_runs_are_plotted_and_compared(cli, tmp_path):
+    first = cli("run", *SMALL, "--out", str(tmp_path / "a"))
+    second = cli("run", *SMALL, "--optimize", "prune-l1:structured=true",
+                 "--out", str(tmp_path / "b"))
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    png = (tmp_path / "a" / "plot.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    table = cli("compare", str(tmp_path / "a"), str(tmp_path / "b" / "report.json"),
+                "--markdown", "--plot", str(tmp_path / "both.png"))
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.strip().splitlines()
+    assert lines[0].startswith("| run | steps |") and len(lines) == 4
+    assert "int8" in lines[2] and "prune-l1" in lines[3]
+    assert (tmp_path / "both.png").read_bytes().startswith(b"\x89PNG")
+    rows = json.loads(cli("compare", str(tmp_path / "a"), "--json").stdout)
+    assert rows[0]["latency verdict"] in ("faster", "no measurable change", "slower")
+    again = cli("compare", str(tmp_path / "a"), "--plot", str(tmp_path / "both.png"))
+    assert again.returncode == 2 and "the file exists" in again.stderr
+    (tmp_path / "x.json").write_text('{"schema": "other/1"}')
+    wrong = cli("compare", str(tmp_path / "x.json"))
+    assert wrong.returncode == 2 and "not an inferopt report" in wrong.stderr
+
+
+def test_progress_bars_only_when_wanted(cli):
+    args = [*SMALL, "--optimize", "prune-l1:finetune_steps=40"]
+    shown = cli("run", *args, env={"INFEROPT_PROGRESS": "1"})
+    assert shown.returncode == 0 and "fine-tuning (steps)" in shown.stderr
+    quiet = cli("run", *args, "--json", env={"INFEROPT_PROGRESS": "1"})
+    assert quiet.returncode == 0 and "fine-tuning (steps)" not in quiet.stderr
+    default = cli("run", *args)  # stderr is not a terminal here
+    assert "fine-tuning (steps)" not in default.stderr
