@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import os
 import platform
 import secrets
 from collections.abc import Iterable
@@ -210,6 +211,15 @@ def run(
     reason = backend.available()
     if reason:
         raise UsageError(f"backend {backend.name!r} cannot run here: {reason}")
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and backend.world_size == 1:
+        raise UsageError(
+            f"torchrun started {launched} processes but backend {backend.name!r} runs in one; "
+            "use --backend data-parallel or --backend model-parallel under torchrun, or run "
+            "without torchrun"
+        )
+    if not backend.is_main:
+        out_dir = ctx.out_dir = None  # the main worker saves; the others measure with it
 
     import torch
 
@@ -231,7 +241,6 @@ def run(
     if not ctx.data.eval:
         raise UsageError(f"--data {ctx.data_spec!r} gave no batches; it must yield at least one")
     _check_metrics_applicable(ctx)
-    environment_facts = environment(backend)
     manager.notify("inferopt_run_start", _observer_error(ctx), run=ctx)
 
     prepared = backend.prepare(model)
@@ -248,16 +257,15 @@ def run(
     signature = output_signature(probe_out)
     if not all_finite(probe_out):
         raise UsageError(f"the baseline model {recipe.model!r} already gives non-finite outputs")
-    baseline_outputs = []
-    for i, batch in enumerate(ctx.data.eval):
-        try:
-            out = backend.forward(prepared, backend.to_device(batch.inputs))
-        except Exception as exc:
-            raise UsageError(
-                f"the model {recipe.model!r} failed on batch {i} of {ctx.data_spec!r}: "
-                f"{type(exc).__name__}: {exc}. Check that every batch's shape and dtype fit"
-            ) from exc
-        baseline_outputs.append(_detach_cpu(out))
+    try:
+        baseline_outputs = backend.run_all(prepared, ctx.data.eval)
+    except InferoptError:
+        raise
+    except Exception as exc:
+        raise UsageError(
+            f"the model {recipe.model!r} failed on a batch of {ctx.data_spec!r}: "
+            f"{type(exc).__name__}: {exc}. Check that every batch's shape and dtype fit"
+        ) from exc
     log.info("measuring baseline", metrics=[m.spec.name for m in ctx.metrics])
     baseline, skipped = _measure(ctx, model, prepared, "baseline", baseline_outputs)
 
@@ -283,6 +291,7 @@ def run(
 
     log.info("measuring optimized model")
     optimized, _ = _measure(ctx, model, prepared, "optimized", baseline_outputs)
+    environment_facts = environment(backend)  # after the run: facts such as peak GPU memory
     report = Report(
         run_id=run_id,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -297,6 +306,7 @@ def run(
         primary={
             m.spec.name: (m.entry.obj.primary, m.entry.obj.higher_is_better) for m in ctx.metrics
         },
+        main_worker=backend.is_main,
     )
     report.gates = _evaluate_gates(recipe, report)
     if out_dir is not None:
@@ -356,18 +366,22 @@ def _check_metrics_applicable(ctx: RunContext) -> None:
             )
 
 
-def _detach_cpu(outputs: Any) -> Any:
-    from .model_io import move_to
-
-    return move_to(outputs, "cpu")
-
-
 def _measure(
     ctx: RunContext, model: Any, prepared: Any, role: str, baseline_outputs: list[Any]
 ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     from .artifacts import weights_bytes
 
     assert ctx.data is not None
+    backend: Backend = ctx.backend.instance
+    # each worker measures its share of the eval data (all of it with one worker)
+    share = backend.shard_indices(len(ctx.data.eval))
+    data = Data(
+        eval=[ctx.data.eval[i] for i in share],
+        calibration=ctx.data.calibration,
+        description=ctx.data.description,
+        calibration_is_eval=ctx.data.calibration_is_eval,
+    )
+    outputs = [baseline_outputs[i] for i in share]
     results: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
     for m in ctx.metrics:
@@ -378,11 +392,13 @@ def _measure(
         mctx = MetricContext(
             log=ctx.log.bind(metric=m.spec.name, plugin=m.entry.plugin, role=role),
             role=role,
-            baseline_outputs=baseline_outputs,
+            baseline_outputs=outputs,
             saved_weights=lambda: weights_bytes(model),
         )
+        backend.gather(None)  # workers start each metric together (throughput runs concurrently)
         try:
-            results[m.spec.name] = metric.measure(prepared, ctx.backend.instance, ctx.data, mctx)
+            result = metric.measure(prepared, backend, data, mctx)
+            results[m.spec.name] = backend.aggregate(metric, result)
         except InferoptError as exc:
             if ctx.recipe.metrics_explicit:
                 raise

@@ -53,6 +53,13 @@ class AccuracyMetric(Metric):
         ctx.log.info("accuracy", top1=round(top1, 4), samples=total)
         return {"top1": top1, "correct": correct, "samples": total}
 
+    def combine(self, results: list[dict[str, Any]]) -> dict[str, Any]:
+        """Workers saw disjoint shares of the data: counts add up."""
+        correct = sum(r["correct"] for r in results)
+        total = sum(r["samples"] for r in results)
+        return {"top1": correct / total if total else float("nan"), "correct": correct,
+                "samples": total}
+
 
 @hookimpl
 def inferopt_register_metrics(register: Any) -> None:

@@ -65,10 +65,28 @@ class FidelityMetric(Metric):
             "mean_abs_err": abs_sum / elems,
             "agreement": agree / positions if positions else float("nan"),
             "samples": n,
+            "elements": elems,
+            "positions": positions,
         }
         ctx.log.info("fidelity", cosine=round(result["cosine"], 5),
                      agreement=round(result["agreement"], 4))
         return result
+
+    def combine(self, results: list[dict[str, Any]]) -> dict[str, Any]:
+        """Workers saw disjoint shares of the data: averages weighted by what each counted."""
+        samples = sum(r["samples"] for r in results)
+        elements = sum(r["elements"] for r in results)
+        positions = sum(r["positions"] for r in results)
+        agree = sum(r["agreement"] * r["positions"] for r in results if r["positions"])
+        return {
+            "cosine": sum(r["cosine"] * r["samples"] for r in results) / samples,
+            "max_abs_err": max(r["max_abs_err"] for r in results),
+            "mean_abs_err": sum(r["mean_abs_err"] * r["elements"] for r in results) / elements,
+            "agreement": agree / positions if positions else float("nan"),
+            "samples": samples,
+            "elements": elements,
+            "positions": positions,
+        }
 
 
 @hookimpl

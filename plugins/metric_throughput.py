@@ -47,6 +47,19 @@ class ThroughputMetric(Metric):
         ctx.log.info("throughput", samples_per_s=round(result["samples_per_s"], 1))
         return result
 
+    def combine(self, results: list[dict[str, Any]]) -> dict[str, Any]:
+        """Data-parallel workers started together and ran at the same time: the total is every
+        worker's samples over the time the slowest one took."""
+        seconds = max(r["seconds"] for r in results)
+        samples = sum(r["samples"] for r in results)
+        return {
+            "samples_per_s": samples / seconds,
+            "samples": samples,
+            "seconds": seconds,
+            "workers": len(results),
+            "per_worker_samples_per_s": [r["samples_per_s"] for r in results],
+        }
+
 
 @hookimpl
 def inferopt_register_metrics(register: Any) -> None:
