@@ -163,7 +163,8 @@ def cuda_table() -> None:
         with torch.inference_mode():
             for _ in range(10):
                 backend.forward(prepared, xs)
-            def once(backend: Any = backend, prepared: Any = prepared) -> Any:
+
+            def once(backend: Any = backend, prepared: Any = prepared, xs: Any = xs) -> Any:
                 return backend.forward(prepared, xs)
 
             events = sorted(backend.time(once) for _ in range(200))
