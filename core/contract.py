@@ -95,6 +95,15 @@ class StepContext:
         return self.data
 
 
+class BatchFailed(Exception):
+    """The model raised on eval batch ``index`` (``cause``) in :meth:`Backend.run_all`."""
+
+    def __init__(self, index: int, cause: Exception) -> None:
+        super().__init__(f"batch {index}: {type(cause).__name__}: {cause}")
+        self.index = index
+        self.cause = cause
+
+
 # --- plugin classes --------------------------------------------------------------------------
 
 
@@ -207,8 +216,12 @@ class Backend(abc.ABC):
         :meth:`shard_indices` and the outputs are gathered, so every worker gets them all."""
         from .model_io import move_to
 
-        mine = {i: move_to(self.forward(prepared, self.to_device(batches[i].inputs)), "cpu")
-                for i in self.shard_indices(len(batches))}
+        mine = {}
+        for i in self.shard_indices(len(batches)):
+            try:
+                mine[i] = move_to(self.forward(prepared, self.to_device(batches[i].inputs)), "cpu")
+            except Exception as exc:
+                raise BatchFailed(i, exc) from exc
         if len(mine) == len(batches):
             # this worker ran them all (one process, or every process runs every batch, as
             # in a pipeline of stages): nothing to gather

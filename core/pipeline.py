@@ -22,6 +22,7 @@ import attrs
 from . import __version__, options
 from .contract import (
     Backend,
+    BatchFailed,
     Data,
     Metric,
     MetricContext,
@@ -259,12 +260,13 @@ def run(
         raise UsageError(f"the baseline model {recipe.model!r} already gives non-finite outputs")
     try:
         baseline_outputs = backend.run_all(prepared, ctx.data.eval)
-    except InferoptError:
-        raise
-    except Exception as exc:
+    except BatchFailed as exc:
+        if isinstance(exc.cause, InferoptError):
+            raise exc.cause from None
         raise UsageError(
-            f"the model {recipe.model!r} failed on a batch of {ctx.data_spec!r}: "
-            f"{type(exc).__name__}: {exc}. Check that every batch's shape and dtype fit"
+            f"the model {recipe.model!r} failed on batch {exc.index} of {ctx.data_spec!r}: "
+            f"{type(exc.cause).__name__}: {exc.cause}. Check that every batch's shape and "
+            "dtype fit"
         ) from exc
     log.info("measuring baseline", metrics=[m.spec.name for m in ctx.metrics])
     baseline, skipped = _measure(ctx, model, prepared, "baseline", baseline_outputs)
