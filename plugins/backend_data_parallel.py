@@ -45,7 +45,7 @@ def check_devices(devices: tuple[str, ...] | list[str]) -> str | None:
 
             reason = cuda_unavailable_reason(parsed.index or 0)
             if reason:
-                return f"{dev}: {reason}"
+                return reason if reason.startswith(dev) else f"{dev}: {reason}"
         elif parsed.type != "cpu":
             return f"{dev!r}: only cpu and cuda devices are supported"
     return None
