@@ -175,6 +175,8 @@ def run(
         click.echo(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
                    err=True)
         sys.exit(2)
+    if not report.main_worker:
+        return  # another torchrun worker: the main one prints the report
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:

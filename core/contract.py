@@ -95,6 +95,15 @@ class StepContext:
         return self.data
 
 
+class BatchFailed(Exception):
+    """The model raised on eval batch ``index`` (``cause``) in :meth:`Backend.run_all`."""
+
+    def __init__(self, index: int, cause: Exception) -> None:
+        super().__init__(f"batch {index}: {type(cause).__name__}: {cause}")
+        self.index = index
+        self.cause = cause
+
+
 # --- plugin classes --------------------------------------------------------------------------
 
 
@@ -176,6 +185,68 @@ class Backend(abc.ABC):
         """Hardware and software facts for the report."""
         return {"backend": self.name}
 
+    # --- several workers (torchrun) --------------------------------------------------------
+    # A backend whose processes were started by torchrun runs the whole pipeline in every
+    # process ("worker"). These methods say how the workers share the work; the defaults are
+    # those of a single process, so single-device backends need none of them.
+
+    @property
+    def rank(self) -> int:
+        """This worker's index among ``world_size`` workers (0 for a single process)."""
+        return 0
+
+    @property
+    def world_size(self) -> int:
+        """How many processes run this pipeline together (1 unless launched by torchrun)."""
+        return 1
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this worker prints the report and writes the output directory."""
+        return self.rank == 0
+
+    def shard_indices(self, num_batches: int) -> list[int]:
+        """Which of the ``num_batches`` eval batches this worker runs and measures (all of
+        them by default; a data-parallel backend gives each worker its own share)."""
+        return list(range(num_batches))
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every worker's ``obj``, in rank order. A collective: all workers call it, in the
+        same order, and it returns once all have (so it also lines them up)."""
+        return [obj]
+
+    def run_all(self, prepared: torch.nn.Module, batches: list[Batch]) -> list[Any]:
+        """Outputs of every batch, on the CPU and in the order given: each worker runs its
+        :meth:`shard_indices` and the outputs are gathered, so every worker gets them all."""
+        from .model_io import move_to
+
+        mine = {}
+        for i in self.shard_indices(len(batches)):
+            try:
+                mine[i] = move_to(self.forward(prepared, self.to_device(batches[i].inputs)), "cpu")
+            except Exception as exc:
+                raise BatchFailed(i, exc) from exc
+        if len(mine) == len(batches):
+            # this worker ran them all (one process, or every process runs every batch, as
+            # in a pipeline of stages): nothing to gather
+            return [mine[i] for i in range(len(batches))]
+        outputs: dict[int, Any] = {}
+        for part in self.gather(mine):
+            for i, out in part.items():
+                if i in outputs:
+                    raise RuntimeError(f"batch {i} was run by two workers; shard_indices overlap")
+                outputs[i] = out
+        missing = sorted(set(range(len(batches))) - set(outputs))
+        if missing:
+            raise RuntimeError(f"no worker ran batches {missing}; shard_indices miss them")
+        return [outputs[i] for i in range(len(batches))]
+
+    def aggregate(self, metric: Metric, result: dict[str, Any]) -> dict[str, Any]:
+        """Turn this worker's ``result`` of ``metric`` into the run's result (the same on
+        every worker). The default, one worker, keeps it; a data-parallel backend gathers all
+        workers' results and lets :meth:`Metric.combine` merge them."""
+        return result
+
 
 class Metric(abc.ABC):
     """Something measured on the baseline and on the optimized model alike.
@@ -212,6 +283,23 @@ class Metric(abc.ABC):
         result, optimized result, comparison)``, the comparison holding at least ``verdict``;
         or None to be measured by :meth:`measure` on each model instead."""
         return None
+    def combine(self, results: list[dict[str, Any]]) -> dict[str, Any]:
+        """Merge the results of several data-parallel workers, each measured on its own share
+        of the data at the same time, into one. The default keeps a result all workers agree
+        on; otherwise it averages each number over the workers and adds ``workers``. Metrics
+        whose numbers add up (counts, samples per second) override it."""
+        if all(r == results[0] for r in results):
+            return dict(results[0])
+        merged: dict[str, Any] = {}
+        for key, value in results[0].items():
+            values = [r.get(key) for r in results]
+            numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+            if len(numbers) == len(values):
+                merged[key] = sum(numbers) / len(numbers)
+            else:
+                merged[key] = value
+        merged["workers"] = len(results)
+        return merged
 
 
 @attrs.define

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as dt
+import os
 import platform
 import secrets
 from collections.abc import Iterable, Iterator
@@ -22,6 +23,7 @@ import attrs
 from . import __version__, options
 from .contract import (
     Backend,
+    BatchFailed,
     Data,
     Metric,
     MetricContext,
@@ -212,6 +214,15 @@ def run(
     reason = backend.available()
     if reason:
         raise UsageError(f"backend {backend.name!r} cannot run here: {reason}")
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and backend.world_size == 1:
+        raise UsageError(
+            f"torchrun started {launched} processes but backend {backend.name!r} runs in one; "
+            "use --backend data-parallel or --backend model-parallel under torchrun, or run "
+            "without torchrun"
+        )
+    if not backend.is_main:
+        out_dir = ctx.out_dir = None  # the main worker saves; the others measure with it
 
     import torch
 
@@ -233,7 +244,6 @@ def run(
     if not ctx.data.eval:
         raise UsageError(f"--data {ctx.data_spec!r} gave no batches; it must yield at least one")
     _check_metrics_applicable(ctx)
-    environment_facts = environment(backend)
     manager.notify("inferopt_run_start", _observer_error(ctx), run=ctx)
 
     prepared = backend.prepare(model)
@@ -250,18 +260,20 @@ def run(
     signature = output_signature(probe_out)
     if not all_finite(probe_out):
         raise UsageError(f"the baseline model {recipe.model!r} already gives non-finite outputs")
-    baseline_outputs = []
-    for i, batch in enumerate(ctx.data.eval):
-        try:
-            out = backend.forward(prepared, backend.to_device(batch.inputs))
-        except Exception as exc:
-            raise UsageError(
-                f"the model {recipe.model!r} failed on batch {i} of {ctx.data_spec!r}: "
-                f"{type(exc).__name__}: {exc}. Check that every batch's shape and dtype fit"
-            ) from exc
-        baseline_outputs.append(_detach_cpu(out))
+    try:
+        baseline_outputs = backend.run_all(prepared, ctx.data.eval)
+    except BatchFailed as exc:
+        if isinstance(exc.cause, InferoptError):
+            raise exc.cause from None
+        raise UsageError(
+            f"the model {recipe.model!r} failed on batch {exc.index} of {ctx.data_spec!r}: "
+            f"{type(exc.cause).__name__}: {exc.cause}. Check that every batch's shape and "
+            "dtype fit"
+        ) from exc
     log.info("measuring baseline", metrics=[m.spec.name for m in ctx.metrics])
-    paired = {m.spec.name for m in ctx.metrics if m.instance.paired}
+    # interleaved A/B needs both models in one process; several workers measure each on its own
+    paired = ({m.spec.name for m in ctx.metrics if m.instance.paired}
+              if backend.world_size == 1 else set())
     baseline_model = _keep_baseline(ctx, model) if paired else None
     if baseline_model is None:
         paired = set()
@@ -298,6 +310,7 @@ def run(
         order = [m.spec.name for m in ctx.metrics]
         baseline = {k: baseline[k] for k in order if k in baseline}
         optimized = {k: optimized[k] for k in order if k in optimized}
+    environment_facts = environment(backend)  # after the run: facts such as peak GPU memory
     report = Report(
         run_id=run_id,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -313,6 +326,7 @@ def run(
         primary={
             m.spec.name: (m.entry.obj.primary, m.entry.obj.higher_is_better) for m in ctx.metrics
         },
+        main_worker=backend.is_main,
     )
     report.gates = _evaluate_gates(recipe, report)
     if out_dir is not None:
@@ -372,12 +386,6 @@ def _check_metrics_applicable(ctx: RunContext) -> None:
             )
 
 
-def _detach_cpu(outputs: Any) -> Any:
-    from .model_io import move_to
-
-    return move_to(outputs, "cpu")
-
-
 def _keep_baseline(ctx: RunContext, model: Any) -> Any:
     """A copy of the baseline model for metrics that measure both models together; None (and
     a warning) when the model cannot be copied, so those metrics measure each model alone."""
@@ -406,6 +414,16 @@ def _measure(
     skip: set[str] | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     assert ctx.data is not None
+    backend: Backend = ctx.backend.instance
+    # each worker measures its share of the eval data (all of it with one worker)
+    share = backend.shard_indices(len(ctx.data.eval))
+    data = Data(
+        eval=[ctx.data.eval[i] for i in share],
+        calibration=ctx.data.calibration,
+        description=ctx.data.description,
+        calibration_is_eval=ctx.data.calibration_is_eval,
+    )
+    outputs = [baseline_outputs[i] for i in share]
     results: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
     for m in ctx.metrics:
@@ -415,9 +433,11 @@ def _measure(
         if metric.needs_labels and not ctx.data.has_labels:
             skipped[m.spec.name] = f"the data {ctx.data_spec!r} has no labels"
             continue
-        mctx = _metric_context(ctx, m, role, model, baseline_outputs)
+        mctx = _metric_context(ctx, m, role, model, outputs)
+        backend.gather(None)  # workers start each metric together (throughput runs concurrently)
         with _metric_errors(ctx, m, role, skipped):
-            results[m.spec.name] = metric.measure(prepared, ctx.backend.instance, ctx.data, mctx)
+            result = metric.measure(prepared, backend, data, mctx)
+            results[m.spec.name] = backend.aggregate(metric, result)
     return results, skipped
 
 

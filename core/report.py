@@ -67,6 +67,8 @@ class Report:
     warnings: list[str] = attrs.field(factory=list)
     gates: list[dict[str, Any]] = attrs.field(factory=list)
     primary: dict[str, tuple[str, bool]] = attrs.field(factory=dict)
+    # False in the other workers of a torchrun launch: only the main one prints and saves
+    main_worker: bool = True
 
     @property
     def comparison(self) -> dict[str, dict[str, dict[str, Any]]]:

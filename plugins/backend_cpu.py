@@ -35,12 +35,16 @@ def cpu_flags() -> set[str]:
 
 @attrs.frozen
 class CpuBackend(Backend):
-    """Run on the host CPU."""
+    """Run on the host CPU, with a fixed intra-op thread count and optional bf16 autocast."""
 
     name = "cpu"
-    summary = "host CPU (torch threads configurable)"
+    summary = "host CPU (threads, optional bf16 autocast)"
 
     threads: int = option(0, min=0, help="torch intra-op threads; 0 keeps torch's default")
+    autocast: str = option(
+        "none", choices=("none", "bf16"),
+        help="run matmuls and convolutions in bfloat16 (torch.autocast); fast only on CPUs "
+             "with AVX512-BF16 or AMX")
 
     def prepare(self, model: Any) -> Any:
         import torch
@@ -48,6 +52,16 @@ class CpuBackend(Backend):
         if self.threads:
             torch.set_num_threads(self.threads)
         return model.to("cpu").eval()
+
+    def forward(self, prepared: Any, inputs: Any) -> Any:
+        import torch
+
+        from inferopt.model_io import call_model
+
+        with torch.inference_mode(), torch.autocast(
+            "cpu", dtype=torch.bfloat16, enabled=self.autocast == "bf16"
+        ):
+            return call_model(prepared, inputs)
 
     def describe(self) -> dict[str, Any]:
         import torch
@@ -63,6 +77,8 @@ class CpuBackend(Backend):
             "threads": torch.get_num_threads(),
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "isa": " ".join(isa),
+            "autocast": self.autocast,
+            "native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"}),
         }
 
 

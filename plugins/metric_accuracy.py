@@ -62,8 +62,22 @@ class AccuracyMetric(Metric):
         result: dict[str, Any] = {f"top{k}": c / total if total else float("nan")
                                   for k, c in sorted(correct.items())}
         result.update({"correct": correct.get(1, 0), "samples": total})
+        if 5 in correct:
+            result["correct_top5"] = correct[5]
         ctx.log.info("accuracy", top1=round(result.get("top1", float("nan")), 4), samples=total)
         return result
+
+    def combine(self, results: list[dict[str, Any]]) -> dict[str, Any]:
+        """Workers saw disjoint shares of the data: counts add up."""
+        correct = sum(r["correct"] for r in results)
+        total = sum(r["samples"] for r in results)
+        merged = {"top1": correct / total if total else float("nan"), "correct": correct,
+                  "samples": total}
+        if all("correct_top5" in r for r in results):
+            top5 = sum(r["correct_top5"] for r in results)
+            merged.update({"top5": top5 / total if total else float("nan"),
+                           "correct_top5": top5})
+        return merged
 
 
 @hookimpl

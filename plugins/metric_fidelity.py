@@ -71,13 +71,44 @@ class FidelityMetric(Metric):
             "agreement": agree / positions if positions else float("nan"),
             # signal-to-noise ratio of the outputs, the baseline being the signal and the
             # difference the noise (infinite, null in JSON, when they are identical)
-            "snr_db": 10 * math.log10(signal / noise) if noise > 0 and signal > 0
-            else (math.inf if noise == 0 else -math.inf),
+            "snr_db": _snr_db(signal, noise),
+            "signal_energy": signal,
+            "noise_energy": noise,
             "samples": n,
+            "elements": elems,
+            "positions": positions,
         }
         ctx.log.info("fidelity", cosine=round(result["cosine"], 5),
                      agreement=round(result["agreement"], 4))
         return result
+
+    def combine(self, results: list[dict[str, Any]]) -> dict[str, Any]:
+        """Workers saw disjoint shares of the data: averages weighted by what each counted."""
+        samples = sum(r["samples"] for r in results)
+        elements = sum(r["elements"] for r in results)
+        positions = sum(r["positions"] for r in results)
+        agree = sum(r["agreement"] * r["positions"] for r in results if r["positions"])
+        return {
+            "cosine": sum(r["cosine"] * r["samples"] for r in results) / samples,
+            "max_abs_err": max(r["max_abs_err"] for r in results),
+            "mean_abs_err": sum(r["mean_abs_err"] * r["elements"] for r in results) / elements,
+            "agreement": agree / positions if positions else float("nan"),
+            "snr_db": _snr_db(sum(r["signal_energy"] for r in results),
+                              sum(r["noise_energy"] for r in results)),
+            "signal_energy": sum(r["signal_energy"] for r in results),
+            "noise_energy": sum(r["noise_energy"] for r in results),
+            "samples": samples,
+            "elements": elements,
+            "positions": positions,
+        }
+
+
+def _snr_db(signal: float, noise: float) -> float:
+    """Signal-to-noise ratio in dB, the baseline's outputs being the signal and the difference
+    the noise (infinite, null in JSON, when they are identical)."""
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
 @hookimpl

@@ -119,6 +119,24 @@ class LatencyMetric(Metric):
         result.update({"runs": len(times), "batch_size": data.eval[0].size, "threads": threads,
                        "precision": self.precision})
         return result
+    def combine(self, results: list[dict[str, Any]]) -> dict[str, Any]:
+        """Data-parallel workers: each percentile is the slowest worker's (a request split over
+        the workers waits for all of them); every worker's p50 is kept."""
+        merged: dict[str, Any] = {
+            key: max(r[key] for r in results)
+            for key in ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms", "std_ms")
+            if all(key in r for r in results)
+        }
+        merged["min_ms"] = min(r["min_ms"] for r in results)
+        merged["mean_ms"] = sum(r["mean_ms"] for r in results) / len(results)
+        merged["runs"] = sum(r["runs"] for r in results)
+        merged["batch_size"] = results[0]["batch_size"]
+        merged["threads"] = results[0]["threads"]
+        merged["precision"] = results[0].get("precision")
+        merged["unreliable"] = results[0].get("unreliable", [])
+        merged["workers"] = len(results)
+        merged["per_worker_p50_ms"] = [r["p50_ms"] for r in results]
+        return merged
 
 
 @hookimpl

@@ -63,6 +63,22 @@ class ThroughputMetric(Metric):
                 passes += 1
         return per_pass * passes, seconds
 
+    def combine(self, results: list[dict[str, Any]]) -> dict[str, Any]:
+        """Data-parallel workers started together and ran at the same time: the total is every
+        worker's samples over the time the slowest one took."""
+        seconds = max(r["seconds"] for r in results)
+        samples = sum(r["samples"] for r in results)
+        return {
+            "samples_per_s": samples / seconds,
+            "samples": samples,
+            "seconds": seconds,
+            "workers": len(results),
+            "per_worker_samples_per_s": [r["samples_per_s"] for r in results],
+            # the sweep ran on every worker at once: the rates add up
+            **{k: sum(r[k] for r in results) for k in results[0]
+               if k.startswith("samples_per_s_batch")},
+        }
+
 
 def _concatenated(inputs: list[Any]) -> Any:
     import torch

@@ -26,6 +26,13 @@ done
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 status=0
 "$PY" -m pytest -m cuda -v -rs -p no:cacheprovider || status=$?
+# torchrun on NCCL with the one GPU: data-parallel and a one-stage pipeline, end to end
+for backend in data-parallel:device_type=cuda model-parallel:device_type=cuda; do
+  echo "== torchrun --nproc-per-node 1 --backend $backend"
+  "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 -m inferopt run \
+      --model demo:digits-mlp-small -O none --backend "$backend" --metric accuracy \
+      --metric latency --out "$(mktemp -d)/run" || status=$?
+done
 for bench in benchmarks/bench_*.py; do
   if grep -q -- '"--device"' "$bench"; then
     echo "== $bench --device cuda"

@@ -1,0 +1,408 @@
+"""The ``model-parallel`` backend: the model cut into stages, each on its own device or process,
+with micro-batches flowing through them as a pipeline.
+
+Two ways to run, chosen by how inferopt was started:
+
+* under ``torchrun --nproc-per-node N``: one stage per process, built and run by
+  ``torch.distributed.pipelining`` (the tracer ``pipeline()`` cuts the model, ``ScheduleGPipe``
+  runs the micro-batches; gloo between CPU processes, NCCL between GPUs). The last stage's output
+  is broadcast so that every process sees it;
+* in one process with ``devices=cuda:0|cuda:1`` (or ``cpu|cpu``): the same cut, each stage
+  moved to its device, one thread per micro-batch, and a stage works on one micro-batch at a
+  time; ``microbatches=1`` is the device-map style split where one stage works at a time.
+
+Stage boundaries are module names (``split=encoder.layers.6``) or chosen to balance parameters
+or measured time. The traced stages are specialised to a micro-batch shape, so each distinct
+input shape is traced once and cached.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from typing import Any
+
+import attrs
+
+from inferopt import Backend, hookimpl, option
+from inferopt.errors import UsageError
+from inferopt.plugins import process_group
+from inferopt.plugins.backend_data_parallel import check_devices
+
+MODES_HELP = (
+    "launch one process per stage with torchrun --nproc-per-node N -m inferopt run "
+    "--backend model-parallel ..., or give in-process devices, e.g. "
+    "model-parallel:devices=cuda:0|cuda:1 (or cpu|cpu)"
+)
+
+
+def microbatch_count(batch: int, wanted: int) -> int:
+    """The largest count up to ``wanted`` that divides the batch into equal micro-batches."""
+    return max(d for d in range(1, min(wanted, batch) + 1) if batch % d == 0)
+
+
+def split_inputs(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if isinstance(inputs, dict):
+        return (), dict(inputs)
+    if isinstance(inputs, tuple | list):
+        return tuple(inputs), {}
+    return (inputs,), {}
+
+
+def _microbatch(obj: Any, count: int, index: int) -> Any:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.tensor_split(count)[index]
+    if isinstance(obj, dict):
+        return {k: _microbatch(v, count, index) for k, v in obj.items()}
+    if isinstance(obj, tuple | list):
+        return type(obj)(_microbatch(v, count, index) for v in obj)
+    return obj
+
+
+def _concat(parts: list[Any]) -> Any:
+    import torch
+
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, tuple | list):
+        return type(first)(_concat([p[i] for p in parts]) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: _concat([p[k] for p in parts]) for k in first}
+    raise UsageError(
+        f"model-parallel needs a model that returns tensors (or tuples/dicts of them); "
+        f"it returned {type(first).__name__}")
+
+
+def _plain(obj: Any) -> Any:
+    """A copy usable outside inference mode (tracing cannot take inference tensors)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, tuple | list):
+        return type(obj)(_plain(v) for v in obj)
+    return obj
+
+
+def _signature(inputs: Any) -> tuple[Any, ...]:
+    from inferopt.model_io import iter_tensors
+
+    return tuple((tuple(t.shape), t.dtype) for t in iter_tensors(inputs))
+
+
+def trace_stages(model: Any, example_microbatch: Any, split_points: list[str]) -> Any:
+    """``torch.distributed.pipelining.pipeline`` on a copy of ``model`` (the tracer marks the
+    split modules in place), cut at the beginning of each split point."""
+    import torch
+    from torch.distributed.pipelining import SplitPoint, pipeline
+
+    args, kwargs = split_inputs(example_microbatch)
+    with torch.inference_mode(False):
+        args, kwargs = _plain(args), _plain(kwargs)
+        try:
+            return pipeline(
+                copy.deepcopy(model), mb_args=args, mb_kwargs=kwargs or None,
+                split_spec={name: SplitPoint.BEGINNING for name in split_points},
+            )
+        except Exception as exc:
+            raise UsageError(
+                f"torch.distributed.pipelining could not trace the model at split points "
+                f"{split_points}: {type(exc).__name__}: {str(exc)[:400]}. The model must be "
+                "traceable by torch.export; try other split points") from exc
+
+
+class StagedModel:
+    """A model prepared for model-parallel runs: the whole model (for tracing and for the
+    report), the split points once chosen, and the traced pipeline per input shape."""
+
+    def __init__(self, model: Any, backend: ModelParallelBackend) -> None:
+        self.model = model
+        self.backend = backend
+        self.split_points: list[str] | None = None
+        self.runners: dict[Any, Any] = {}
+        self.output_is_tensor: bool | None = None
+        self.lock = threading.Lock()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        inputs: Any = kwargs if kwargs else (args[0] if len(args) == 1 else args)
+        return self.backend.run_staged(self, inputs)
+
+    # the pipeline hands prepared models to metrics, which may ask for these
+    def parameters(self) -> Any:
+        return self.model.parameters()
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.state_dict(*args, **kwargs)
+
+    def eval(self) -> StagedModel:
+        return self
+
+
+@attrs.frozen
+class ModelParallelBackend(Backend):
+    """Cut the model into stages on several devices or processes and pipeline micro-batches
+    through them (``torch.distributed.pipelining`` under torchrun; threads in one process)."""
+
+    name = "model-parallel"
+    summary = "pipeline stages across processes (torchrun) or devices, with micro-batches"
+
+    split: tuple[str, ...] = option(
+        (), help="module names where a new stage begins (| between names); empty: chosen "
+                 "automatically to balance the stages")
+    balance: str = option("params", choices=("params", "time"),
+                          help="what automatic split points balance: parameters or measured time")
+    microbatches: int = option(4, min=1, help="micro-batches per batch (1: no pipelining)")
+    device_type: str = option(
+        "cpu", choices=("cpu", "cuda"),
+        help="under torchrun: CPU processes (gloo) or one GPU per process (NCCL)")
+    devices: tuple[str, ...] = option(
+        (), help="in one process: a device per stage, e.g. cuda:0|cuda:1 or cpu|cpu")
+
+    # --- where it runs ------------------------------------------------------------------
+
+    @property
+    def distributed(self) -> bool:
+        return process_group.launched_by_torchrun()
+
+    def available(self) -> str | None:
+        if self.distributed:
+            if self.devices:
+                return ("devices= is for one process; under torchrun each process runs one "
+                        "stage on device=cpu or device=cuda")
+            if self.device_type == "cuda":
+                from inferopt.plugins.backend_cuda import cuda_unavailable_reason
+
+                return cuda_unavailable_reason()
+            return None
+        if len(self.devices) < 2:
+            return f"it needs at least two stages: {MODES_HELP}"
+        return check_devices(self.devices)
+
+    @property
+    def stages(self) -> int:
+        return self.world_size if self.distributed else len(self.devices)
+
+    @property
+    def rank(self) -> int:
+        return process_group.join(self.device_type).get_rank() if self.distributed else 0
+
+    @property
+    def world_size(self) -> int:
+        return process_group.join(self.device_type).get_world_size() if self.distributed else 1
+
+    @property
+    def device(self) -> str:
+        """Where inputs go: this process's device, or the first stage's device."""
+        if self.distributed:
+            return process_group.device_for_this_process(self.device_type)
+        return self.devices[0]
+
+    def synchronize(self) -> None:
+        import torch
+
+        for dev in {self.device, *self.devices}:
+            if str(dev).startswith("cuda"):
+                torch.cuda.synchronize(dev)
+
+    def gather(self, obj: Any) -> list[Any]:
+        if self.distributed and self.world_size > 1:
+            return process_group.all_gather_objects(obj)
+        return [obj]
+
+    def aggregate(self, metric: Any, result: dict[str, Any]) -> dict[str, Any]:
+        # every process ran the same batches through the same pipeline; the report shows
+        # what the first stage's process measured, on every worker alike
+        if self.distributed and self.world_size > 1:
+            return dict(process_group.broadcast_object(result, src=0))
+        return result
+
+    def prepare(self, model: Any) -> Any:
+        self.rank  # noqa: B018 (joins the process group now, before any tracing)
+        return StagedModel(model.to("cpu").eval(), self)  # stages move when traced
+
+    def forward(self, prepared: Any, inputs: Any) -> Any:
+        return self.run_staged(prepared, inputs)
+
+    # --- cutting and running ------------------------------------------------------------
+
+    def choose_split_points(self, staged: StagedModel, inputs: Any) -> list[str]:
+        import torch
+
+        from inferopt.model_io import call_model
+        from inferopt.plugins import stage_split
+
+        model = staged.model
+        example = _plain(inputs)
+
+        def run() -> None:
+            with torch.inference_mode():
+                call_model(model, example)
+
+        calls = stage_split.profile_calls(model, run, repeats=3 if self.balance == "time" else 1)
+        if self.split:
+            names = stage_split.order_split_points(model, self.split, calls)
+            if len(names) + 1 != self.stages:
+                where = (f"torchrun started {self.stages} processes" if self.distributed
+                         else f"devices= lists {self.stages} devices")
+                raise UsageError(
+                    f"split= gives {len(names)} split point(s), which make {len(names) + 1} "
+                    f"stages, but {where}; give {self.stages - 1} split point(s)")
+            return names
+        return stage_split.choose_split_points(calls, self.stages, self.balance)
+
+    def run_staged(self, staged: StagedModel, inputs: Any) -> Any:
+        with staged.lock:
+            if staged.split_points is None:
+                names = self.choose_split_points(staged, inputs)
+                if self.distributed and self.world_size > 1:
+                    # measured times differ between processes: the first one decides
+                    names = process_group.broadcast_object(names, src=0)
+                staged.split_points = names
+            key = _signature(inputs)
+            runner = staged.runners.get(key)
+            if runner is None:
+                from inferopt.model_io import first_tensor
+
+                batch = int(first_tensor(inputs).shape[0])
+                count = microbatch_count(batch, self.microbatches)
+                from inferopt.model_io import move_to
+
+                example = move_to(_microbatch(inputs, count, 0), "cpu")
+                pipe = trace_stages(staged.model, example, staged.split_points)
+                if staged.output_is_tensor is None:
+                    import torch
+
+                    from inferopt.model_io import call_model
+
+                    with torch.inference_mode():
+                        out = call_model(staged.model, example)
+                    staged.output_is_tensor = isinstance(out, torch.Tensor)
+                build = self._build_distributed if self.distributed else self._build_local
+                runner = staged.runners[key] = build(pipe, count)
+        out = runner(inputs)
+        if staged.output_is_tensor and isinstance(out, tuple | list) and len(out) == 1:
+            out = out[0]
+        return out
+
+    def _build_distributed(self, pipe: Any, count: int) -> Any:
+        import torch
+        from torch.distributed.pipelining import ScheduleGPipe
+
+        from inferopt.model_io import move_to
+
+        rank, world = self.rank, self.world_size
+        if pipe.num_stages != world:
+            raise UsageError(
+                f"the split made {pipe.num_stages} stages but torchrun started {world} "
+                "processes; each process runs one stage")
+        device = torch.device(self.device)
+        stage = pipe.build_stage(rank, device)
+        schedule = ScheduleGPipe(stage, count)
+        last = world - 1
+
+        def run(inputs: Any) -> Any:
+            if rank == 0:
+                args, kwargs = split_inputs(move_to(inputs, device))
+                out = schedule.eval(*args, **kwargs)
+            else:
+                out = schedule.eval()
+            # the output lives on the last stage; every process needs it to measure alike
+            return move_to(
+                process_group.broadcast_object(
+                    move_to(out, "cpu") if rank == last else None, src=last),
+                device)
+
+        return run
+
+    def _build_local(self, pipe: Any, count: int) -> Any:
+        import torch
+
+        from inferopt.model_io import move_to
+
+        busy = [threading.Lock() for _ in range(pipe.num_stages)]
+        for i, device in enumerate(self.devices):
+            module = pipe.get_stage_module(i).to(device)
+            module.register_forward_pre_hook(_enter_stage(busy[i], device), with_kwargs=True)
+            module.register_forward_hook(_leave_stage(busy[i]), always_call=True)
+
+        placeholders = [n.target for n in pipe.split_gm.graph.nodes if n.op == "placeholder"]
+
+        def one(microbatch: Any) -> Any:
+            args, kwargs = split_inputs(microbatch)
+            if kwargs:
+                args = tuple(kwargs[name] for name in placeholders if name in kwargs)
+            # a fresh interpreter per micro-batch: Pipe's own keeps its values on itself, so
+            # threads cannot share it
+            with torch.inference_mode():
+                return torch.fx.Interpreter(pipe.split_gm).run(*args)
+
+        def run(inputs: Any) -> Any:
+            parts = [_microbatch(inputs, count, i) for i in range(count)]
+            if count == 1:
+                outs = [one(parts[0])]
+            else:
+                results: list[Any] = [None] * count
+                errors: list[BaseException] = []
+
+                def work(i: int) -> None:
+                    try:
+                        results[i] = one(parts[i])
+                    except BaseException as exc:  # re-raised in the caller's thread
+                        errors.append(exc)
+
+                threads = [threading.Thread(target=work, args=(i,)) for i in range(count)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                if errors:
+                    raise errors[0]
+                outs = results
+            return move_to(_concat(outs), self.devices[-1])
+
+        return run
+
+    def describe(self) -> dict[str, Any]:
+        import torch
+
+        facts: dict[str, Any] = {
+            "backend": self.name,
+            "mode": "torchrun" if self.distributed else "in-process",
+            "stages": self.stages,
+            "microbatches": self.microbatches,
+            "split": list(self.split) or f"automatic ({self.balance})",
+            "threads_per_process": torch.get_num_threads(),
+        }
+        if self.distributed:
+            facts["process_group"] = process_group.join(self.device_type).get_backend()
+            facts["device"] = self.device
+        else:
+            facts["devices"] = list(self.devices)
+        return facts
+
+
+def _enter_stage(busy: threading.Lock, device: str) -> Any:
+    from inferopt.model_io import move_to
+
+    def hook(_module: Any, args: Any, kwargs: Any) -> Any:
+        busy.acquire()  # one micro-batch in a stage at a time, as on a real device
+        return move_to(args, device), move_to(kwargs, device)
+
+    return hook
+
+
+def _leave_stage(busy: threading.Lock) -> Any:
+    def hook(_module: Any, _args: Any, _out: Any) -> None:
+        busy.release()
+
+    return hook
+
+
+@hookimpl
+def inferopt_register_backends(register: Any) -> None:
+    register(ModelParallelBackend)
