@@ -45,7 +45,8 @@ class AccuracyMetric(Metric):
 
         correct = total = 0
         for batch in data.eval:
-            out = primary_output(backend.forward(model, backend.to_device(batch.inputs)))
+            out = primary_output(backend.forward(model, backend.to_device(batch.inputs)),
+                                 ctx.output)
             c, n = top1_correct(out, batch.labels)
             correct += c
             total += n
