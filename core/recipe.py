@@ -9,6 +9,7 @@ with ``name`` in TOML. List-valued options use ``|`` on the command line
 from __future__ import annotations
 
 import math
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -69,6 +70,17 @@ def parse_spec(text: str, what: str) -> Spec:
                 )
             options[key.strip()] = value.strip()
     return Spec(name, options)
+
+
+def parse_target_spec(text: str, scheme: str, what: str) -> tuple[str, dict[str, Any]]:
+    """Parse a source spec ``[SCHEME:]TARGET[:key=value,...]`` (``text:lines.txt:max_length=64``,
+    ``data.csv:label=y``) into the target (a path, a directory, an id) and its raw options.
+    The options are the part after the last colon when it reads ``key=value``."""
+    body = text[len(scheme) + 1 :] if text.startswith(scheme + ":") else text
+    target, sep, tail = body.rpartition(":")
+    if sep and re.match(r"^\s*[A-Za-z_]\w*\s*=", tail):
+        return target, parse_spec(f"{scheme}:{tail}", what).options
+    return body, {}
 
 
 def _spec_from_toml(value: Any, where: str) -> Spec:
