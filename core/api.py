@@ -31,6 +31,9 @@ def run(
     seed: int | None = None,
     out: str | Path | None = None,
     gates: Mapping[str, float] | None = None,
+    output: str | None = None,
+    split: str | None = None,
+    trust_model: bool = False,
     overwrite: bool = False,
     save: bool = True,
 ) -> Report:
@@ -39,6 +42,9 @@ def run(
     ``recipe`` is an optional TOML file; keyword arguments override it like CLI flags do.
     ``model`` and ``data`` are specs (``"demo:digits-mlp"``) or objects (an ``nn.Module``; a
     :class:`Data`, a Dataset or an iterable of batches). A module passed in is not modified.
+    ``output`` picks the output tensor metrics compare (``"last_hidden_state"``); ``split``
+    re-splits the data (``"eval=512,calibration=256,seed=0"``); ``trust_model=True`` allows
+    unpickling a model file (only for files you trust).
     """
     _ensure_logging()
     model_spec = model if isinstance(model, str) else None
@@ -54,6 +60,9 @@ def run(
         seed=seed,
         out=str(out) if out is not None else None,
         gates=gates,
+        output=output,
+        split=split,
+        trust_model=trust_model,
     )
     from .pipeline import run as run_pipeline
 
@@ -103,6 +112,9 @@ def _ensure_logging() -> None:
         configure()
 
 
-def load(path: str | Path, model: torch.nn.Module | None = None) -> torch.nn.Module:
-    """Rebuild a model saved by ``inferopt run`` without unpickling anything."""
-    return _load(path, model=model)
+def load(
+    path: str | Path, model: torch.nn.Module | None = None, *, trust_model: bool = False
+) -> torch.nn.Module:
+    """Rebuild a model saved by ``inferopt run``. Nothing is unpickled unless ``trust_model`` is
+    True (needed only when the run started from a pickled model file)."""
+    return _load(path, model=model, trust_model=trust_model)

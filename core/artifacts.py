@@ -15,7 +15,6 @@ never leaves a half-written model that :func:`load` would accept.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -74,7 +73,8 @@ def save_run(
         save_model(model, tmp / WEIGHTS)
         manifest = {
             "format": FORMAT,
-            "model": _portable_spec(ctx.recipe.model),
+            "model": (ctx.model_source.obj().portable_spec(ctx.recipe.model)
+                      if ctx.model_source is not None else ctx.recipe.model),
             "batch_size": ctx.recipe.batch_size,
             "seed": ctx.recipe.seed,
             "steps": [
@@ -129,20 +129,14 @@ def _plot_into(tmp: Path, out_dir: Path, report: Report, ctx: RunContext) -> Non
     report.artifacts["plot"] = str(out_dir / "plot.png")
 
 
-def _portable_spec(spec: str) -> str:
-    """A ``PATH.py:CALLABLE`` spec with an absolute path, so that ``inferopt.load`` works from
-    any working directory."""
-    match = re.match(r"^(python:)?(.+\.py):([A-Za-z_][\w.]*)$", spec)
-    if match and Path(match[2]).is_file():
-        return f"{match[1] or ''}{Path(match[2]).resolve()}:{match[3]}"
-    return spec
-
-
-def load(path: str | Path, model: torch.nn.Module | None = None) -> torch.nn.Module:
+def load(
+    path: str | Path, model: torch.nn.Module | None = None, *, trust_model: bool = False
+) -> torch.nn.Module:
     """Rebuild an optimized model saved by ``inferopt run`` (or :func:`save`) without pickle.
 
     ``model`` is needed only when the run started from an in-memory module: pass a fresh,
-    un-optimized instance of the same architecture.
+    un-optimized instance of the same architecture. ``trust_model`` must be given again when
+    the run's model was a pickled file: the saved manifest never grants trust by itself.
     """
     import copy
 
@@ -172,7 +166,8 @@ def load(path: str | Path, model: torch.nn.Module | None = None) -> torch.nn.Mod
             )
         source = resolve_model_source(registry, spec)
         sctx = SourceContext(log=log, batch_size=manifest.get("batch_size", 64),
-                             seed=manifest.get("seed", 0), restoring=True)
+                             seed=manifest.get("seed", 0), restoring=True,
+                             trust_model=trust_model)
         model = source.obj().load(spec, sctx)
     else:
         model = copy.deepcopy(model)

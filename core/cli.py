@@ -80,10 +80,21 @@ def main() -> None:
 @main.command(context_settings=CONTEXT)
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
 @click.option("--model", "-m", metavar="SPEC",
-              help="Model spec: demo:digits-mlp, python:MODULE:CALLABLE, PATH.py:CALLABLE.")
+              help="Model spec: demo:digits-mlp, python:MODULE:CALLABLE[:k=v,...], "
+                   "PATH.py:CALLABLE, PATH.pt2, PATH.pt/.ts (TorchScript), hf:DIR.")
 @click.option("--data", "-d", metavar="SPEC",
-              help="Data spec: demo:digits, synthetic:shape=64x1024, python:MODULE:CALLABLE, "
-                   "PATH.py:CALLABLE.")
+              help="Data spec: demo:digits, synthetic:shape=64x1024, PATH.pt/.npy/.npz/"
+                   ".safetensors/.csv, text:FILE, python:MODULE:CALLABLE, PATH.py:CALLABLE.")
+@click.option("--split", metavar="calibration=N,train=N,eval=N,seed=S",
+              help="Re-split the data's samples: sizes of each split, drawn without overlap "
+                   "after a seeded shuffle. Default: the data source's own splits.")
+@click.option("--output", "output", metavar="NAME",
+              help="Which model output metrics and steps compare: a key or attribute "
+                   "(last_hidden_state), a tuple position (0), dots to go deeper. "
+                   "Default: logits if the model returns them, else the first tensor.")
+@click.option("--trust-model", is_flag=True,
+              help="Allow loading a model file that needs unpickling (a pickled nn.Module). "
+                   "Unpickling runs code from the file: only for files you trust.")
 @click.option("--optimize", "-O", "optimize", multiple=True, metavar="NAME[:k=v,...]",
               help="An optimizer step; repeat for several, applied in order. 'none' for no "
                    "steps. Default: int8.")
@@ -115,6 +126,9 @@ def run(
     recipe: str | None,
     model: str | None,
     data: str | None,
+    split: str | None,
+    output: str | None,
+    trust_model: bool,
     optimize: tuple[str, ...],
     backend: str | None,
     metrics: tuple[str, ...],
@@ -156,6 +170,9 @@ def run(
             batch_size=batch_size,
             seed=seed,
             out=out,
+            output=output,
+            split=split,
+            trust_model=trust_model,
             gates={
                 **_accuracy_gate(max_accuracy_drop),
                 "min_speedup": min_speedup,

@@ -40,18 +40,29 @@ class Batch:
 @attrs.define
 class Data:
     """The run's data: ``eval`` batches are measured; ``calibration`` batches are what
-    data-hungry optimizers (static quantization, distillation, activation pruning) learn from.
-    When a source has no separate split, calibration is the eval data, and says so."""
+    calibrating optimizers (static quantization, GPTQ, SmoothQuant) observe; ``train`` batches
+    are what training optimizers (distillation) learn from. When a source has no separate
+    calibration split, calibration is the eval data, and says so; when it has no separate
+    training split, training uses the calibration batches."""
 
     eval: list[Batch]
     calibration: list[Batch] = attrs.field(factory=list)
     description: str = ""
     calibration_is_eval: bool = False
+    train: list[Batch] = attrs.field(factory=list)
 
     def __attrs_post_init__(self) -> None:
         if not self.calibration:
             self.calibration = self.eval
             self.calibration_is_eval = True
+        if not self.train:
+            self.train = self.calibration
+
+    @property
+    def train_is_eval(self) -> bool:
+        """Whether the training batches are the measured ones (results would be optimistic)."""
+        return self.train is self.eval or (self.train is self.calibration
+                                           and self.calibration_is_eval)
 
     @property
     def has_labels(self) -> bool:
@@ -66,7 +77,9 @@ class Data:
 class StepContext:
     """What an optimizer step gets besides the model.
 
-    ``data`` is None when a saved model is being rebuilt (``restoring``); ``state`` is a
+    ``data`` is None when a saved model is being rebuilt (``restoring``); ``output`` names the
+    output tensor to compare (the run's ``--output``; None: logits, else the first tensor; see
+    :func:`inferopt.model_io.primary_output`); ``state`` is a
     JSON-serialisable dict the step may fill during ``apply`` and that is handed back,
     unchanged, to ``restore`` when the saved model is loaded (for example which channels a
     structured pruning step kept). ``details`` goes into the report; a ``"summary"`` string in it
@@ -78,6 +91,7 @@ class StepContext:
     backend: Backend | None = None
     seed: int = 0
     restoring: bool = False
+    output: str | None = None
     state: dict[str, Any] = attrs.field(factory=dict)
     details: dict[str, Any] = attrs.field(factory=dict)
     warnings: list[str] = attrs.field(factory=list)
@@ -304,12 +318,14 @@ class Metric(abc.ABC):
 
 @attrs.define
 class MetricContext:
-    """What a metric gets besides model, backend and data."""
+    """What a metric gets besides model, backend and data. ``output`` names the output tensor
+    to compare (the run's ``--output``); pass it to :func:`inferopt.model_io.primary_output`."""
 
     log: FilteringBoundLogger
     role: str  # "baseline" or "optimized"
     baseline_outputs: list[Any] | None = None
     saved_weights: Callable[[], bytes] | None = None
+    output: str | None = None
 
 
 class ModelSource(abc.ABC):
@@ -330,6 +346,11 @@ class ModelSource(abc.ABC):
         """A data spec that suits this model when the user gives none (for demos)."""
         return None
 
+    def portable_spec(self, spec: str) -> str:
+        """``spec`` as saved with an optimized model, for :func:`inferopt.load`: file paths made
+        absolute so that it loads from any working directory."""
+        return spec
+
 
 class DataSource(abc.ABC):
     """Turns a data spec (``demo:digits``, ``synthetic:shape=64x1024``) into :class:`Data`."""
@@ -348,9 +369,16 @@ class DataSource(abc.ABC):
 @attrs.define
 class SourceContext:
     """What model and data sources get: batch size, seed, logger, and whether a saved model is
-    being rebuilt (then weights are loaded afterwards, so a source may skip training)."""
+    being rebuilt (then weights are loaded afterwards, so a source may skip training).
+
+    ``trust_model`` is True only when the user said they trust the model file (``--trust-model``):
+    only then may a source unpickle it. ``tokenizer`` is set by a model source whose model comes
+    with one (``hf:``), before the data is loaded, so that text data can be tokenized for it.
+    """
 
     log: FilteringBoundLogger
     batch_size: int = 64
     seed: int = 0
     restoring: bool = False
+    trust_model: bool = False
+    tokenizer: Any = None

@@ -227,7 +227,8 @@ def run(
     import torch
 
     torch.manual_seed(recipe.seed)
-    source_ctx = SourceContext(log=log, batch_size=recipe.batch_size, seed=recipe.seed)
+    source_ctx = SourceContext(log=log, batch_size=recipe.batch_size, seed=recipe.seed,
+                               trust_model=recipe.trust_model)
     if model is None:
         assert ctx.model_source is not None
         log.info("loading model", spec=recipe.model, source=ctx.model_source.plugin)
@@ -241,6 +242,11 @@ def run(
         log.info("loading data", spec=ctx.data_spec, source=data_entry.plugin)
         data = data_entry.obj().load(ctx.data_spec, source_ctx)
     ctx.data = as_data(data, recipe.batch_size)
+    if recipe.split is not None and ctx.data.eval:
+        from .splits import split_data
+
+        ctx.data = split_data(ctx.data, recipe.split, recipe.batch_size)
+        log.info("data split", **recipe.split.to_dict(), description=ctx.data.description)
     if not ctx.data.eval:
         raise UsageError(f"--data {ctx.data_spec!r} gave no batches; it must yield at least one")
     _check_metrics_applicable(ctx)
@@ -260,6 +266,10 @@ def run(
     signature = output_signature(probe_out)
     if not all_finite(probe_out):
         raise UsageError(f"the baseline model {recipe.model!r} already gives non-finite outputs")
+    if recipe.output:  # a wrong name fails here, before anything is measured
+        from .model_io import select_output
+
+        select_output(probe_out, recipe.output)
     try:
         baseline_outputs = backend.run_all(prepared, ctx.data.eval)
     except BatchFailed as exc:
@@ -406,6 +416,7 @@ def _metric_context(ctx: RunContext, m: Resolved, role: str, model: Any,
         role=role,
         baseline_outputs=baseline_outputs,
         saved_weights=lambda: weights_bytes(model),
+        output=ctx.recipe.output,
     )
 
 
@@ -490,7 +501,8 @@ def _apply_step(ctx: RunContext, step: Resolved, model: Any) -> tuple[Any, StepR
 
     optimizer: Optimizer = step.instance
     log = ctx.log.bind(step=step.index, optimizer=step.spec.name, plugin=step.entry.plugin)
-    sctx = StepContext(log=log, data=ctx.data, backend=ctx.backend.instance, seed=ctx.recipe.seed)
+    sctx = StepContext(log=log, data=ctx.data, backend=ctx.backend.instance,
+                       seed=ctx.recipe.seed, output=ctx.recipe.output)
     log.info("applying step", options=step.spec.options)
     torch.manual_seed(ctx.recipe.seed)
     start = time.perf_counter()

@@ -9,6 +9,7 @@ with ``name`` in TOML. List-valued options use ``|`` on the command line
 from __future__ import annotations
 
 import math
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -71,6 +72,17 @@ def parse_spec(text: str, what: str) -> Spec:
     return Spec(name, options)
 
 
+def parse_target_spec(text: str, scheme: str, what: str) -> tuple[str, dict[str, Any]]:
+    """Parse a source spec ``[SCHEME:]TARGET[:key=value,...]`` (``text:lines.txt:max_length=64``,
+    ``data.csv:label=y``) into the target (a path, a directory, an id) and its raw options.
+    The options are the part after the last colon when it reads ``key=value``."""
+    body = text[len(scheme) + 1 :] if text.startswith(scheme + ":") else text
+    target, sep, tail = body.rpartition(":")
+    if sep and re.match(r"^\s*[A-Za-z_]\w*\s*=", tail):
+        return target, parse_spec(f"{scheme}:{tail}", what).options
+    return body, {}
+
+
 def _spec_from_toml(value: Any, where: str) -> Spec:
     if isinstance(value, str):
         return parse_spec(value, where)
@@ -101,6 +113,48 @@ class Gates:
 
 
 @attrs.frozen
+class Split:
+    """How many samples go to each split, drawn without overlap from all the data's samples
+    after a shuffle with ``seed``. An unset ``eval`` takes the samples left over; an unset
+    ``calibration`` means calibrating on the eval data, an unset ``train`` training on the
+    calibration data (both as when the source has no split of its own)."""
+
+    calibration: int | None = None
+    train: int | None = None
+    eval: int | None = None
+    seed: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        for key in ("calibration", "train", "eval"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value < 1):
+                raise UsageError(f"split {key}={value!r}: give a positive number of samples")
+
+    def to_dict(self) -> dict[str, int]:
+        return {k: v for k, v in attrs.asdict(self).items() if v is not None}
+
+
+def parse_split(text: str, where: str = "--split") -> Split:
+    """``eval=512,calibration=256,train=1024,seed=0`` -> :class:`Split`."""
+    allowed = {f.name for f in attrs.fields(Split)}
+    values: dict[str, int] = {}
+    for part in text.split(","):
+        key, eq, value = part.partition("=")
+        key = key.strip()
+        if not eq or key not in allowed:
+            raise UsageError(
+                f"{where} {text!r}: {part!r} is not one of {', '.join(sorted(allowed))}=N; "
+                "write for example --split eval=512,calibration=256,seed=0"
+            )
+        try:
+            values[key] = int(value)
+        except ValueError:
+            raise UsageError(f"{where} {text!r}: {key}={value!r} is not an integer") from None
+    return Split(**values)
+
+
+@attrs.frozen
 class Recipe:
     """Everything a run needs, before plugins are resolved."""
 
@@ -114,6 +168,9 @@ class Recipe:
     seed: int = 0
     out: str | None = None
     gates: Gates = Gates()
+    output: str | None = None
+    split: Split | None = None
+    trust_model: bool = False
     source: str = "defaults"
 
     @batch_size.validator
@@ -132,6 +189,9 @@ class Recipe:
             "seed": self.seed,
             "out": self.out,
             "gates": self.gates.to_dict(),
+            "output": self.output,
+            "split": self.split.to_dict() if self.split else None,
+            "trust_model": self.trust_model,
         }
 
 
@@ -145,6 +205,9 @@ _TOP_KEYS = {
     "seed",
     "out",
     "gates",
+    "output",
+    "split",
+    "trust_model",
 }
 
 
@@ -167,7 +230,7 @@ def fields_from_mapping(doc: Mapping[str, Any], where: str) -> dict[str, Any]:
             f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_TOP_KEYS))}"
         )
     fields: dict[str, Any] = {}
-    for key in ("model", "data", "out"):
+    for key in ("model", "data", "out", "output"):
         if key in doc:
             if not isinstance(doc[key], str):
                 raise UsageError(f"{where}: {key!r} must be a string, got {doc[key]!r}")
@@ -177,6 +240,21 @@ def fields_from_mapping(doc: Mapping[str, Any], where: str) -> dict[str, Any]:
             if not isinstance(doc[key], int) or isinstance(doc[key], bool):
                 raise UsageError(f"{where}: {key!r} must be an integer, got {doc[key]!r}")
             fields[key] = doc[key]
+    if "trust_model" in doc:
+        if not isinstance(doc["trust_model"], bool):
+            raise UsageError(f"{where}: 'trust_model' must be true or false, "
+                             f"got {doc['trust_model']!r}")
+        fields["trust_model"] = doc["trust_model"]
+    if "split" in doc:
+        split = doc["split"]
+        allowed = {f.name for f in attrs.fields(Split)}
+        if not isinstance(split, Mapping) or set(split) - allowed:
+            raise UsageError(
+                f"{where}: [split] accepts {', '.join(sorted(allowed))}; got {split!r}")
+        for k, v in split.items():
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise UsageError(f"{where}: split.{k} must be an integer, got {v!r}")
+        fields["split"] = Split(**split)
     if "backend" in doc:
         fields["backend"] = _spec_from_toml(doc["backend"], f"{where}: backend")
     for key in ("optimize", "metrics"):
@@ -215,6 +293,9 @@ def make_recipe(
     seed: int | None = None,
     out: str | None = None,
     gates: Mapping[str, float | None] | None = None,
+    output: str | None = None,
+    split: str | Split | None = None,
+    trust_model: bool | None = None,
 ) -> Recipe:
     """Build a recipe from an optional TOML file and overrides (CLI flags win)."""
     fields: dict[str, Any] = {}
@@ -242,6 +323,12 @@ def make_recipe(
         fields["seed"] = seed
     if out is not None:
         fields["out"] = out
+    if output is not None:
+        fields["output"] = output or None
+    if split is not None:
+        fields["split"] = split if isinstance(split, Split) else parse_split(split)
+    if trust_model:  # a flag can only grant trust; leaving it off keeps the file's setting
+        fields["trust_model"] = True
     if gates:
         allowed = {f.name for f in attrs.fields(Gates)}
         unknown = sorted(set(gates) - allowed)

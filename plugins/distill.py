@@ -64,17 +64,19 @@ class Distiller(Optimizer):
         if ctx.restoring:
             return student.eval()
         data = ctx.data
-        if data is None or not data.calibration:
+        if data is None or not data.train:
             raise UsageError("step 'distill' needs training data; give --data (the run's "
-                             "calibration split is what the student learns from)")
+                             "training split, else its calibration split, is what the student "
+                             "learns from)")
         device = ctx.backend.device if ctx.backend is not None else device_of(teacher)
-        self._check_compatible(teacher, student, data.calibration[0], device)
+        self._check_compatible(teacher, student, data.train[0], device, ctx.output)
         cfg = dt.TrainConfig(self.mode, self.temperature, self.alpha, self.epochs, self.lr,
-                             self.weight_decay, self.val_fraction, self.patience, ctx.seed)
+                             self.weight_decay, self.val_fraction, self.patience, ctx.seed,
+                             ctx.output)
         from inferopt.progress import progress
 
         with progress(self.epochs, "distillation (epochs)") as advance:
-            result = dt.train_student(student, teacher, list(data.calibration), cfg, device,
+            result = dt.train_student(student, teacher, list(data.train), cfg, device,
                                       ctx.log, progress=lambda _epoch, _total: advance(1))
         t_params, s_params = parameter_count(teacher), parameter_count(student)
         last = result.history[result.best_epoch - 1] if result.best_epoch else {}
@@ -91,10 +93,10 @@ class Distiller(Optimizer):
             "best_val_loss": result.best_val_loss,
             "train_seconds": round(result.seconds, 2),
             "history": result.history[-5:],
-            "training_data": "eval data (no separate split)" if data.calibration_is_eval
-            else "calibration split",
+            "training_data": "eval data (no separate split)" if data.train_is_eval
+            else "calibration split" if data.train is data.calibration else "training split",
         })
-        if data.calibration_is_eval:
+        if data.train_is_eval:
             ctx.warn("distill: the data has no separate training split, so the student was "
                      "trained on the data it is measured on; accuracy will be optimistic")
         return student.eval()
@@ -118,16 +120,17 @@ class Distiller(Optimizer):
             raise UsageError(f"student {self.student!r} is not an nn.Module")
         return student
 
-    def _check_compatible(self, teacher: Any, student: Any, batch: Any, device: Any) -> None:
+    def _check_compatible(self, teacher: Any, student: Any, batch: Any, device: Any,
+                          output: str | None) -> None:
         import torch
 
         from inferopt.model_io import call_model, move_to, primary_output
 
         inputs = move_to(batch.inputs, device)
         with torch.inference_mode():
-            t = primary_output(call_model(teacher.to(device).eval(), inputs))
+            t = primary_output(call_model(teacher.to(device).eval(), inputs), output)
             try:
-                s = primary_output(call_model(student.to(device).eval(), inputs))
+                s = primary_output(call_model(student.to(device).eval(), inputs), output)
             except Exception as exc:
                 raise UsageError(f"the student ({self.student}) fails on the teacher's inputs: "
                                  f"{type(exc).__name__}: {exc}") from exc

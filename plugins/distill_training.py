@@ -100,6 +100,7 @@ class TrainConfig:
     val_fraction: float
     patience: int
     seed: int
+    output: str | None = None  # the run's --output: which output tensor is the logits
 
 
 @attrs.define
@@ -153,7 +154,8 @@ def train_student(student: torch.nn.Module, teacher: torch.nn.Module, batches: l
     with torch.inference_mode():
         for b in batches:
             inputs = move_to(b.inputs, device)
-            cached.append((inputs, primary_output(call_model(teacher, inputs)).detach().clone(),
+            t_out = primary_output(call_model(teacher, inputs), cfg.output)
+            cached.append((inputs, t_out.detach().clone(),
                            None if b.labels is None else b.labels.to(device)))
     student = student.to(device)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -171,8 +173,8 @@ def train_student(student: torch.nn.Module, teacher: torch.nn.Module, batches: l
         for i in torch.randperm(len(train_idx), generator=gen).tolist():
             inputs, t_logits, labels = cached[train_idx[i]]
             opt.zero_grad(set_to_none=True)
-            loss = distillation_loss(primary_output(call_model(student, inputs)), t_logits,
-                                     labels, cfg)
+            s_out = primary_output(call_model(student, inputs), cfg.output)
+            loss = distillation_loss(s_out, t_logits, labels, cfg)
             loss.backward()
             opt.step()
             sched.step()
@@ -207,7 +209,7 @@ def _validate(student: torch.nn.Module, cached: list[Any], cfg: TrainConfig
     total, agree, n = 0.0, 0, 0
     with torch.inference_mode():
         for inputs, t_logits, labels in cached:
-            s_logits = primary_output(call_model(student, inputs))
+            s_logits = primary_output(call_model(student, inputs), cfg.output)
             total += float(distillation_loss(s_logits, t_logits, labels, cfg))
             same = s_logits.argmax(-1) == t_logits.argmax(-1)
             agree += int(same.sum())

@@ -54,7 +54,8 @@ class AccuracyMetric(Metric):
         correct: dict[int, int] = {}
         total = 0
         for batch in data.eval:
-            out = primary_output(backend.forward(model, backend.to_device(batch.inputs)))
+            out = primary_output(backend.forward(model, backend.to_device(batch.inputs)),
+                                 ctx.output)
             hits, n = topk_correct(out, batch.labels)
             for k, c in hits.items():
                 correct[k] = correct.get(k, 0) + c

@@ -39,8 +39,9 @@ class FidelityMetric(Metric):
         positions = 0
         signal = noise = 0.0
         for batch, ref_out in zip(data.eval, ctx.baseline_outputs, strict=True):
-            out = primary_output(backend.forward(model, backend.to_device(batch.inputs)))
-            ref = primary_output(ref_out).to(out.device)
+            out = primary_output(backend.forward(model, backend.to_device(batch.inputs)),
+                                 ctx.output)
+            ref = primary_output(ref_out, ctx.output).to(out.device)
             per_sample = out.dim() >= 2 and out.shape[1:].numel() > 1
             # one value per sample (or a scalar): a per-sample cosine would only compare signs,
             # so compare the batch as one vector

@@ -27,3 +27,19 @@ def device_of(model: Any) -> Any:
     for tensor in model.buffers():
         return tensor.device
     return torch.device("cpu")
+
+
+def require_swappable(model: Any, step: str) -> None:
+    """Raise a UsageError when ``model`` is TorchScript: its forward is compiled code that calls
+    its submodules' compiled code, so replacing a layer with a Python module cannot work."""
+    import torch
+
+    from inferopt.errors import UsageError
+
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UsageError(
+            f"{step} cannot change a TorchScript model: its layers are compiled code, not "
+            "nn.Linear/nn.Conv2d modules it could replace. Give the model as Python code "
+            "(python:MODULE:CALLABLE) or as a torch.export program (PATH.pt2) instead; "
+            "TorchScript models can be measured with --optimize none"
+        )

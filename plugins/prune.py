@@ -44,7 +44,7 @@ class _Pruner(Optimizer):
                                   "(structured) to remove")
     skip: tuple[str, ...] = option((), help="layer name patterns (fnmatch) to leave unpruned")
     finetune_steps: int = option(0, min=0, help="training steps after each pruning round "
-                                                "(on the run's calibration/training data)")
+                                                "(on the run's training split)")
     lr: float = option(1e-3, min=0.0, help="fine-tuning learning rate (AdamW)")
     iterations: int = option(1, min=1, max=100, help="prune in this many rounds, reaching "
                                                      "the target sparsity in the last one")
@@ -72,16 +72,16 @@ class _Pruner(Optimizer):
                   else None}
         targets = None
         if self.finetune_steps and data is not None and not all(
-                b.labels is not None for b in data.calibration):
+                b.labels is not None for b in data.train):
             from inferopt.plugins.pruning_finetune import dense_targets
 
-            targets = dense_targets(model, list(data.calibration), device)
+            targets = dense_targets(model, list(data.train), device, ctx.output)
         model = self._prune(model, ctx, device, targets)
         after = {"parameters": parameter_count(model),
                  "macs_per_sample": macs_per_sample(model, probe, device) if probe is not None
                  else None}
         ctx.details["cost"] = {"before": before, "after": after}
-        if data is not None and self.finetune_steps and data.calibration_is_eval:
+        if data is not None and self.finetune_steps and data.train_is_eval:
             ctx.warn(f"{self.name}: the data has no separate training split, so fine-tuning "
                      "used the data it is measured on; accuracy will be optimistic")
         return model.eval()
@@ -101,8 +101,8 @@ class _Pruner(Optimizer):
             return None
         from inferopt.plugins.pruning_finetune import finetune
 
-        return finetune(model, list(ctx.data.calibration), self.finetune_steps, self.lr,
-                        ctx.seed + round_no, device, ctx.log, targets, after_step)
+        return finetune(model, list(ctx.data.train), self.finetune_steps, self.lr,
+                        ctx.seed + round_no, device, ctx.log, targets, after_step, ctx.output)
 
     def _restore_structure(self, model: Any, ctx: Any) -> Any:
         if "structure" in ctx.state:

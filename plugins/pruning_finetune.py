@@ -18,12 +18,13 @@ from inferopt.errors import UsageError
 from inferopt.model_io import call_model, move_to, primary_output
 
 
-def dense_targets(model: torch.nn.Module, batches: list[Any], device: Any) -> list[torch.Tensor]:
+def dense_targets(model: torch.nn.Module, batches: list[Any], device: Any,
+                  output: str | None = None) -> list[torch.Tensor]:
     """The model's primary outputs on ``batches``, kept as training targets."""
     was_training = model.training
     model.eval()
     with torch.no_grad():  # not inference mode: these become training targets
-        out = [primary_output(call_model(model, _trainable(move_to(b.inputs, device))))
+        out = [primary_output(call_model(model, _trainable(move_to(b.inputs, device))), output)
                for b in batches]
     model.train(was_training)
     return out
@@ -42,7 +43,8 @@ def _trainable(obj: Any) -> Any:
 
 def finetune(model: torch.nn.Module, batches: list[Any], steps: int, lr: float, seed: int,
              device: Any, log: Any, targets: list[torch.Tensor] | None = None,
-             after_step: Callable[[], None] | None = None) -> dict[str, Any]:
+             after_step: Callable[[], None] | None = None, output: str | None = None
+             ) -> dict[str, Any]:
     """``steps`` AdamW steps over ``batches`` (shuffled, cycled). Returns the mean loss of the
     first and the last tenth of the steps."""
     labelled = all(b.labels is not None for b in batches)
@@ -59,7 +61,7 @@ def finetune(model: torch.nn.Module, batches: list[Any], steps: int, lr: float, 
     try:
         with progress(steps, "fine-tuning (steps)", 20) as advance:
             _train(model, batches, steps, labelled, targets, device, opt, gen, order, losses,
-                   after_step, log, advance)
+                   after_step, log, advance, output)
     finally:
         model.eval()
     tenth = max(len(losses) // 10, 1)
@@ -71,14 +73,14 @@ def finetune(model: torch.nn.Module, batches: list[Any], steps: int, lr: float, 
 def _train(model: torch.nn.Module, batches: list[Any], steps: int, labelled: bool,
            targets: list[torch.Tensor] | None, device: Any, opt: Any, gen: Any,
            order: list[int], losses: list[float], after_step: Callable[[], None] | None,
-           log: Any, advance: Callable[[int], None]) -> None:
+           log: Any, advance: Callable[[int], None], output: str | None) -> None:
     with torch.enable_grad():
         for step in range(steps):
             if not order:
                 order = torch.randperm(len(batches), generator=gen).tolist()
             i = order.pop()
             out = primary_output(call_model(model, _trainable(move_to(batches[i].inputs,
-                                                                      device))))
+                                                                      device))), output)
             if labelled:
                 labels = batches[i].labels.to(out.device).reshape(-1).long()
                 loss = F.cross_entropy(out.reshape(labels.shape[0], -1).float(), labels,

@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 
 from inferopt import Optimizer, UsageError, hookimpl, option
-from inferopt.plugins.model_surgery import device_of, set_submodule
+from inferopt.plugins.model_surgery import device_of, require_swappable, set_submodule
 
 BITS = (2, 3, 4)
 GROUP_SIZES = (32, 64, 128, 256)
@@ -55,6 +55,7 @@ class Int4Quantizer(Optimizer):
     def apply(self, model: Any, ctx: Any) -> Any:
         from inferopt.plugins import int4_modules as q4
 
+        require_swappable(model, "int4")
         symmetric = self.scheme == "symmetric"
         targets, skipped = self._select(model, ctx)
         if not targets:

@@ -24,7 +24,7 @@ from typing import Any
 import attrs
 
 from inferopt import Optimizer, UsageError, hookimpl, option
-from inferopt.plugins.model_surgery import device_of, set_submodule
+from inferopt.plugins.model_surgery import device_of, require_swappable, set_submodule
 
 MODES = ("dynamic", "static", "weight-only")
 GRANULARITY = ("per-channel", "per-tensor")
@@ -64,6 +64,7 @@ class Int8Quantizer(Optimizer):
 
         from inferopt.plugins import int8_modules as q
 
+        require_swappable(model, "int8")
         device = device_of(model)
         per_channel = self.granularity == "per-channel"
         targets, skipped = self._select(model, ctx)

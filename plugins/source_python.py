@@ -6,11 +6,19 @@ imported, so it can import its neighbours). For a model the callable returns an 
 for data it returns a tensor, ``(inputs, labels)``, a ``torch.utils.data.Dataset``, an iterable of
 batches, or an :class:`inferopt.Data`.
 
+Keyword arguments follow a third colon: ``python:my_models:build:width=256,act=gelu`` calls
+``build(width=256, act="gelu")`` (values are Python literals where they parse, else strings).
+For a model, ``weights=PATH`` is not passed on: it names a state dict (``.safetensors``, or a
+``.pt``/``.pth`` read with ``torch.load(weights_only=True)``, which unpickles nothing but
+tensors) loaded into the module the callable built: the usual "architecture in code, weights
+in a file" checkpoint.
+
 This runs the user's code, which is what they asked for by naming it.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import importlib.util
@@ -21,18 +29,70 @@ from typing import Any
 
 from inferopt import Data, DataSource, ModelSource, UsageError, hookimpl
 
-_FILE_SPEC = re.compile(r"^(?P<path>.+\.py):(?P<attr>[A-Za-z_][\w.]*)$")
-_MODULE_SPEC = re.compile(r"^(?P<module>[A-Za-z_][\w.]*):(?P<attr>[A-Za-z_][\w.]*)$")
+_ARGS = r"(?::(?P<args>[A-Za-z_]\w*=.*))?"
+_FILE_SPEC = re.compile(r"^(?P<path>.+?\.py):(?P<attr>[A-Za-z_][\w.]*)" + _ARGS + "$")
+_MODULE_SPEC = re.compile(r"^(?P<module>[A-Za-z_][\w.]*):(?P<attr>[A-Za-z_][\w.]*)" + _ARGS + "$")
+_WEIGHTS = "weights"
 
 
 def _flag(kind: str) -> str:
     return "--model" if kind == "model" else "--data"
 
 
+def _body(spec: str) -> str:
+    return spec[len("python:") :] if spec.startswith("python:") else spec
+
+
+def parse_args(spec: str, kind: str) -> dict[str, Any]:
+    """The ``key=value`` arguments after the callable, as Python values."""
+    body = _body(spec)
+    match = _FILE_SPEC.match(body) or _MODULE_SPEC.match(body)
+    if not match or not match["args"]:
+        return {}
+    args: dict[str, Any] = {}
+    for part in match["args"].split(","):
+        key, eq, raw = part.partition("=")
+        key = key.strip()
+        if not eq or not key.isidentifier():
+            raise UsageError(
+                f"{_flag(kind)} {spec!r}: {part!r} is not key=value; write "
+                "python:MODULE:CALLABLE:key=value,key2=value2"
+            )
+        raw = raw.strip()
+        try:
+            args[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            args[key] = raw  # a bare word or a path: a string
+    return args
+
+
+def portable(spec: str) -> str:
+    """``spec`` with the ``PATH.py`` and ``weights=PATH`` made absolute, so that
+    ``inferopt.load`` works from any working directory."""
+    prefix = "python:" if spec.startswith("python:") else ""
+    body = _body(spec)
+    match = _FILE_SPEC.match(body) or _MODULE_SPEC.match(body)
+    if not match:
+        return spec
+    head = body[: match.start("args") - 1] if match["args"] else body
+    file_match = _FILE_SPEC.match(body)
+    if file_match and Path(file_match["path"]).is_file():
+        head = f"{Path(file_match['path']).resolve()}:{file_match['attr']}"
+    if not match["args"]:
+        return prefix + head
+    parts = []
+    for part in match["args"].split(","):
+        key, _eq, value = part.partition("=")
+        if key.strip() == _WEIGHTS and Path(value.strip()).is_file():
+            part = f"{_WEIGHTS}={Path(value.strip()).resolve()}"
+        parts.append(part)
+    return f"{prefix}{head}:{','.join(parts)}"
+
+
 def load_callable(spec: str, kind: str) -> Any:
     """Import the object a ``python:MOD:ATTR`` or ``PATH.py:ATTR`` spec names."""
     flag = _flag(kind)
-    body = spec[len("python:") :] if spec.startswith("python:") else spec
+    body = _body(spec)
     file_match = _FILE_SPEC.match(body)
     if file_match:
         path = Path(file_match["path"]).expanduser()
@@ -44,8 +104,8 @@ def load_callable(spec: str, kind: str) -> Any:
         match = _MODULE_SPEC.match(body)
         if not match:
             raise UsageError(
-                f"{flag} {spec!r}: write python:MODULE:CALLABLE (for example "
-                "python:my_pkg.models:build) or PATH.py:CALLABLE"
+                f"{flag} {spec!r}: write python:MODULE:CALLABLE[:key=value,...] (for example "
+                "python:my_pkg.models:build:width=256) or PATH.py:CALLABLE"
             )
         try:
             module = importlib.import_module(match["module"])
@@ -97,11 +157,19 @@ def _import_file(path: Path, spec: str, flag: str) -> Any:
     return module
 
 
-def _call(obj: Any, spec: str, kind: str) -> Any:
+def _call(obj: Any, spec: str, kind: str, args: dict[str, Any] | None = None) -> Any:
     if not callable(obj):
+        if args:
+            raise UsageError(f"{_flag(kind)} {spec!r}: arguments were given but "
+                             f"{type(obj).__name__} is not callable")
         return obj
     try:
-        return obj()
+        return obj(**(args or {}))
+    except TypeError as exc:
+        raise UsageError(
+            f"{_flag(kind)} {spec!r}: calling it with {args or 'no arguments'} raised "
+            f"TypeError: {exc}"
+        ) from exc
     except Exception as exc:
         raise UsageError(
             f"{_flag(kind)} {spec!r}: calling it raised {type(exc).__name__}: {exc}"
@@ -109,24 +177,88 @@ def _call(obj: Any, spec: str, kind: str) -> Any:
 
 
 class PythonModels(ModelSource):
-    """``python:MODULE:CALLABLE`` or ``PATH.py:CALLABLE`` returning an ``nn.Module``."""
+    """``python:MODULE:CALLABLE[:k=v,...]`` or ``PATH.py:CALLABLE[:k=v,...]`` returning an
+    ``nn.Module``; ``weights=PATH`` loads a state dict into it."""
 
     scheme = "python"
-    summary = "your code: python:MODULE:CALLABLE or PATH.py:CALLABLE returning an nn.Module"
+    summary = ("your code: python:MODULE:CALLABLE[:k=v,...,weights=STATE_DICT] or "
+               "PATH.py:CALLABLE returning an nn.Module")
 
     def claims(self, spec: str) -> bool:
         return bool(_FILE_SPEC.match(spec))
 
+    def portable_spec(self, spec: str) -> str:
+        return portable(spec)
+
     def load(self, spec: str, ctx: Any) -> Any:
         import torch
 
-        model = _call(load_callable(spec, "model"), spec, "model")
+        args = parse_args(spec, "model")
+        weights = args.pop(_WEIGHTS, None)
+        model = _call(load_callable(spec, "model"), spec, "model", args)
         if not isinstance(model, torch.nn.Module):
             raise UsageError(
                 f"--model {spec!r} returned a {type(model).__name__}, not a torch.nn.Module; "
                 "make the callable return the model"
             )
+        # a saved run brings its own weights: a weights file since moved away does not matter
+        if weights is not None and not (ctx.restoring and not Path(str(weights)).is_file()):
+            load_state_dict_file(model, str(weights), spec)
         return model.eval()
+
+
+def read_state_dict(path: Path, what: str) -> dict[str, Any]:
+    """Tensors from a ``.safetensors`` file, or from a ``.pt``/``.pth``/``.bin`` file read with
+    ``torch.load(weights_only=True)`` (a checkpoint dict holding the state dict under
+    ``state_dict``/``model_state_dict``/``model`` is unwrapped)."""
+    import pickle
+
+    import torch
+
+    if not path.is_file():
+        raise UsageError(f"{what}: weights file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return dict(load_file(str(path)))
+        except Exception as exc:
+            raise UsageError(f"{what}: {str(path)!r} is not a readable safetensors file: "
+                             f"{exc}") from exc
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as exc:
+        raise UsageError(
+            f"{what}: {str(path)!r} holds more than tensors (torch.load with weights_only=True "
+            f"refused it: {str(exc).splitlines()[0][:200]}). Save the state dict alone "
+            "(torch.save(model.state_dict(), path)) or as .safetensors"
+        ) from exc
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UsageError(f"{what}: {str(path)!r} does not hold a state dict (name -> tensor); "
+                         f"it holds a {type(obj).__name__}")
+    return obj
+
+
+def load_state_dict_file(model: Any, path: str, spec: str) -> None:
+    """Load the state dict in ``path`` into ``model``, strictly: every key must match."""
+    what = f"--model {spec!r}"
+    state = read_state_dict(Path(path).expanduser(), what)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatch
+        raise UsageError(f"{what}: the weights in {path!r} do not fit the model the callable "
+                         f"built: {str(exc).strip()[:500]}") from exc
+    if missing or unexpected:
+        raise UsageError(
+            f"{what}: the weights in {path!r} do not match the model the callable built "
+            f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}); check the "
+            "arguments that choose the architecture"
+        )
 
 
 class PythonData(DataSource):
@@ -142,7 +274,7 @@ class PythonData(DataSource):
     def load(self, spec: str, ctx: Any) -> Data:
         from inferopt.batching import batches_from
 
-        obj = _call(load_callable(spec, "data"), spec, "data")
+        obj = _call(load_callable(spec, "data"), spec, "data", parse_args(spec, "data"))
         if isinstance(obj, Data):
             return obj
         return Data(eval=batches_from(obj, ctx.batch_size, what=f"--data {spec!r}"))
