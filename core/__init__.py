@@ -29,7 +29,15 @@ from .contract import (
     SourceContext,
     StepContext,
 )
-from .errors import GateFailed, InferoptError, PluginError, StepFailed, UsageError
+from .errors import (
+    BudgetExceeded,
+    GateFailed,
+    InferoptError,
+    Interrupted,
+    PluginError,
+    StepFailed,
+    UsageError,
+)
 from .hookspecs import hookimpl
 from .options import option
 
@@ -39,10 +47,12 @@ if TYPE_CHECKING:
 __all__ = [
     "Backend",
     "Batch",
+    "BudgetExceeded",
     "Data",
     "DataSource",
     "GateFailed",
     "InferoptError",
+    "Interrupted",
     "Metric",
     "MetricContext",
     "ModelSource",

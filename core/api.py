@@ -34,6 +34,7 @@ def run(
     output: str | None = None,
     split: str | None = None,
     trust_model: bool = False,
+    keep_going: bool = False,
     overwrite: bool = False,
     save: bool = True,
 ) -> Report:
@@ -44,7 +45,8 @@ def run(
     :class:`Data`, a Dataset or an iterable of batches). A module passed in is not modified.
     ``output`` picks the output tensor metrics compare (``"last_hidden_state"``); ``split``
     re-splits the data (``"eval=512,calibration=256,seed=0"``); ``trust_model=True`` allows
-    unpickling a model file (only for files you trust).
+    unpickling a model file (only for files you trust); ``keep_going=True`` records a failed
+    step in the report, undoes it and runs the rest (check ``report.failed_steps``).
     """
     _ensure_logging()
     model_spec = model if isinstance(model, str) else None
@@ -63,6 +65,7 @@ def run(
         output=output,
         split=split,
         trust_model=trust_model,
+        keep_going=keep_going,
     )
     from .pipeline import run as run_pipeline
 

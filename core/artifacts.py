@@ -69,6 +69,7 @@ def save_run(
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    old: Path | None = None
     try:
         save_model(model, tmp / WEIGHTS)
         manifest = {
@@ -109,6 +110,10 @@ def save_run(
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        # interrupted between moving the earlier run aside and putting the new one in place:
+        # put the earlier run back, so that nothing the user had is lost
+        if old is not None and old.exists() and not out_dir.exists():
+            old.rename(out_dir)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 

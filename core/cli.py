@@ -95,6 +95,9 @@ def main() -> None:
 @click.option("--trust-model", is_flag=True,
               help="Allow loading a model file that needs unpickling (a pickled nn.Module). "
                    "Unpickling runs code from the file: only for files you trust.")
+@click.option("--keep-going", is_flag=True,
+              help="If a step fails (raises, or breaks the model's outputs or the accuracy "
+                   "budget), record it, undo it and run the remaining steps; exit 1 at the end.")
 @click.option("--optimize", "-O", "optimize", multiple=True, metavar="NAME[:k=v,...]",
               help="An optimizer step; repeat for several, applied in order. 'none' for no "
                    "steps. Default: int8.")
@@ -129,6 +132,7 @@ def run(
     split: str | None,
     output: str | None,
     trust_model: bool,
+    keep_going: bool,
     optimize: tuple[str, ...],
     backend: str | None,
     metrics: tuple[str, ...],
@@ -173,6 +177,7 @@ def run(
             output=output,
             split=split,
             trust_model=trust_model,
+            keep_going=keep_going,
             gates={
                 **_accuracy_gate(max_accuracy_drop),
                 "min_speedup": min_speedup,
@@ -203,12 +208,18 @@ def run(
     failed = [g["name"] for g in report.gates if not g["passed"]]
     if failed:
         _fail(GateFailed(f"gate failed: {', '.join(failed)} (results were saved)"), False)
+    if report.failed_steps:
+        steps = ", ".join(f"{s.index} {s.name!r}" for s in report.failed_steps)
+        _fail(GateFailed(f"step(s) {steps} failed and were undone (--keep-going); the other "
+                         "steps ran and the results were saved"), False)
 
 
 def _fail(exc: InferoptError, debug: bool) -> None:
     if debug:
         traceback.print_exc()
-    click.echo(f"error: {exc}", err=True)
+    from .errors import Interrupted
+
+    click.echo(f"{'' if isinstance(exc, Interrupted) else 'error: '}{exc}", err=True)
     sys.exit(exc.exit_code)
 
 

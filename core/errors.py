@@ -35,3 +35,15 @@ class GateFailed(InferoptError):
     """The run finished but a gate the user set (for example max accuracy drop) failed."""
 
     exit_code = 1
+
+
+class BudgetExceeded(InferoptError):
+    """A step took the model's accuracy past the budget the user set; the run stopped there."""
+
+    exit_code = 1
+
+
+class Interrupted(InferoptError):
+    """The user interrupted the run (Ctrl-C); the message says what was kept."""
+
+    exit_code = 130

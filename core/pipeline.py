@@ -31,7 +31,14 @@ from .contract import (
     SourceContext,
     StepContext,
 )
-from .errors import InferoptError, StepFailed, UsageError
+from .errors import (
+    BudgetExceeded,
+    InferoptError,
+    Interrupted,
+    PluginError,
+    StepFailed,
+    UsageError,
+)
 from .logging import get_logger
 from .manager import PluginManager
 from .recipe import Recipe, Spec
@@ -67,6 +74,8 @@ class RunContext:
     model_source: Entry | None = None
     data_spec: str | None = None
     data: Data | None = None
+    phase: str = "starting"  # what the run is doing, for the message when it is interrupted
+    out_dir_existed: bool = False
     out_dir: Path | None = None
     warnings: list[str] = attrs.field(factory=list)
 
@@ -127,6 +136,20 @@ def resolve_plugins(
     return backend, steps, metrics
 
 
+def _provider(entry: Entry) -> str:
+    """``distribution version`` of a plugin, for messages that name who to blame."""
+    return f"{entry.distribution} {entry.version}".strip()
+
+
+def _check_model_file(spec: str) -> None:
+    """A model spec naming a file that is not there is the first thing to say."""
+    import re
+
+    match = re.match(r"^(?:python:)?(.+?\.(?:py|pt2|pt|pth|ts|safetensors))(?::|$)", spec)
+    if match and not Path(match[1]).expanduser().exists():
+        raise UsageError(f"--model {spec!r}: file {match[1]!r} does not exist")
+
+
 def resolve(recipe: Recipe, manager: PluginManager, registry: Registry, run_id: str) -> RunContext:
     """Check every name and option of the recipe against the installed plugins."""
     backend, steps, metrics = resolve_plugins(recipe, registry)
@@ -135,6 +158,7 @@ def resolve(recipe: Recipe, manager: PluginManager, registry: Registry, run_id: 
     ctx.model_source = resolve_model_source(registry, recipe.model)
     ctx.data_spec = recipe.data or ctx.model_source.obj().default_data(recipe.model)
     if ctx.data_spec is None:
+        _check_model_file(recipe.model)
         raise UsageError(
             f"--model {recipe.model!r} needs data: give --data SPEC (for example "
             "synthetic:shape=64x1024 or python:my_module:make_batches)"
@@ -207,9 +231,27 @@ def run(
     ctx = resolve(recipe, manager, registry, run_id) if model is None else _resolve_in_memory(
         recipe, manager, registry, run_id, data
     )
-    log = ctx.log
     out_dir = choose_out_dir(recipe, run_id, overwrite) if save else None
     ctx.out_dir = out_dir
+    ctx.out_dir_existed = out_dir is not None and out_dir.exists()
+    try:
+        return _run_resolved(ctx, model, data, registry, manager, overwrite)
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupted(ctx)) from None
+
+
+def _interrupted(ctx: RunContext) -> str:
+    kept = "nothing was saved"
+    if ctx.out_dir is not None:
+        kept = (f"{ctx.out_dir} keeps its previous contents" if ctx.out_dir_existed
+                else f"{ctx.out_dir} was not created")
+    return (f"interrupted during {ctx.phase}: stopped cleanly; {kept}; no partial output was "
+            "kept")
+
+
+def _run_resolved(ctx: RunContext, model: Any, data: Any, registry: Registry,
+                  manager: PluginManager, overwrite: bool) -> Report:
+    recipe, log, out_dir, run_id = ctx.recipe, ctx.log, ctx.out_dir, ctx.run_id
     backend: Backend = ctx.backend.instance
     reason = backend.available()
     if reason:
@@ -231,6 +273,7 @@ def run(
                                trust_model=recipe.trust_model)
     if model is None:
         assert ctx.model_source is not None
+        ctx.phase = "loading the model"
         log.info("loading model", spec=recipe.model, source=ctx.model_source.plugin)
         model = ctx.model_source.obj().load(recipe.model, source_ctx)
     else:
@@ -239,6 +282,7 @@ def run(
     if data is None:
         assert ctx.data_spec is not None
         data_entry = resolve_model_source(registry, ctx.data_spec, kind="data source")
+        ctx.phase = "loading the data"
         log.info("loading data", spec=ctx.data_spec, source=data_entry.plugin)
         data = data_entry.obj().load(ctx.data_spec, source_ctx)
     ctx.data = as_data(data, recipe.batch_size)
@@ -249,10 +293,23 @@ def run(
         log.info("data split", **recipe.split.to_dict(), description=ctx.data.description)
     if not ctx.data.eval:
         raise UsageError(f"--data {ctx.data_spec!r} gave no batches; it must yield at least one")
+    samples = ctx.data.num_samples
+    if recipe.batch_size_explicit and recipe.batch_size > samples:
+        raise UsageError(
+            f"--batch-size {recipe.batch_size} is larger than the data: {ctx.data_spec!r} has "
+            f"{samples} samples to measure on; give --batch-size {samples} or less (or more data)")
     _check_metrics_applicable(ctx)
     manager.notify("inferopt_run_start", _observer_error(ctx), run=ctx)
 
-    prepared = backend.prepare(model)
+    try:
+        prepared = backend.prepare(model)
+    except InferoptError:
+        raise
+    except Exception as exc:  # a broken backend plugin is named, not a bare traceback
+        raise PluginError(
+            f"backend {backend.name!r} (plugin {ctx.backend.entry.plugin!r} from "
+            f"{_provider(ctx.backend.entry)}) failed to prepare the model: "
+            f"{type(exc).__name__}: {exc}") from exc
     probe = backend.to_device(ctx.data.eval[0].inputs)
     try:
         probe_out = backend.forward(prepared, probe)
@@ -280,6 +337,7 @@ def run(
             f"{type(exc.cause).__name__}: {exc.cause}. Check that every batch's shape and "
             "dtype fit"
         ) from exc
+    ctx.phase = "measuring the baseline"
     log.info("measuring baseline", metrics=[m.spec.name for m in ctx.metrics])
     # interleaved A/B needs both models in one process; several workers measure each on its own
     paired = ({m.spec.name for m in ctx.metrics if m.instance.paired}
@@ -290,26 +348,10 @@ def run(
     baseline, skipped = _measure(ctx, model, prepared, "baseline", baseline_outputs,
                                  skip=paired)
 
-    records = []
-    for step in ctx.steps:
-        model, rec = _apply_step(ctx, step, model)
-        prepared = backend.prepare(model)
-        with torch.inference_mode():
-            out = backend.forward(prepared, probe)
-        if not all_finite(out):
-            raise StepFailed(
-                f"step {step.index} {step.spec.name!r} made the model's outputs non-finite "
-                "(NaN or inf) on the first batch; the model was not saved. Try other options "
-                "for this step, or skip the layers it breaks"
-            )
-        if output_signature(out) != signature:
-            raise StepFailed(
-                f"step {step.index} {step.spec.name!r} changed the model's output shapes/dtypes "
-                f"from {signature} to {output_signature(out)}; steps must keep the interface"
-            )
-        records.append(rec)
-        manager.notify("inferopt_step_end", _observer_error(ctx), run=ctx, step=rec)
+    model, prepared, records = _run_steps(ctx, model, prepared, probe, signature, baseline,
+                                          baseline_outputs)
 
+    ctx.phase = "measuring the optimized model"
     log.info("measuring optimized model")
     optimized, _ = _measure(ctx, model, prepared, "optimized", baseline_outputs, skip=paired)
     comparisons: dict[str, dict[str, Any]] = {}
@@ -342,6 +384,7 @@ def run(
     if out_dir is not None:
         from .artifacts import save_run
 
+        ctx.phase = "saving"
         save_run(out_dir, model, report, ctx, overwrite=overwrite)
         log.info("saved", dir=str(out_dir))
     manager.notify("inferopt_run_end", _observer_error(ctx), run=ctx, report=report)
@@ -422,7 +465,7 @@ def _metric_context(ctx: RunContext, m: Resolved, role: str, model: Any,
 
 def _measure(
     ctx: RunContext, model: Any, prepared: Any, role: str, baseline_outputs: list[Any],
-    skip: set[str] | None = None,
+    skip: set[str] | None = None, only: set[str] | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     assert ctx.data is not None
     backend: Backend = ctx.backend.instance
@@ -439,7 +482,7 @@ def _measure(
     skipped: dict[str, str] = {}
     for m in ctx.metrics:
         metric: Metric = m.instance
-        if skip and m.spec.name in skip:
+        if (skip and m.spec.name in skip) or (only is not None and m.spec.name not in only):
             continue
         if metric.needs_labels and not ctx.data.has_labels:
             skipped[m.spec.name] = f"the data {ctx.data_spec!r} has no labels"
@@ -488,10 +531,114 @@ def _metric_errors(ctx: RunContext, m: Resolved, role: str,
         skipped[m.spec.name] = str(exc)
     except Exception as exc:
         # a broken metric plugin costs its own numbers, not the run
-        msg = f"metric {m.spec.name!r} ({m.entry.plugin}) failed on the {role}: {exc!r}"
+        msg = (f"metric {m.spec.name!r} (plugin {m.entry.plugin!r} from {_provider(m.entry)}) "
+               f"failed on the {role}: {exc!r}")
         ctx.log.error(msg)
         ctx.warnings.append(msg)
         skipped[m.spec.name] = msg
+
+
+def _run_steps(ctx: RunContext, model: Any, prepared: Any, probe: Any, signature: Any,
+               baseline: dict[str, dict[str, Any]], baseline_outputs: list[Any]
+               ) -> tuple[Any, Any, list[StepRecord]]:
+    """Apply the steps in order, checking after each that the outputs are finite, keep their
+    shapes, and (with an accuracy budget) stay within it. A failure stops the run, or with
+    ``keep_going`` is recorded, undone, and the next step runs."""
+    backend: Backend = ctx.backend.instance
+    records: list[StepRecord] = []
+    for step in ctx.steps:
+        ctx.phase = f"step {step.index} {step.spec.name!r}"
+        before = _copy_for_undo(ctx, step, model) if ctx.recipe.keep_going else None
+        try:
+            new_model, rec = _apply_step(ctx, step, model)
+            new_prepared = backend.prepare(new_model)
+            _check_step(ctx, step, new_model, new_prepared, probe, signature, baseline,
+                        baseline_outputs)
+        except InferoptError as exc:
+            if before is None:
+                raise
+            ctx.log.error("step failed; undone (--keep-going)", step=step.index,
+                          optimizer=step.spec.name, error=str(exc))
+            records.append(StepRecord(
+                index=step.index, name=step.spec.name, options=_options_of(step.instance),
+                plugin=step.entry.plugin, distribution=step.entry.distribution,
+                version=step.entry.version, kind=str(getattr(step.instance, "kind", "") or ""),
+                failed=str(exc)))
+            model, prepared = before, backend.prepare(before)
+            continue
+        model, prepared = new_model, new_prepared
+        records.append(rec)
+        ctx.manager.notify("inferopt_step_end", _observer_error(ctx), run=ctx, step=rec)
+    return model, prepared, records
+
+
+def _copy_for_undo(ctx: RunContext, step: Resolved, model: Any) -> Any:
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:  # keep-going needs a copy to undo; without one, fail as usual
+        ctx.warnings.append(f"--keep-going: the model could not be copied before step "
+                            f"{step.index} {step.spec.name!r} ({exc!r}); a failure there "
+                            "stops the run")
+        return None
+
+
+def _check_step(ctx: RunContext, step: Resolved, model: Any, prepared: Any, probe: Any,
+                signature: Any, baseline: dict[str, dict[str, Any]],
+                baseline_outputs: list[Any]) -> None:
+    """The numeric guards after a step: finite outputs, same output shapes, accuracy budget."""
+    import torch
+
+    from .model_io import all_finite, output_signature
+
+    backend: Backend = ctx.backend.instance
+    name = f"step {step.index} {step.spec.name!r}"
+    try:
+        with torch.inference_mode():
+            out = backend.forward(prepared, probe)
+    except Exception as exc:
+        raise StepFailed(f"{name} left a model that fails on the first batch: "
+                         f"{type(exc).__name__}: {exc}") from exc
+    if not all_finite(out):
+        raise StepFailed(
+            f"{name} made the model's outputs non-finite (NaN or inf) on the first batch; the "
+            "model was not saved. Try other options for this step, or skip the layers it breaks"
+        )
+    if output_signature(out) != signature:
+        raise StepFailed(
+            f"{name} changed the model's output shapes/dtypes from {signature} to "
+            f"{output_signature(out)}; steps must keep the interface"
+        )
+    _check_accuracy_budget(ctx, name, model, prepared, baseline, baseline_outputs)
+
+
+def _check_accuracy_budget(ctx: RunContext, name: str, model: Any, prepared: Any,
+                           baseline: dict[str, dict[str, Any]],
+                           baseline_outputs: list[Any]) -> None:
+    """With an accuracy budget, a step that takes accuracy past it stops the run there
+    (``BudgetExceeded``, exit 1) instead of going on to measure and save a broken model."""
+    gates = ctx.recipe.gates
+    base = baseline.get("accuracy", {}).get("top1")
+    if (gates.max_accuracy_drop is None and gates.max_relative_accuracy_drop is None) or \
+            not isinstance(base, int | float):
+        return
+    results, _ = _measure(ctx, model, prepared, "guard", baseline_outputs, only={"accuracy"})
+    top1 = results.get("accuracy", {}).get("top1")
+    if not isinstance(top1, int | float):
+        return
+    drop = (base - top1) * 100
+    relative = drop / (base * 100) * 100 if base > 0 else 0.0
+    over = []
+    if gates.max_accuracy_drop is not None and drop > gates.max_accuracy_drop:
+        over.append(f"{drop:.2f} points (budget {gates.max_accuracy_drop})")
+    if gates.max_relative_accuracy_drop is not None and relative > \
+            gates.max_relative_accuracy_drop:
+        over.append(f"{relative:.2f}% of the baseline (budget "
+                    f"{gates.max_relative_accuracy_drop}%)")
+    if over:
+        raise BudgetExceeded(
+            f"{name} dropped top-1 accuracy from {base:.2%} to {top1:.2%}: "
+            f"{' and '.join(over)}; the run stopped there and nothing was saved. Try milder "
+            "options for this step (skip sensitive layers, lower sparsity, fine-tuning)")
 
 
 def _apply_step(ctx: RunContext, step: Resolved, model: Any) -> tuple[Any, StepRecord]:
@@ -513,7 +660,7 @@ def _apply_step(ctx: RunContext, step: Resolved, model: Any) -> tuple[Any, StepR
     except Exception as exc:
         raise StepFailed(
             f"step {step.index} {step.spec.name!r} (plugin {step.entry.plugin!r} from "
-            f"{step.entry.distribution}) failed: {type(exc).__name__}: {exc}"
+            f"{_provider(step.entry)}) failed: {type(exc).__name__}: {exc}"
         ) from exc
     seconds = time.perf_counter() - start
     if not isinstance(new_model, torch.nn.Module):

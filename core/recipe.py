@@ -171,6 +171,8 @@ class Recipe:
     output: str | None = None
     split: Split | None = None
     trust_model: bool = False
+    keep_going: bool = False  # a failed step is recorded and undone, and the run goes on
+    batch_size_explicit: bool = False  # the user chose batch_size (checked against the data)
     source: str = "defaults"
 
     @batch_size.validator
@@ -192,6 +194,7 @@ class Recipe:
             "output": self.output,
             "split": self.split.to_dict() if self.split else None,
             "trust_model": self.trust_model,
+            "keep_going": self.keep_going,
         }
 
 
@@ -208,6 +211,7 @@ _TOP_KEYS = {
     "output",
     "split",
     "trust_model",
+    "keep_going",
 }
 
 
@@ -240,11 +244,13 @@ def fields_from_mapping(doc: Mapping[str, Any], where: str) -> dict[str, Any]:
             if not isinstance(doc[key], int) or isinstance(doc[key], bool):
                 raise UsageError(f"{where}: {key!r} must be an integer, got {doc[key]!r}")
             fields[key] = doc[key]
-    if "trust_model" in doc:
-        if not isinstance(doc["trust_model"], bool):
-            raise UsageError(f"{where}: 'trust_model' must be true or false, "
-                             f"got {doc['trust_model']!r}")
-        fields["trust_model"] = doc["trust_model"]
+    for key in ("trust_model", "keep_going"):
+        if key in doc:
+            if not isinstance(doc[key], bool):
+                raise UsageError(f"{where}: {key!r} must be true or false, got {doc[key]!r}")
+            fields[key] = doc[key]
+    if "batch_size" in fields:
+        fields["batch_size_explicit"] = True
     if "split" in doc:
         split = doc["split"]
         allowed = {f.name for f in attrs.fields(Split)}
@@ -296,6 +302,7 @@ def make_recipe(
     output: str | None = None,
     split: str | Split | None = None,
     trust_model: bool | None = None,
+    keep_going: bool | None = None,
 ) -> Recipe:
     """Build a recipe from an optional TOML file and overrides (CLI flags win)."""
     fields: dict[str, Any] = {}
@@ -319,6 +326,7 @@ def make_recipe(
         fields["metrics_explicit"] = True
     if batch_size is not None:
         fields["batch_size"] = batch_size
+        fields["batch_size_explicit"] = True
     if seed is not None:
         fields["seed"] = seed
     if out is not None:
@@ -329,6 +337,8 @@ def make_recipe(
         fields["split"] = split if isinstance(split, Split) else parse_split(split)
     if trust_model:  # a flag can only grant trust; leaving it off keeps the file's setting
         fields["trust_model"] = True
+    if keep_going:
+        fields["keep_going"] = True
     if gates:
         allowed = {f.name for f in attrs.fields(Gates)}
         unknown = sorted(set(gates) - allowed)

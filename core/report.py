@@ -33,6 +33,7 @@ class StepRecord:
     warnings: list[str] = attrs.field(factory=list)
     state: dict[str, Any] = attrs.field(factory=dict)
     kind: str = ""
+    failed: str | None = None  # why the step failed (--keep-going undid it and went on)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -44,6 +45,7 @@ class StepRecord:
             "version": self.version,
             "seconds": round(self.seconds, 4),
             "kind": self.kind,
+            "failed": self.failed,
             "details": self.details,
             "warnings": self.warnings,
         }
@@ -69,6 +71,11 @@ class Report:
     primary: dict[str, tuple[str, bool]] = attrs.field(factory=dict)
     # False in the other workers of a torchrun launch: only the main one prints and saves
     main_worker: bool = True
+
+    @property
+    def failed_steps(self) -> list[StepRecord]:
+        """Steps that failed and were undone (runs with ``keep_going``)."""
+        return [s for s in self.steps if s.failed]
 
     @property
     def comparison(self) -> dict[str, dict[str, dict[str, Any]]]:
@@ -194,7 +201,8 @@ class Report:
         for row in self.rows():
             table.add_row(*row)
         console.print(table)
-        steps = ", ".join(f"{s.name} ({s.seconds:.2f}s)" for s in self.steps) or "none"
+        steps = ", ".join(f"{s.name} ({'FAILED, undone' if s.failed else f'{s.seconds:.2f}s'})"
+                          for s in self.steps) or "none"
         console.print(f"steps: {steps}")
         for s in self.steps:
             if s.details.get("summary"):
@@ -222,7 +230,9 @@ class Report:
         lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in self.rows()]
         lines += ["", "## Steps", ""]
         for s in self.steps:
-            lines.append(f"- `{s.name}` {s.options or ''} — {s.seconds:.2f} s")
+            lines.append(f"- `{s.name}` {s.options or ''} — "
+                         + (f"FAILED and undone: {s.failed}" if s.failed
+                            else f"{s.seconds:.2f} s"))
             if s.details.get("summary"):
                 lines.append(f"  - {s.details['summary']}")
             for w in s.warnings:
@@ -243,8 +253,10 @@ class Report:
 
 def _findings(report: Report, v: dict[str, Any]) -> list[dict[str, str]]:
     """Plain statements of what did not go as the steps promised, each with its likely cause."""
-    out: list[dict[str, str]] = []
-    kinds = {s.kind for s in report.steps}
+    out: list[dict[str, str]] = [
+        {"finding": f"step {s.index} {s.name!r} failed and was undone", "cause": s.failed}
+        for s in report.steps if s.failed]
+    kinds = {s.kind for s in report.steps if not s.failed}
     not_faster = v.get("latency") in ("no measurable change", "slower")
     if v.get("latency") == "slower":
         slow_warnings = [w for s in report.steps for w in s.warnings

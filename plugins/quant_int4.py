@@ -18,7 +18,12 @@ from typing import Any
 import attrs
 
 from inferopt import Optimizer, UsageError, hookimpl, option
-from inferopt.plugins.model_surgery import device_of, require_swappable, set_submodule
+from inferopt.plugins.model_surgery import (
+    device_of,
+    nothing_to_quantize,
+    require_swappable,
+    set_submodule,
+)
 
 BITS = (2, 3, 4)
 GROUP_SIZES = (32, 64, 128, 256)
@@ -59,8 +64,7 @@ class Int4Quantizer(Optimizer):
         symmetric = self.scheme == "symmetric"
         targets, skipped = self._select(model, ctx)
         if not targets:
-            raise UsageError(
-                f"int4 found no Linear layer to quantize; skipped: {skipped or 'none'}")
+            raise UsageError(nothing_to_quantize("int4", "Linear", model, skipped))
         device = device_of(model)
         hessians: dict[str, Any] = {}
         if self.method == "gptq" and not ctx.restoring:

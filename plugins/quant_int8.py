@@ -24,7 +24,12 @@ from typing import Any
 import attrs
 
 from inferopt import Optimizer, UsageError, hookimpl, option
-from inferopt.plugins.model_surgery import device_of, require_swappable, set_submodule
+from inferopt.plugins.model_surgery import (
+    device_of,
+    nothing_to_quantize,
+    require_swappable,
+    set_submodule,
+)
 
 MODES = ("dynamic", "static", "weight-only")
 GRANULARITY = ("per-channel", "per-tensor")
@@ -69,10 +74,9 @@ class Int8Quantizer(Optimizer):
         per_channel = self.granularity == "per-channel"
         targets, skipped = self._select(model, ctx)
         if not targets:
-            raise UsageError(
-                "int8 found no layer to quantize (it handles Linear, MultiheadAttention and, "
-                f"with mode=static, Conv2d); skipped: {skipped or 'none'}. Nothing to do for "
-                "this model; remove the step or change skip/mode")
+            raise UsageError(nothing_to_quantize(
+                "int8", "Linear, MultiheadAttention and, with mode=static, Conv2d", model,
+                skipped))
 
         saved = ctx.state.get("layers") if ctx.restoring else None
         smooth_scales: dict[str, Any] = {}

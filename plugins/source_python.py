@@ -124,8 +124,9 @@ def load_callable(spec: str, kind: str) -> Any:
     for part in attr.split("."):
         if not hasattr(obj, part):
             names = [n for n in dir(module) if not n.startswith("_")]
+            where = repr(file_match["path"]) if file_match else module.__name__
             raise UsageError(
-                f"{flag} {spec!r}: {module.__name__} has no attribute {attr!r}; it has: "
+                f"{flag} {spec!r}: {where} has no attribute {attr!r}; it has: "
                 + ", ".join(names[:20])
             )
         obj = getattr(obj, part)

@@ -79,7 +79,7 @@ def test_load_detects_weights_that_do_not_match(tmp_path):
 def test_small_inputs_labels_tuple_is_one_labelled_batch():
     x = torch.randn(8, 32)
     y = torch.randint(0, 8, (8,))
-    report = inferopt.run(model=mlp(), data=(x, y), batch_size=64, save=False,
+    report = inferopt.run(model=mlp(), data=(x, y), save=False,
                           optimize=[], metrics=["accuracy"])
     assert report.baseline["accuracy"]["samples"] == 8
     assert report.steps == []

@@ -46,20 +46,32 @@ def test_findings_name_what_went_wrong_and_why():
     assert fine.verdict["findings"] == []
 
 
-def test_relative_accuracy_budget_fails_the_run_with_the_finding(cli):
+def test_relative_accuracy_budget_stops_the_run_at_the_step(cli):
     result = cli("run", *SMALL, "--optimize", "prune-l1:sparsity=0.95",
                  "--max-accuracy-drop", "1%", "--json")
-    assert result.returncode == 1
-    report = json.loads(result.stdout)
+    assert result.returncode == 1 and result.stdout == ""
+    assert "step 1 'prune-l1' dropped top-1 accuracy" in result.stderr
+    assert "% of the baseline (budget 1.0%)" in result.stderr
+    within = cli("run", *SMALL, "--optimize", "prune-l1:sparsity=0.05",
+                 "--max-accuracy-drop", "50%", "--json")
+    assert within.returncode == 0, within.stderr
+    report = json.loads(within.stdout)
     gate = report["gates"][0]
-    assert gate["name"] == "max_relative_accuracy_drop" and not gate["passed"]
-    drop = report["verdict"]["accuracy_drop_percent"]
+    assert gate["name"] == "max_relative_accuracy_drop" and gate["passed"]
     base = report["baseline"]["metrics"]["accuracy"]["top1"]
     opt = report["optimized"]["metrics"]["accuracy"]["top1"]
-    assert abs(drop - (base - opt) / base * 100) < 1e-2
-    assert "outside the accuracy budget" in [f["finding"] for f in report["verdict"]["findings"]]
+    assert abs(report["verdict"]["accuracy_drop_percent"] - (base - opt) / base * 100) < 1e-2
     bad = cli("run", *SMALL, "--max-accuracy-drop", "one point")
     assert bad.returncode == 2 and "give points of accuracy (1.0)" in bad.stderr
+
+
+def test_an_accuracy_gate_failure_is_a_finding():
+    gate = {"name": "max_accuracy_drop", "threshold": 1.0, "value": 3.5, "passed": False}
+    report = _report({"accuracy": {"top1": 0.9}}, {"accuracy": {"top1": 0.865}},
+                     [_step("int8", "quantization", quantized=["fc"])], gates=[gate])
+    finding = report.verdict["findings"][0]
+    assert finding["finding"] == "outside the accuracy budget"
+    assert "max_accuracy_drop 3.5 > 1.0 after int8" in finding["cause"]
 
 
 def test_runs_are_plotted_and_compared(cli, tmp_path):

@@ -118,7 +118,7 @@ def test_bad_options_are_clear():
         inferopt.apply(mlp(), "int4", group_size=100)
     with pytest.raises(inferopt.UsageError, match="method=gptq needs calibration data"):
         apply(mlp(), method="gptq")
-    with pytest.raises(inferopt.UsageError, match="no Linear layer"):
+    with pytest.raises(inferopt.UsageError, match="found no layer to quantize"):
         apply(torch.nn.Sequential(torch.nn.ReLU()))
 
 
