@@ -275,8 +275,14 @@ def compare(runs: tuple[str, ...], markdown: bool, as_json: bool, plot_path: str
 
             if not plotting.available():
                 raise UsageError("--plot needs matplotlib: pip install 'inferopt[plot]'")
-            if Path(plot_path).exists():
+            target = Path(plot_path)
+            if target.suffix.lower() != ".png":
+                raise UsageError(f"--plot {plot_path}: give a file name ending in .png")
+            if target.exists():
                 raise UsageError(f"--plot {plot_path}: the file exists; give a new name")
+            if not target.parent.is_dir():
+                raise UsageError(f"--plot {plot_path}: the directory {str(target.parent)!r} "
+                                 "does not exist")
             plotting.plot_reports(docs, Path(plot_path), "inferopt compare")
     except InferoptError as exc:
         _fail(exc, False)

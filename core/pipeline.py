@@ -512,9 +512,11 @@ def _measure_pairs(ctx: RunContext, base_prepared: Any, prepared: Any, names: se
         with _metric_errors(ctx, m, "pair", skipped):
             result = m.instance.measure_pair(base_prepared, prepared, backend, ctx.data, mctx)
             if result is None:  # the metric chose to measure each model on its own
-                baseline[m.spec.name] = m.instance.measure(base_prepared, backend, ctx.data,
-                                                           mctx)
-                optimized[m.spec.name] = m.instance.measure(prepared, backend, ctx.data, mctx)
+                for role, model, into in (("baseline", base_prepared, baseline),
+                                          ("optimized", prepared, optimized)):
+                    into[m.spec.name] = m.instance.measure(
+                        model, backend, ctx.data,
+                        _metric_context(ctx, m, role, model, baseline_outputs))
             else:
                 baseline[m.spec.name], optimized[m.spec.name], comparisons[m.spec.name] = result
 

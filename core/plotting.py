@@ -29,12 +29,14 @@ def plot_reports(reports: list[dict[str, Any]], path: Path, title: str = "") -> 
     """Write a PNG: left, quality against p50 latency (each run's baseline and optimized model
     joined by an arrow); right, saved size per run. ``reports`` are ``inferopt.report/1``
     documents."""
-    import matplotlib
+    # a Figure with its own Agg canvas: no pyplot, so the user's matplotlib backend (a
+    # notebook's inline one) is left alone
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2))
+    FigureCanvasAgg(fig)
+    ax, bx = fig.subplots(1, 2)
     ylabel = ""
     names, base_sizes, opt_sizes = [], [], []
     for report in reports:
@@ -69,5 +71,4 @@ def plot_reports(reports: list[dict[str, Any]], path: Path, title: str = "") -> 
     fig.suptitle(title or "inferopt")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

@@ -120,8 +120,9 @@ class Report:
         acc_o = self.optimized.get("accuracy", {}).get("top1")
         if _is_number(acc_b) and _is_number(acc_o):
             v["accuracy_drop_points"] = round((acc_b - acc_o) * 100, 3) + 0.0  # no -0.0
-            if acc_b > 0:
-                v["accuracy_drop_percent"] = round((acc_b - acc_o) / acc_b * 100, 3) + 0.0
+            # relative to the baseline; a baseline at 0 cannot drop
+            v["accuracy_drop_percent"] = (round((acc_b - acc_o) / acc_b * 100, 3) + 0.0
+                                          if acc_b > 0 else 0.0)
         if self.gates:
             v["gates_passed"] = all(g["passed"] for g in self.gates)
         v["findings"] = _findings(self, v)
@@ -153,17 +154,20 @@ class Report:
     def rows(self) -> list[tuple[str, str, str, str]]:
         """(quantity, baseline, optimized, change) rows for the summary table."""
         rows = []
-        for metric, fields in self.comparison.items():
+        for metric in self.comparison:
             shown = _SHOWN.get(metric)
             if shown is None and metric in self.primary:  # a third-party metric
                 key = self.primary[metric][0]
                 shown = {key: (f"{metric} {key}", _num)}
-            for key, cmp in fields.items():
-                if shown is None or key not in shown:
+            for key, (label, fmt) in (shown or {}).items():
+                b = self.baseline.get(metric, {}).get(key)
+                o = self.optimized.get(metric, {}).get(key)
+                if not _is_number(o):
                     continue
-                label, fmt = shown[key]
-                b, o = cmp["baseline"], cmp["optimized"]
-                if b is None or o is None:
+                label = _flag_few_samples(label, metric, key, self.baseline.get(metric, {}),
+                                          self.optimized.get(metric, {}))
+                if not _is_number(b):  # e.g. the baseline's SNR against itself is infinite
+                    rows.append((label, "-", fmt(o), "-"))
                     continue
                 rows.append((label, fmt(b), fmt(o), _change(metric, key, b, o)))
         return rows
@@ -286,6 +290,16 @@ def _findings(report: Report, v: dict[str, Any]) -> list[dict[str, str]]:
                 "options (skip sensitive layers, lower sparsity, more calibration data) or "
                 "fine-tuning")})
     return out
+
+
+def _flag_few_samples(label: str, metric: str, key: str, base: dict[str, Any],
+                      opt: dict[str, Any]) -> str:
+    """Mark a tail percentile that rests on fewer runs than it needs to mean much."""
+    name = key.removesuffix("_ms")
+    if metric == "latency" and (name in base.get("unreliable", ()) or
+                                name in opt.get("unreliable", ())):
+        return f"{label} (few runs)"
+    return label
 
 
 def _finite(obj: Any) -> Any:

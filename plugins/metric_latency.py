@@ -89,9 +89,10 @@ class LatencyMetric(Metric):
             for i in range(self.warmup):
                 for m in models:
                     backend.forward(m, batches[i % len(batches)])
-            total = 0.0
+            totals = [0.0, 0.0]
             n = 0
-            while (n < min_runs or total < 2 * min_seconds) and n < self.max_runs:
+            # both models get min_runs and min_seconds of timed time each
+            while (n < min_runs or min(totals) < min_seconds) and n < self.max_runs:
                 if n < min_runs:
                     advance(1)
                 x = batches[n % len(batches)]
@@ -99,7 +100,7 @@ class LatencyMetric(Metric):
                 for k in ((0, 1) if n % 2 == 0 else (1, 0)):
                     t = backend.time(lambda m=models[k], x=x: backend.forward(m, x))
                     times[k].append(t)
-                    total += t
+                    totals[k] += t
                 n += 1
         threads = torch.get_num_threads()
         base, opt = (self._stats(t, data, threads) for t in times)

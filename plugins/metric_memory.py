@@ -48,32 +48,52 @@ class _PeakSampler:
 
 
 def _live_tensor_tracker() -> Any:
-    """A dispatch mode that adds up the bytes of every tensor an operation creates while it
-    is alive, and remembers the peak: the memory inference itself needs, counted the same way
-    for every model (the process's resident size is not: the allocator keeps freed memory)."""
+    """A dispatch mode that adds up the bytes of every storage an operation creates while a
+    tensor still uses it, and remembers the peak: the memory inference itself needs, counted the
+    same way for every model (the process's resident size is not: the allocator keeps freed
+    memory). Views and in-place results share a storage and are counted once; storages that
+    existed before (weights, inputs) are not counted."""
     import weakref
 
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    def storage_of(t: torch.Tensor) -> tuple[int, int]:
+        storage = t.untyped_storage()
+        return storage.data_ptr(), storage.nbytes()
 
     class Tracker(TorchDispatchMode):
         def __init__(self) -> None:
             super().__init__()
+            self.users: dict[int, int] = {}  # storage pointer -> live tensors using it
+            self.sizes: dict[int, int] = {}
             self.live = 0
             self.peak = 0
 
-        def _release(self, nbytes: int) -> None:
-            self.live -= nbytes
+        def _release(self, ptr: int) -> None:
+            self.users[ptr] -= 1
+            if not self.users[ptr]:
+                del self.users[ptr]
+                self.live -= self.sizes.pop(ptr)
 
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
                                kwargs: Any = None) -> Any:
+            existing = {storage_of(t)[0] for t in tree_leaves((args, kwargs or {}))
+                        if isinstance(t, torch.Tensor)}
             out = func(*args, **(kwargs or {}))
-            for t in (out if isinstance(out, tuple | list) else (out,)):
-                if isinstance(t, torch.Tensor) and t._base is None and t.device.type == "cpu":
-                    nbytes = t.untyped_storage().nbytes()
+            for t in tree_leaves(out):
+                if not isinstance(t, torch.Tensor):
+                    continue
+                ptr, nbytes = storage_of(t)
+                if not ptr or (ptr in existing and ptr not in self.users):
+                    continue  # empty, or memory that was there before (an input, a weight)
+                if ptr not in self.users:
+                    self.users[ptr], self.sizes[ptr] = 0, nbytes
                     self.live += nbytes
                     self.peak = max(self.peak, self.live)
-                    weakref.finalize(t, self._release, nbytes)
+                self.users[ptr] += 1
+                weakref.finalize(t, self._release, ptr)
             return out
 
     return Tracker()
@@ -83,14 +103,15 @@ def _live_tensor_tracker() -> Any:
 class MemoryMetric(Metric):
     """Peak memory during inference over the eval data and the weights' bytes in memory.
 
-    ``peak_increase_bytes`` is what inference needs on top of the weights: on CUDA the rise of
-    ``torch.cuda.max_memory_allocated`` over what was allocated before; on CPU the peak of the
-    bytes held by tensors that operations created (counted by a dispatch mode while they are
-    alive), the same way for every model. ``peak_rss_bytes`` (CPU, Linux) is the process's
-    resident size sampled every 0.5 ms during a second pass: everything in the process, the
-    baseline model kept for comparison included. Weight bytes are counted as the tensors are
-    held (packed int4 codes as packed bytes), by dtype; kernels' private workspace (FBGEMM's
-    packed weights) is not visible to either count.
+    ``peak_increase_bytes`` is what inference needs on top of the weights: the peak of the
+    bytes held by storages that operations created, counted by a dispatch mode while tensors
+    use them (views and in-place results once; inputs and weights not at all), the same way for
+    every model and device. The process's resident size cannot do this fairly (the allocator
+    keeps freed memory, so whichever model runs second looks free); it is reported as
+    ``peak_rss_bytes`` (CPU, Linux, sampled every 0.5 ms during a second pass), and on CUDA
+    ``cuda_max_allocated_bytes`` is the process-wide statistic (never reset here). Weight bytes
+    are counted as the tensors are held (packed int4 codes as packed bytes), by dtype; kernels'
+    private workspace (FBGEMM's packed weights, cuBLAS workspaces) is not visible.
     """
 
     name = "memory"
@@ -117,24 +138,18 @@ class MemoryMetric(Metric):
 
         result: dict[str, Any] = {}
         gc.collect()
-        if backend.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            before = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
+        tracker = _live_tensor_tracker()
+        with tracker:
             run()
-            peak = torch.cuda.max_memory_allocated()
-            result.update({"peak_bytes": peak, "peak_increase_bytes": peak - before,
-                           "kind": "cuda max allocated"})
-        else:
-            tracker = _live_tensor_tracker()
-            with tracker:
+        result.update({"peak_increase_bytes": tracker.peak,
+                       "kind": "peak bytes of tensors created during inference"})
+        if backend.device.startswith("cuda"):
+            # the process-wide statistic, not reset here (the backend reports the run's peak)
+            result["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        elif resident_bytes() is not None:
+            with _PeakSampler() as sampler:
                 run()
-            result.update({"peak_increase_bytes": tracker.peak,
-                           "kind": "peak bytes of tensors created during inference"})
-            if resident_bytes() is not None:
-                with _PeakSampler() as sampler:
-                    run()
-                result["peak_rss_bytes"] = sampler.peak
+            result["peak_rss_bytes"] = sampler.peak
         by_dtype: dict[str, int] = {}
         for tensor in list(model.parameters()) + list(model.buffers()):
             key = str(tensor.dtype).replace("torch.", "")

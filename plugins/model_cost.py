@@ -12,9 +12,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from inferopt.model_io import call_model, first_tensor, move_to
 
-# custom kernels (int8/int4 linear and convolution ops of other namespaces) do multiply-adds the
-# counter has no formula for; they are named in the result instead of silently counted as zero
-_MATMUL_LIKE = re.compile(r"linear|conv|matmul|gemm|(^|[._])mm($|[._])|_mm")
+# kernels the counter has no formula for that do multiply-adds (int8/int4 linear and
+# convolution ops, attention variants) are named in the result instead of counted as zero;
+# weight packing ("prepack") does none
+_MATMUL_LIKE = re.compile(r"linear|conv|matmul|gemm|attention|(^|[._])mm($|[._])|_mm")
 
 
 @attrs.frozen
@@ -27,15 +28,31 @@ class MacCount:
         return not self.uncounted_ops
 
 
+def _extra_formulas() -> dict[Any, Any]:
+    """Formulas torch's counter lacks for ops that run here: the int8 matrix product (the same
+    count as a float one) and the CPU flash-attention kernel (the same as the CUDA one)."""
+    from torch.utils.flop_counter import flop_registry
+
+    aten = torch.ops.aten
+    pairs = [("_int_mm", "mm"),
+             ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention")]
+    extra = {}
+    for op, like in pairs:
+        if hasattr(aten, op) and getattr(aten, like, None) in flop_registry:
+            extra[getattr(aten, op)] = flop_registry[getattr(aten, like)]
+    return extra
+
+
 class _Counter(FlopCounterMode):
     def __init__(self) -> None:
         super().__init__(display=False)
+        self.flop_registry.update(_extra_formulas())
         self.uncounted: set[str] = set()
 
     def _count_flops(self, func_packet: Any, out: Any, args: Any, kwargs: Any) -> Any:
         if func_packet not in self.flop_registry:
             name = str(func_packet)
-            if not name.startswith("aten.") and _MATMUL_LIKE.search(name):
+            if _MATMUL_LIKE.search(name) and "prepack" not in name:
                 self.uncounted.add(name)
         return super()._count_flops(func_packet, out, args, kwargs)
 
@@ -66,16 +83,44 @@ def macs_per_sample(model: torch.nn.Module, inputs: Any, device: Any = None) -> 
     return None if count is None else count.per_sample
 
 
+def _stored_weights(model: torch.nn.Module) -> list[tuple[int, int | None]]:
+    """(elements, zeros or None) of the weights quantized layers keep in buffers rather than
+    parameters: int8 weights as they are, packed int4 codes as the weights they stand for
+    (zeros not counted: a code is not a value), and their float biases."""
+    out: list[tuple[int, int | None]] = []
+    for module in model.modules():
+        own = dict(module.named_parameters(recurse=False))
+        buffers = dict(module.named_buffers(recurse=False))
+        weight = buffers.get("weight_int8")
+        if weight is not None and "weight" not in own:
+            out.append((weight.numel(), int((weight == 0).sum())))
+        elif "weight_packed" in buffers and hasattr(module, "in_features"):
+            out.append((module.in_features * module.out_features, None))
+        else:
+            continue
+        bias = buffers.get("bias")
+        if bias is not None and "bias" not in own:
+            out.append((bias.numel(), None))
+    return out
+
+
 def parameter_count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters, counting the weights quantized layers keep in buffers as the parameters they
+    replace (an int8 or int4 layer has as many weights as the float one)."""
+    return sum(p.numel() for p in model.parameters()) + sum(
+        n for n, _zeros in _stored_weights(model))
 
 
 def weight_sparsity(model: torch.nn.Module) -> float:
-    """Share of exact zeros among the floating-point weight matrices and kernels (parameters
-    with two or more dimensions)."""
+    """Share of exact zeros among the weight matrices and kernels: floating-point parameters
+    with two or more dimensions, and int8 weights (int4 codes are not counted)."""
     zeros = total = 0
     for p in model.parameters():
         if p.dim() >= 2 and p.is_floating_point():
             zeros += int((p == 0).sum())
             total += p.numel()
+    for n, z in _stored_weights(model):
+        if z is not None:
+            zeros += z
+            total += n
     return zeros / total if total else 0.0

@@ -149,3 +149,73 @@ def test_throughput_sweeps_batch_sizes_over_the_same_samples():
     with pytest.raises(inferopt.UsageError, match="re-batches the eval data"):
         ThroughputMetric(batch_sizes=(2,), min_seconds=0).measure(WithFlag(), CpuBackend(), odd,
                                                                   ctx())
+
+
+def test_memory_counts_views_and_in_place_results_once():
+    class Views(torch.nn.Module):
+        def forward(self, x):
+            y = x * 2  # the only new storage: 512 x 512 floats
+            y.chunk(8), y.t(), y[::2]
+            return torch.relu_(y.view(-1)).view(512, 512)
+
+    d = inferopt.Data(eval=[inferopt.Batch(torch.randn(512, 512))])
+    result = MemoryMetric().measure(Views(), CpuBackend(), d, ctx())
+    assert result["peak_increase_bytes"] == 512 * 512 * 4
+    inplace = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(inplace=True),
+                                  torch.nn.ReLU(inplace=True))
+    assert MemoryMetric().measure(inplace, CpuBackend(), d, ctx())[
+        "peak_increase_bytes"] == 512 * 512 * 4
+
+
+def test_compute_counts_attention_and_int8_products_and_quantized_parameters():
+    from inferopt.plugins.model_cost import count_macs
+
+    class IntMatmul(torch.nn.Module):
+        def forward(self, x):
+            return torch._int_mm(x, x)
+
+    count = count_macs(IntMatmul(), torch.randint(-3, 3, (32, 32), dtype=torch.int8))
+    assert count is not None and count.complete and count.per_sample == 32 * 32
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 64, batch_first=True).eval()
+    count = count_macs(layer, torch.randn(2, 5, 16))
+    tokens = 5
+    dense = tokens * (16 * 48 + 16 * 16 + 2 * 16 * 64)  # projections and feed-forward
+    attention = 2 * tokens * tokens * 16  # scores and weighted values, over all heads
+    assert count is not None and count.complete and count.per_sample == dense + attention
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    d = inferopt.Data(eval=[inferopt.Batch(torch.randn(8, 64))])
+    quantized = ComputeMetric().measure(inferopt.apply(model, "int8"), CpuBackend(), d, ctx())
+    assert quantized["parameters"] == 64 * 32 + 32 + 32 * 10 + 10
+    assert quantized["uncounted_ops"] == ["quantized.linear_dynamic"]
+
+
+def test_the_bootstrap_stays_fast_with_many_pairs():
+    import time
+
+    a, b = _noisy(1e-3, 100_000, 5), _noisy(0.5e-3, 100_000, 6)
+    start = time.perf_counter()
+    speedup, low, high = speedup_ci(a, b)
+    assert time.perf_counter() - start < 10
+    assert low < speedup < high and 1.9 < speedup < 2.1
+
+
+def test_a_relative_budget_with_a_baseline_at_zero_accuracy():
+    from inferopt.report import Report
+
+    report = Report(run_id="r", created="now", recipe={}, plugins={}, environment={},
+                    baseline={"accuracy": {"top1": 0.0}},
+                    optimized={"accuracy": {"top1": 0.0}}, steps=[])
+    assert report.verdict["accuracy_drop_percent"] == 0.0
+
+
+def test_plotting_leaves_the_matplotlib_backend_alone(tmp_path, tiny_model_factory, tiny_data):
+    matplotlib = pytest.importorskip("matplotlib")
+    original = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        inferopt.run(model=tiny_model_factory(), data=tiny_data, metrics=["size"],
+                     out=tmp_path / "run")
+        assert (tmp_path / "run" / "plot.png").is_file()
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(original)
