@@ -8,10 +8,10 @@ the latency measured interleaved (A B B A ...) against that baseline, so every t
 with the same model on the same harness. The strategy, cheapest first:
 
 1. the baseline against itself (an A/A trial: what "no change" looks like on this machine);
-2. each technique alone at its defaults, cheap kinds first (quantization, pruning, then
-   distillation);
+2. each technique alone at its defaults, cheap kinds first (quantization, pruning, others);
 3. a greedy walk over each technique's searchable options, one option changed at a time, from
-   the technique's best trial so far, cheapest technique first;
+   the technique's best trial so far, cheapest technique first; then 2 and 3 for the techniques
+   that train a model (distillation);
 4. per-layer sensitivity when a technique improves the objective but breaks the budget: leave one
    layer out at a time (its ``skip`` option), rank the layers by how much accuracy comes back,
    and retry with the most sensitive ones kept in float;
@@ -56,6 +56,7 @@ MIN_THROUGHPUT_GAIN = 0.02
 # the order techniques are tried in and combined in: structural changes before quantization
 KIND_RANK = {"quantization": 0, "pruning": 1, "": 2, "distillation": 3}
 COMBINE_RANK = {"distillation": 0, "pruning": 1, "": 2, "quantization": 3}
+TRAINING_KINDS = ("distillation",)
 MAX_WALK_ROUNDS = 3
 MAX_SENSITIVITY_LAYERS = 32
 EPSILON = 1e-9
@@ -406,12 +407,16 @@ class _Tuner:
 
     def _search(self) -> None:
         self._trial(Point(), "baseline")
-        for tech in self.space:
-            self._trial(tech.default_point(), "single")
-        by_cost = sorted(self.space, key=lambda t: self._step_seconds(t.default_point()))
-        for tech in by_cost:
-            self._walk(tech)
-        for tech in by_cost:
+        # techniques that train a model cost the most: searched after all the others
+        first = [t for t in self.space if t.kind not in TRAINING_KINDS]
+        last = [t for t in self.space if t.kind in TRAINING_KINDS]
+        for group in (first, last):
+            for tech in group:
+                self._trial(tech.default_point(), "single")
+            by_cost = sorted(group, key=lambda t: self._step_seconds(t.default_point()))
+            for tech in by_cost:
+                self._walk(tech)
+        for tech in sorted(self.space, key=lambda t: self._step_seconds(t.default_point())):
             self._fallback(tech)
         self._combine()
 
@@ -545,7 +550,9 @@ class _Tuner:
         same = [d for key, d in self.durations.items()
                 if {n for n, _o in _steps_of_key(key)} & names]
         estimate = max(same, default=median)
-        reserve = median if self.s.save else 0.0  # the chosen recipe is run again and saved
+        # the chosen recipe is run again to be saved: keep back the longest goal-meeting trial
+        goal = [d for key, d in self.durations.items() if self._meets(self.trials[key])]
+        reserve = max(goal, default=median) if self.s.save else 0.0
         if elapsed + estimate + reserve > self.s.budget_seconds:
             raise _Stop(f"time budget reached ({self.s.budget_seconds / 60:g} min; "
                         f"{elapsed:.0f} s spent, the next trial would take about "
