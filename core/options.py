@@ -75,7 +75,8 @@ def json_safe(value: Any) -> Any:
 
 
 def describe(cls: type) -> list[dict[str, Any]]:
-    """The options of a plugin class as plain data: name, type, default, help, choices, range."""
+    """The options of a plugin class as plain data: name, type, default, help, choices, range,
+    and the values worth trying in a search (``searchable``, None when not declared)."""
     if not attrs.has(cls):
         return []
     hints = _hints(cls)
@@ -94,6 +95,8 @@ def describe(cls: type) -> list[dict[str, Any]]:
                 "choices": json_safe(list(meta["choices"])) if meta.get("choices") else None,
                 "min": meta.get("min"),
                 "max": meta.get("max"),
+                "searchable": (json_safe(list(meta["searchable"]))
+                               if meta.get("searchable") is not None else None),
             }
         )
     return out

@@ -72,3 +72,43 @@ def plot_reports(reports: list[dict[str, Any]], path: Path, title: str = "") -> 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
+
+
+def plot_tune(doc: dict[str, Any], path: Path) -> Path:
+    """Write a PNG of an ``inferopt.tune/1`` search: speedup and size against the accuracy
+    drop for every trial, the Pareto front joined, the budget as a line, the choice starred."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    relative = doc["settings"]["relative"]
+    key = "accuracy_drop_percent" if relative else "accuracy_drop_points"
+    unit = "% of baseline" if relative else "points"
+    trials = [t for t in doc["trials"] if t["status"] == "ok" and t.get(key) is not None]
+    front = set(doc["pareto"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, field, label in ((axes[0], "speedup", "p50 speedup vs baseline (interleaved A/B)"),
+                             (axes[1], "size_ratio", "saved size / baseline")):
+        shown = [t for t in trials if t.get(field) is not None]
+        ax.scatter([t[key] for t in shown], [t[field] for t in shown], color="0.6", s=18,
+                   label="trial")
+        on_front = sorted((t for t in shown if t["id"] in front), key=lambda t: t[key])
+        ax.plot([t[key] for t in on_front], [t[field] for t in on_front], "o-", color="C0",
+                label="Pareto front")
+        chosen = [t for t in shown if t["id"] == doc.get("chosen")]
+        if chosen:
+            ax.scatter([chosen[0][key]], [chosen[0][field]], marker="*", s=220, color="C3",
+                       zorder=5, label=f"chosen: {chosen[0]['key'][:40]}")
+        ax.axvline(doc["settings"]["max_accuracy_drop"], color="C3", linestyle="--",
+                   linewidth=1, label="accuracy budget")
+        ax.axhline(1.0, color="0.3", linewidth=0.8)
+        ax.set_xlabel(f"accuracy drop ({unit})")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"inferopt tune: {doc['settings']['model']} ({len(doc['trials'])} trials, "
+                 f"objective {doc['settings']['objective']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -36,7 +36,7 @@ class Distiller(Optimizer):
     summary = "knowledge distillation into a smaller student (soft or hard teacher targets)"
 
     student: str = option("shrink", help="'shrink', or a model spec building the student")
-    ratio: float = option(0.25, min=0.001, max=1.0,
+    ratio: float = option(0.25, min=0.001, max=1.0, searchable=(0.25, 0.5),
                           help="shrink: hidden widths scaled by this factor")
     round_to: int = option(1, min=1, help="shrink: round hidden widths to a multiple of this")
     mode: str = option("soft", choices=MODES, help="soft: KL on T-softened outputs; "

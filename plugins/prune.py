@@ -304,7 +304,7 @@ class ActivationPruner(_Pruner):
                "variance x outgoing weight, mean |activation| or APoZ)")
 
     criterion: str = option(
-        "variance", choices=("variance", "mean", "apoz"),
+        "variance", choices=("variance", "mean", "apoz"), searchable=("variance", "mean"),
         help="variance: activation variance x squared norm of the weights reading it (the "
              "error removal causes once the mean is folded into the next bias); mean: mean "
              "|activation|; apoz: share of zeros after ReLU")

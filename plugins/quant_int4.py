@@ -41,12 +41,12 @@ class Int4Quantizer(Optimizer):
     kind = "quantization"
     summary = "packed 4-bit (or 2/3-bit) group-wise weights; RTN or GPTQ; W4A8 or dequant compute"
 
-    bits: int = option(4, choices=BITS, help="bits per weight")
-    group_size: int = option(128, choices=GROUP_SIZES,
+    bits: int = option(4, choices=BITS, searchable=(4, 3), help="bits per weight")
+    group_size: int = option(128, choices=GROUP_SIZES, searchable=(128, 32),
                              help="input channels sharing one scale (and zero point)")
     scheme: str = option("asymmetric", choices=SCHEMES,
                          help="asymmetric: scale and zero point per group; symmetric: scale only")
-    method: str = option("rtn", choices=METHODS,
+    method: str = option("rtn", choices=METHODS, searchable=METHODS,
                          help="rtn: round to nearest; gptq: error-compensating, needs data")
     path: str = option("int8", choices=PATHS,
                        help="int8: W4A8 via int8 kernels (int8 copy cached in memory); "

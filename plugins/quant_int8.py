@@ -46,14 +46,14 @@ class Int8Quantizer(Optimizer):
     kind = "quantization"
     summary = "int8 quantization (dynamic, static or weight-only) with int8 matrix products"
 
-    mode: str = option("dynamic", choices=MODES,
+    mode: str = option("dynamic", choices=MODES, searchable=("dynamic", "static"),
                        help="dynamic: activations quantized at run time; static: calibrated "
                             "activation ranges (also Conv2d); weight-only: float activations")
     skip: tuple[str, ...] = option(
         (), help="layer name patterns (fnmatch) to leave in float, e.g. 'head|*.classifier'")
-    granularity: str = option("per-channel", choices=GRANULARITY,
+    granularity: str = option("per-channel", choices=GRANULARITY, searchable=GRANULARITY,
                               help="weight scales per output channel or one per tensor")
-    smooth: float = option(0.0, min=0.0, max=1.0,
+    smooth: float = option(0.0, min=0.0, max=1.0, searchable=(0.0, 0.5),
                            help="SmoothQuant migration strength ALPHA (0 = off; 0.5 is typical); "
                                 "needs calibration data")
     observer: str = option("minmax", choices=OBSERVERS,
