@@ -130,7 +130,7 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document; non-finite numbers become null (JSON has no NaN)."""
-        return _finite({
+        return finite_json({
             "schema": SCHEMA,
             "run_id": self.run_id,
             "created": self.created,
@@ -302,13 +302,14 @@ def _flag_few_samples(label: str, metric: str, key: str, base: dict[str, Any],
     return label
 
 
-def _finite(obj: Any) -> Any:
+def finite_json(obj: Any) -> Any:
+    """``obj`` with non-finite floats as None (JSON has no NaN or infinity)."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: finite_json(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
+        return [finite_json(v) for v in obj]
     return obj
 
 

@@ -43,6 +43,7 @@ from .errors import InferoptError, UsageError
 from .logging import get_logger
 from .manager import PluginManager
 from .recipe import Gates, Recipe, Spec
+from .report import finite_json
 
 SCHEMA = "inferopt.tune/1"
 TRIAL_LOG = "trials.jsonl"
@@ -399,7 +400,7 @@ class _Tuner:
 
     def _append(self, record: dict[str, Any]) -> None:
         with self.log_path.open("a") as f:
-            f.write(json.dumps(_finite(record)) + "\n")
+            f.write(json.dumps(finite_json(record)) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -741,7 +742,7 @@ class _Tuner:
 
     def _write(self, result: TuneResult) -> None:
         out = self.s.out
-        (out / SUMMARY).write_text(json.dumps(_finite(result.document), indent=2) + "\n")
+        (out / SUMMARY).write_text(json.dumps(finite_json(result.document), indent=2) + "\n")
         (out / MARKDOWN).write_text(to_markdown(result.document))
         from . import plotting
 
@@ -934,16 +935,6 @@ def result_lines(doc: dict[str, Any]) -> list[str]:
 
 def _budget_of(doc: dict[str, Any]) -> Budget:
     return Budget(doc["settings"]["max_accuracy_drop"], doc["settings"]["relative"])
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def iter_log(path: Path) -> Iterator[dict[str, Any]]:

@@ -31,26 +31,6 @@ MODES_HELP = (
 )
 
 
-def check_devices(devices: tuple[str, ...] | list[str]) -> str | None:
-    """None when every device exists here, otherwise which one does not and what there is."""
-    import torch
-
-    for dev in devices:
-        try:
-            parsed = torch.device(dev)
-        except RuntimeError:
-            return f"{dev!r} is not a device; write cpu or cuda:INDEX"
-        if parsed.type == "cuda":
-            from inferopt.plugins.backend_cuda import cuda_unavailable_reason
-
-            reason = cuda_unavailable_reason(parsed.index or 0)
-            if reason:
-                return reason if reason.startswith(dev) else f"{dev}: {reason}"
-        elif parsed.type != "cpu":
-            return f"{dev!r}: only cpu and cuda devices are supported"
-    return None
-
-
 class Replicas:
     """One copy of the model per device, and the threads that run them side by side."""
 
@@ -118,18 +98,10 @@ class DataParallelBackend(Backend):
         return process_group.launched_by_torchrun()
 
     def available(self) -> str | None:
-        if self.distributed:
-            if self.devices:
-                return ("devices= is for one process; under torchrun each process uses "
-                        "device_type=cpu or device_type=cuda (GPU LOCAL_RANK)")
-            if self.device_type == "cuda":
-                from inferopt.plugins.backend_cuda import cuda_unavailable_reason
-
-                return cuda_unavailable_reason()
-            return None
-        if len(self.devices) < 2:
-            return f"it needs at least two workers: {MODES_HELP}"
-        return check_devices(self.devices)
+        return process_group.setup_problem(
+            self.distributed, self.devices, self.device_type,
+            "each process uses device_type=cpu or device_type=cuda (GPU LOCAL_RANK)",
+            f"it needs at least two workers: {MODES_HELP}")
 
     @property
     def rank(self) -> int:

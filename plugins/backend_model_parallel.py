@@ -27,7 +27,6 @@ import attrs
 from inferopt import Backend, hookimpl, option
 from inferopt.errors import UsageError
 from inferopt.plugins import process_group
-from inferopt.plugins.backend_data_parallel import check_devices
 
 MODES_HELP = (
     "launch one process per stage with torchrun --nproc-per-node N -m inferopt run "
@@ -170,18 +169,10 @@ class ModelParallelBackend(Backend):
         return process_group.launched_by_torchrun()
 
     def available(self) -> str | None:
-        if self.distributed:
-            if self.devices:
-                return ("devices= is for one process; under torchrun each process runs one "
-                        "stage on device=cpu or device=cuda")
-            if self.device_type == "cuda":
-                from inferopt.plugins.backend_cuda import cuda_unavailable_reason
-
-                return cuda_unavailable_reason()
-            return None
-        if len(self.devices) < 2:
-            return f"it needs at least two stages: {MODES_HELP}"
-        return check_devices(self.devices)
+        return process_group.setup_problem(
+            self.distributed, self.devices, self.device_type,
+            "each process runs one stage on device=cpu or device=cuda",
+            f"it needs at least two stages: {MODES_HELP}")
 
     @property
     def stages(self) -> int:

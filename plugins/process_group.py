@@ -90,3 +90,41 @@ def broadcast_object(obj: Any, src: int) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def check_devices(devices: tuple[str, ...] | list[str]) -> str | None:
+    """None when every device exists here, otherwise which one does not and what there is."""
+    import torch
+
+    for dev in devices:
+        try:
+            parsed = torch.device(dev)
+        except RuntimeError:
+            return f"{dev!r} is not a device; write cpu or cuda:INDEX"
+        if parsed.type == "cuda":
+            from inferopt.plugins.backend_cuda import cuda_unavailable_reason
+
+            reason = cuda_unavailable_reason(parsed.index or 0)
+            if reason:
+                return reason if reason.startswith(dev) else f"{dev}: {reason}"
+        elif parsed.type != "cpu":
+            return f"{dev!r}: only cpu and cuda devices are supported"
+    return None
+
+
+def setup_problem(distributed: bool, devices: tuple[str, ...], device_type: str,
+                  per_process: str, too_few: str) -> str | None:
+    """Why a several-worker backend cannot run as configured (None when it can): under
+    torchrun each process takes one device of ``device_type``; in one process it needs at
+    least two ``devices`` that exist here."""
+    if distributed:
+        if devices:
+            return f"devices= is for one process; under torchrun {per_process}"
+        if device_type == "cuda":
+            from inferopt.plugins.backend_cuda import cuda_unavailable_reason
+
+            return cuda_unavailable_reason()
+        return None
+    if len(devices) < 2:
+        return too_few
+    return check_devices(devices)

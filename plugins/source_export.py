@@ -20,13 +20,11 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from inferopt import ModelSource, UsageError, hookimpl
+from inferopt import UsageError, hookimpl
+from inferopt.plugins.model_file import ModelFileSource
 
 SUFFIX = ".pt2"
 
-
-def _body(spec: str) -> str:
-    return spec[len("export:") :] if spec.startswith("export:") else spec
 
 
 def pickled_parts(path: Path) -> list[str]:
@@ -118,7 +116,7 @@ def lift_layers(graph_module: Any) -> dict[str, str]:
     return lifted
 
 
-class ExportedProgramModels(ModelSource):
+class ExportedProgramModels(ModelFileSource):
     """A ``torch.export`` program file (``PATH.pt2``), its layers made swappable."""
 
     scheme = "export"
@@ -127,16 +125,10 @@ class ExportedProgramModels(ModelSource):
     def claims(self, spec: str) -> bool:
         return spec.endswith(SUFFIX)
 
-    def portable_spec(self, spec: str) -> str:
-        path = Path(_body(spec))
-        return str(path.resolve()) if path.is_file() else spec
-
     def load(self, spec: str, ctx: Any) -> Any:
         import torch
 
-        path = Path(_body(spec)).expanduser()
-        if not path.is_file():
-            raise UsageError(f"--model {spec!r}: file {str(path)!r} does not exist")
+        path = self.existing_path(spec)
         if not zipfile.is_zipfile(path):
             raise UsageError(f"--model {spec!r}: {str(path)!r} is not a torch.export archive "
                              "(save one with torch.export.save(program, 'model.pt2'))")

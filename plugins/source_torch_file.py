@@ -20,7 +20,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from inferopt import ModelSource, UsageError, hookimpl
+from inferopt import UsageError, hookimpl
+from inferopt.plugins.model_file import ModelFileSource
 
 SUFFIXES = (".pt", ".pth", ".ts")
 TRUST_HINT = ("Loading it means unpickling, which runs code named in the file. Pass "
@@ -28,9 +29,6 @@ TRUST_HINT = ("Loading it means unpickling, which runs code named in the file. P
               "if you trust where the file came from; or save the state dict instead and give "
               "--model python:MODULE:CALLABLE:weights=PATH")
 
-
-def _body(spec: str) -> str:
-    return spec[len("torch:") :] if spec.startswith("torch:") else spec
 
 
 def is_torchscript(path: Path) -> bool:
@@ -42,7 +40,7 @@ def is_torchscript(path: Path) -> bool:
     return any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names)
 
 
-class TorchFileModels(ModelSource):
+class TorchFileModels(ModelFileSource):
     """A TorchScript file, or a ``torch.save`` file holding a pickled ``nn.Module`` (only with
     ``--trust-model``)."""
 
@@ -53,16 +51,10 @@ class TorchFileModels(ModelSource):
     def claims(self, spec: str) -> bool:
         return spec.endswith(SUFFIXES)
 
-    def portable_spec(self, spec: str) -> str:
-        path = Path(_body(spec))
-        return str(path.resolve()) if path.is_file() else spec
-
     def load(self, spec: str, ctx: Any) -> Any:
         import torch
 
-        path = Path(_body(spec)).expanduser()
-        if not path.is_file():
-            raise UsageError(f"--model {spec!r}: file {str(path)!r} does not exist")
+        path = self.existing_path(spec)
         if is_torchscript(path):
             try:
                 model = torch.jit.load(str(path), map_location="cpu")
