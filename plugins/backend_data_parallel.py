@@ -79,7 +79,7 @@ def _concat_on(parts: list[Any], device: str) -> Any:
 
 
 @attrs.frozen
-class DataParallelBackend(Backend):
+class DataParallelBackend(process_group.SeveralWorkers, Backend):
     """A replica per worker: processes under torchrun (each runs its share of the batches), or
     devices in one process (each runs its slice of every batch)."""
 
@@ -93,29 +93,11 @@ class DataParallelBackend(Backend):
         (), help="in one process: the devices holding replicas, e.g. cuda:0|cuda:1")
     threads: int = option(0, min=0, help="torch intra-op threads per worker; 0 keeps the default")
 
-    @property
-    def distributed(self) -> bool:
-        return process_group.launched_by_torchrun()
-
     def available(self) -> str | None:
         return process_group.setup_problem(
             self.distributed, self.devices, self.device_type,
             "each process uses device_type=cpu or device_type=cuda (GPU LOCAL_RANK)",
             f"it needs at least two workers: {MODES_HELP}")
-
-    @property
-    def rank(self) -> int:
-        return process_group.join(self.device_type).get_rank() if self.distributed else 0
-
-    @property
-    def world_size(self) -> int:
-        return process_group.join(self.device_type).get_world_size() if self.distributed else 1
-
-    @property
-    def device(self) -> str:
-        if self.distributed:
-            return process_group.device_for_this_process(self.device_type)
-        return self.devices[0]
 
     def prepare(self, model: Any) -> Any:
         import torch

@@ -143,7 +143,7 @@ class StagedModel:
 
 
 @attrs.frozen
-class ModelParallelBackend(Backend):
+class ModelParallelBackend(process_group.SeveralWorkers, Backend):
     """Cut the model into stages on several devices or processes and pipeline micro-batches
     through them (``torch.distributed.pipelining`` under torchrun; threads in one process)."""
 
@@ -164,10 +164,6 @@ class ModelParallelBackend(Backend):
 
     # --- where it runs ------------------------------------------------------------------
 
-    @property
-    def distributed(self) -> bool:
-        return process_group.launched_by_torchrun()
-
     def available(self) -> str | None:
         return process_group.setup_problem(
             self.distributed, self.devices, self.device_type,
@@ -177,21 +173,6 @@ class ModelParallelBackend(Backend):
     @property
     def stages(self) -> int:
         return self.world_size if self.distributed else len(self.devices)
-
-    @property
-    def rank(self) -> int:
-        return process_group.join(self.device_type).get_rank() if self.distributed else 0
-
-    @property
-    def world_size(self) -> int:
-        return process_group.join(self.device_type).get_world_size() if self.distributed else 1
-
-    @property
-    def device(self) -> str:
-        """Where inputs go: this process's device, or the first stage's device."""
-        if self.distributed:
-            return process_group.device_for_this_process(self.device_type)
-        return self.devices[0]
 
     def synchronize(self) -> None:
         import torch

@@ -128,3 +128,31 @@ def setup_problem(distributed: bool, devices: tuple[str, ...], device_type: str,
     if len(devices) < 2:
         return too_few
     return check_devices(devices)
+
+
+class SeveralWorkers:
+    """What the several-worker backends share: under torchrun each process is one worker on
+    its own device; in one process the workers are the ``devices`` listed. Classes using it
+    have ``devices`` and ``device_type`` options."""
+
+    devices: tuple[str, ...]
+    device_type: str
+
+    @property
+    def distributed(self) -> bool:
+        return launched_by_torchrun()
+
+    @property
+    def rank(self) -> int:
+        return join(self.device_type).get_rank() if self.distributed else 0
+
+    @property
+    def world_size(self) -> int:
+        return join(self.device_type).get_world_size() if self.distributed else 1
+
+    @property
+    def device(self) -> str:
+        """Where inputs go: this process's device, or the first listed device."""
+        if self.distributed:
+            return device_for_this_process(self.device_type)
+        return self.devices[0]
