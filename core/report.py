@@ -159,6 +159,10 @@ class Report:
             if shown is None and metric in self.primary:  # a third-party metric
                 key = self.primary[metric][0]
                 shown = {key: (f"{metric} {key}", _num)}
+            if metric == "throughput":  # the batch-size sweep, when measured
+                shown = {**(shown or {}), **{
+                    k: (f"throughput at batch {k.removeprefix('samples_per_s_batch')}", _rate)
+                    for k in self.optimized.get(metric, {}) if k.startswith("samples_per_s_batch")}}
             for key, (label, fmt) in (shown or {}).items():
                 b = self.baseline.get(metric, {}).get(key)
                 o = self.optimized.get(metric, {}).get(key)
@@ -340,6 +344,10 @@ def _num(x: float) -> str:
     return f"{x:.4g}"
 
 
+def _rate(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def _count(x: float) -> str:
     for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(x) >= size:
@@ -372,7 +380,7 @@ _SHOWN: dict[str, dict[str, tuple[str, Any]]] = {
         "p95_ms": ("latency p95", _ms),
         "p99_ms": ("latency p99", _ms),
     },
-    "throughput": {"samples_per_s": ("throughput (samples/s)", _num)},
+    "throughput": {"samples_per_s": ("throughput (samples/s)", _rate)},
     "accuracy": {"top1": ("accuracy top-1", _pct), "top5": ("accuracy top-5", _pct)},
     "fidelity": {"agreement": ("top-1 agreement with baseline", _pct), "cosine": ("cosine", _num),
                  "snr_db": ("output SNR vs baseline (dB)", _num)},

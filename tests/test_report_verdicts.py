@@ -105,3 +105,17 @@ def test_progress_bars_only_when_wanted(cli):
     assert quiet.returncode == 0 and "fine-tuning (steps)" not in quiet.stderr
     default = cli("run", *args)  # stderr is not a terminal here
     assert "fine-tuning (steps)" not in default.stderr
+
+
+def test_the_table_shows_the_sweep_and_marks_thin_tail_percentiles():
+    base = {"throughput": {"samples_per_s": 30000.0, "samples_per_s_batch1": 6000.0},
+            "latency": {"p50_ms": 2.0, "p99_ms": 3.0, "unreliable": ["p99"]},
+            "fidelity": {"snr_db": None, "cosine": 1.0}}
+    opt = {"throughput": {"samples_per_s": 50000.0, "samples_per_s_batch1": 4000.0},
+           "latency": {"p50_ms": 1.0, "p99_ms": 2.0, "unreliable": ["p99"]},
+           "fidelity": {"snr_db": 42.5, "cosine": 0.99}}
+    rows = {r[0]: r[1:] for r in _report(base, opt, []).rows()}
+    assert rows["throughput (samples/s)"] == ("30,000", "50,000", "x1.67")
+    assert rows["throughput at batch 1"] == ("6,000", "4,000", "x0.67")
+    assert rows["latency p99 (few runs)"][2] == "x1.50 faster"
+    assert rows["output SNR vs baseline (dB)"] == ("-", "42.5", "-")
