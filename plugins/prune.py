@@ -21,6 +21,7 @@ All three can fine-tune afterwards (``finetune_steps``) and prune in several rou
 
 from __future__ import annotations
 
+import abc
 import fnmatch
 from typing import Any
 
@@ -92,8 +93,9 @@ class _Pruner(Optimizer):
     def _needs_activations(self) -> bool:
         return False
 
+    @abc.abstractmethod
     def _prune(self, model: Any, ctx: Any, device: Any, targets: Any) -> Any:
-        raise NotImplementedError
+        """Prune ``model`` (the structured or unstructured way of the subclass)."""
 
     def _finetune(self, model: Any, ctx: Any, device: Any, targets: Any, round_no: int,
                   after_step: Any = None) -> dict[str, Any] | None:
