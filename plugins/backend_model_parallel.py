@@ -6,7 +6,7 @@ Two ways to run, chosen by how inferopt was started:
 * under ``torchrun --nproc-per-node N``: one stage per process, built and run by
   ``torch.distributed.pipelining`` (the tracer ``pipeline()`` cuts the model, ``ScheduleGPipe``
   runs the micro-batches; gloo between CPU processes, NCCL between GPUs). The last stage's output
-  is broadcast so that every process sees it;
+  is broadcast so that every process sees it (as plain tensors once its shapes are known);
 * in one process with ``devices=cuda:0|cuda:1`` (or ``cpu|cpu``): the same cut, each stage
   moved to its device, one thread per micro-batch, and a stage works on one micro-batch at a
   time; ``microbatches=1`` is the device-map style split where one stage works at a time.
@@ -87,6 +87,40 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, tuple | list):
         return type(obj)(_plain(v) for v in obj)
     return obj
+
+
+def _only_tensors(obj: Any) -> bool:
+    """Whether ``obj`` is a tensor, or tuples/lists/dicts of nothing but tensors."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return True
+    if isinstance(obj, dict):
+        return all(_only_tensors(v) for v in obj.values())
+    if type(obj) in (tuple, list):
+        return all(_only_tensors(v) for v in obj)
+    return False
+
+
+def _empty_like(template: Any) -> Any:
+    """Fresh tensors of the template's shapes and dtypes, in the template's structure."""
+    import torch
+
+    if isinstance(template, torch.Tensor):
+        return torch.empty_like(template)
+    if isinstance(template, dict):
+        return {k: _empty_like(v) for k, v in template.items()}
+    return type(template)(_empty_like(v) for v in template)
+
+
+def _check_like(out: Any, template: Any) -> None:
+    if _signature(out) != _signature(template) or not _only_tensors(out):
+        # every other process is about to receive tensors of the template's shapes; this
+        # worker failing makes torchrun stop them all rather than leave them waiting
+        raise RuntimeError(
+            "model-parallel: the last stage's output changed structure or shape between two "
+            f"batches of the same input shape ({_signature(template)} -> {_signature(out)}); "
+            "the traced stages should make it fixed")
 
 
 def _signature(inputs: Any) -> tuple[Any, ...]:
@@ -293,7 +327,7 @@ class ModelParallelBackend(Backend):
         import torch
         from torch.distributed.pipelining import ScheduleGPipe
 
-        from inferopt.model_io import move_to
+        from inferopt.model_io import iter_tensors, move_to
 
         rank, world = self.rank, self.world_size
         if pipe.num_stages != world:
@@ -305,17 +339,35 @@ class ModelParallelBackend(Backend):
         schedule = ScheduleGPipe(stage, count)
         last = world - 1
 
+        # the output lives on the last stage; every process needs it to measure alike. The
+        # traced stages are specialised to this input shape, so the output's structure,
+        # shapes and dtypes are the same on every call: the first call sends it pickled and
+        # keeps it as a template, later calls send only the tensors (one collective each,
+        # straight into buffers allocated from the template, no pickling)
+        template: list[Any] = []
+
         def run(inputs: Any) -> Any:
             if rank == 0:
                 args, kwargs = split_inputs(move_to(inputs, device))
                 out = schedule.eval(*args, **kwargs)
             else:
                 out = schedule.eval()
-            # the output lives on the last stage; every process needs it to measure alike
-            return move_to(
-                process_group.broadcast_object(
-                    move_to(out, "cpu") if rank == last else None, src=last),
-                device)
+            if not template:
+                out = move_to(process_group.broadcast_object(
+                    move_to(out, "cpu") if rank == last else None, src=last), device)
+                template.append(out if _only_tensors(out) else None)
+                return out
+            if template[0] is None:  # non-tensor parts: only pickling carries them
+                return move_to(process_group.broadcast_object(
+                    move_to(out, "cpu") if rank == last else None, src=last), device)
+            if rank == last:
+                _check_like(out, template[0])
+                process_group.broadcast_tensors(
+                    [t.contiguous() for t in iter_tensors(out)], src=last)
+            else:
+                out = _empty_like(template[0])
+                process_group.broadcast_tensors(list(iter_tensors(out)), src=last)
+            return out
 
         return run
 

@@ -90,3 +90,12 @@ def broadcast_object(obj: Any, src: int) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def broadcast_tensors(tensors: list[Any], src: int) -> None:
+    """Rank ``src``'s ``tensors`` copied in place into every other rank's tensors of the same
+    shapes and dtypes (one collective per tensor, no pickling)."""
+    import torch.distributed as dist
+
+    for tensor in tensors:
+        dist.broadcast(tensor, src=src)
