@@ -4,7 +4,8 @@ processes, and the naive sequential stage split (the same stages, one micro-batc
 works at a time), plus the in-process stage split over N CPU "devices" with and without
 micro-batches. Scaling efficiency is throughput / (N x one process with one thread).
 
-    python benchmarks/bench_backends.py [--procs 2] [--batches 32] [--batch-size 64]
+    python benchmarks/bench_backends.py [--procs 2] [--batches 32] [--batch-size 64] [--runs 3]
+    python benchmarks/bench_backends.py --rows pipeline --batch-size 256 --width 2048 --runs 5
     python benchmarks/bench_backends.py --device cuda     (CUDA-event timing vs
                                                            torch.utils.benchmark, CUDA graphs)
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -89,7 +91,8 @@ def worker(mode: str, out: Path) -> None:
     seconds = timed_passes(run_pass, lambda: backend.gather(None), ARGS.repeats)
     if backend.is_main:
         samples = sum(b.size for b in batches) * ARGS.repeats
-        out.write_text(json.dumps({"samples_per_s": samples / seconds}))
+        out.write_text(json.dumps({"samples_per_s": samples / seconds,
+                                   "threads": torch.get_num_threads()}))
 
 
 def distributed(mode: str) -> float:
@@ -102,7 +105,10 @@ def distributed(mode: str) -> float:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         if proc.returncode != 0:
             raise SystemExit(f"{mode} workers failed:\n{proc.stderr[-3000:]}")
-        return float(json.loads(out.read_text())["samples_per_s"])
+        result = json.loads(out.read_text())
+        if result["threads"] != 1:  # the comparison assumes N processes x 1 thread on N cores
+            raise SystemExit(f"{mode} workers ran {result['threads']} intra-op threads, not 1")
+        return float(result["samples_per_s"])
 
 
 def cpu_table() -> None:
@@ -111,37 +117,57 @@ def cpu_table() -> None:
 
     n = ARGS.procs
     batches = build_batches(ARGS.batches, ARGS.batch_size, ARGS.width)
-    one = single_process(CpuBackend(threads=1), batches, ARGS.repeats)
-    rows: list[tuple[str, float]] = [
-        ("cpu, 1 thread", one),
-        (f"cpu, {n} threads", single_process(CpuBackend(threads=n), batches, ARGS.repeats)),
-        (f"data-parallel, {n} processes (torchrun, gloo)", distributed("dp")),
-        (f"model-parallel pipeline, {n} stages x {ARGS.microbatches} micro-batches (torchrun)",
-         distributed("mp")),
-        (f"naive sequential split, {n} stages, 1 micro-batch (torchrun)",
-         distributed("mp-naive")),
-    ]
-    torch.set_num_threads(1)
     devices = ("cpu",) * n
-    rows.append((f"in-process split, {n} stage threads x {ARGS.microbatches} micro-batches",
-                 single_process(ModelParallelBackend(devices=devices,
-                                                     microbatches=ARGS.microbatches),
-                                batches, ARGS.repeats)))
-    rows.append((f"in-process split, {n} stages, 1 micro-batch (device-map style)",
-                 single_process(ModelParallelBackend(devices=devices, microbatches=1),
-                                batches, ARGS.repeats)))
+
+    def in_process(microbatches: int) -> float:
+        torch.set_num_threads(1)  # the stage threads share this one intra-op thread each
+        return single_process(ModelParallelBackend(devices=devices, microbatches=microbatches),
+                              batches, ARGS.repeats)
+
+    pipeline = f"model-parallel pipeline, {n} stages x {ARGS.microbatches} micro-batches (torchrun)"
+    naive = f"naive sequential split, {n} stages, 1 micro-batch (torchrun)"
+    measure: dict[str, Any] = {
+        "cpu, 1 thread": lambda: single_process(CpuBackend(threads=1), batches, ARGS.repeats)}
+    if ARGS.rows == "all":
+        measure[f"cpu, {n} threads"] = lambda: single_process(CpuBackend(threads=n), batches,
+                                                              ARGS.repeats)
+        measure[f"data-parallel, {n} processes (torchrun, gloo)"] = lambda: distributed("dp")
+    measure[pipeline] = lambda: distributed("mp")
+    measure[naive] = lambda: distributed("mp-naive")
+    if ARGS.rows == "all":
+        measure[f"in-process split, {n} stage threads x {ARGS.microbatches} micro-batches"] = (
+            lambda: in_process(ARGS.microbatches))
+        measure[f"in-process split, {n} stages, 1 micro-batch (device-map style)"] = (
+            lambda: in_process(1))
+
+    # rounds: every row once per round, so that a change in the machine's load (it is shared)
+    # falls on all rows alike rather than on whichever row ran at that moment
+    load_before = os.getloadavg()
+    rates: dict[str, list[float]] = {name: [] for name in measure}
+    for _ in range(ARGS.runs):
+        for name, run in measure.items():
+            rates[name].append(run())
+    load_after = os.getloadavg()
+
+    one = statistics.median(rates["cpu, 1 thread"])
     print(f"model: {ARGS.depth} x Linear({ARGS.width}, {ARGS.width}) + ReLU, "
-          f"{ARGS.batches} batches of {ARGS.batch_size}, {ARGS.repeats} timed passes; "
-          f"{os.cpu_count()} CPU cores, torch {torch.__version__}")
-    print(f"| backend | samples/s | vs cpu 1 thread | scaling efficiency (/{n}) |")
-    print("|---|---:|---:|---:|")
-    for name, rate in rows:
+          f"{ARGS.batches} batches of {ARGS.batch_size} "
+          f"(micro-batches of {ARGS.batch_size // ARGS.microbatches} rows), "
+          f"{ARGS.repeats} timed passes; {ARGS.runs} rounds; {os.cpu_count()} CPU cores, "
+          f"torch {torch.__version__}; torchrun processes: 1 intra-op thread each; "
+          f"load average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after")
+    print(f"| backend | samples/s (median) | min-max | vs cpu 1 thread | "
+          f"scaling efficiency (/{n}) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, values in rates.items():
+        rate = statistics.median(values)
         speedup = rate / one
-        print(f"| {name} | {rate:,.0f} | x{speedup:.2f} | {speedup / n:.0%} |")
-    pipe = dict(rows)
-    mp = next(v for k, v in pipe.items() if k.startswith("model-parallel"))
-    naive = next(v for k, v in pipe.items() if k.startswith("naive"))
-    print(f"pipeline vs naive sequential split: x{mp / naive:.2f}")
+        print(f"| {name} | {rate:,.0f} | {min(values):,.0f}-{max(values):,.0f} | "
+              f"x{speedup:.2f} | {speedup / n:.0%} |")
+    # paired by round: the two rows ran next to each other
+    ratios = sorted(p / q for p, q in zip(rates[pipeline], rates[naive], strict=True))
+    print(f"pipeline vs naive sequential split: x{statistics.median(ratios):.2f} "
+          f"(per round: {', '.join(f'x{r:.2f}' for r in ratios)})")
 
 
 def cuda_table() -> None:
@@ -196,7 +222,12 @@ parser.add_argument("--batch-size", type=int, default=64)
 parser.add_argument("--width", type=int, default=1024)
 parser.add_argument("--depth", type=int, default=4)
 parser.add_argument("--microbatches", type=int, default=4)
-parser.add_argument("--repeats", type=int, default=3)
+parser.add_argument("--repeats", type=int, default=3, help="timed passes per measurement")
+parser.add_argument("--runs", type=int, default=3,
+                    help="rounds: each row measured this many times, rows interleaved; the "
+                         "table shows the median and the range")
+parser.add_argument("--rows", choices=["all", "pipeline"], default="all",
+                    help="pipeline: only cpu 1 thread, the torchrun pipeline and the naive split")
 parser.add_argument("--worker", help=argparse.SUPPRESS)
 parser.add_argument("--result", help=argparse.SUPPRESS)
 ARGS = parser.parse_args()

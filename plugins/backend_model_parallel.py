@@ -6,7 +6,7 @@ Two ways to run, chosen by how inferopt was started:
 * under ``torchrun --nproc-per-node N``: one stage per process, built and run by
   ``torch.distributed.pipelining`` (the tracer ``pipeline()`` cuts the model, ``ScheduleGPipe``
   runs the micro-batches; gloo between CPU processes, NCCL between GPUs). The last stage's output
-  is broadcast so that every process sees it;
+  is broadcast so that every process sees it (as plain tensors once its shapes are known);
 * in one process with ``devices=cuda:0|cuda:1`` (or ``cpu|cpu``): the same cut, each stage
   moved to its device, one thread per micro-batch, and a stage works on one micro-batch at a
   time; ``microbatches=1`` is the device-map style split where one stage works at a time.
@@ -88,6 +88,54 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+def _only_tensors(obj: Any) -> bool:
+    """Whether ``obj`` is a tensor, or tuples/lists/dicts of nothing but tensors."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return True
+    if isinstance(obj, dict):
+        return all(_only_tensors(v) for v in obj.values())
+    if type(obj) in (tuple, list):
+        return all(_only_tensors(v) for v in obj)
+    return False
+
+
+def _restructure(out: Any, spec: Any) -> Any:
+    """The stages' flat outputs in the structure the unsplit model returns."""
+    from torch.utils._pytree import tree_unflatten
+
+    leaves = list(out) if type(out) in (tuple, list) else [out]
+    if len(leaves) != spec.num_leaves:
+        raise UsageError(
+            f"model-parallel: the model returns {spec.num_leaves} tensor(s) but its last stage "
+            f"gives {len(leaves)}; outputs made by an earlier stage (a hidden state returned "
+            "alongside the logits) cannot be passed on. Return only what the last layers make, "
+            "or use data-parallel")
+    return tree_unflatten(leaves, spec)
+
+
+def _empty_like(template: Any) -> Any:
+    """Fresh tensors of the template's shapes and dtypes, in the template's structure."""
+    import torch
+
+    if isinstance(template, torch.Tensor):
+        return torch.empty_like(template)
+    if isinstance(template, dict):
+        return {k: _empty_like(v) for k, v in template.items()}
+    return type(template)(_empty_like(v) for v in template)
+
+
+def _check_like(out: Any, template: Any) -> None:
+    if _signature(out) != _signature(template) or not _only_tensors(out):
+        # every other process is about to receive tensors of the template's shapes; this
+        # worker failing makes torchrun stop them all rather than leave them waiting
+        raise RuntimeError(
+            "model-parallel: the last stage's output changed structure or shape between two "
+            f"batches of the same input shape ({_signature(template)} -> {_signature(out)}); "
+            "the traced stages should make it fixed")
+
+
 def _signature(inputs: Any) -> tuple[Any, ...]:
     from inferopt.model_io import iter_tensors
 
@@ -124,7 +172,7 @@ class StagedModel:
         self.backend = backend
         self.split_points: list[str] | None = None
         self.runners: dict[Any, Any] = {}
-        self.output_is_tensor: bool | None = None
+        self.output_spec: Any = None  # the unsplit model's output structure (a pytree spec)
         self.lock = threading.Lock()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -246,26 +294,26 @@ class ModelParallelBackend(process_group.SeveralWorkers, Backend):
 
                 example = move_to(_microbatch(inputs, count, 0), "cpu")
                 pipe = trace_stages(staged.model, example, staged.split_points)
-                if staged.output_is_tensor is None:
+                if staged.output_spec is None:
                     import torch
+                    from torch.utils._pytree import tree_flatten
 
                     from inferopt.model_io import call_model
 
                     with torch.inference_mode():
                         out = call_model(staged.model, example)
-                    staged.output_is_tensor = isinstance(out, torch.Tensor)
+                    # the stages hand back a flat tuple; the model's own structure (a tensor,
+                    # a dict of logits and hidden states, ...) is put back from this
+                    staged.output_spec = tree_flatten(out)[1]
                 build = self._build_distributed if self.distributed else self._build_local
                 runner = staged.runners[key] = build(pipe, count)
-        out = runner(inputs)
-        if staged.output_is_tensor and isinstance(out, tuple | list) and len(out) == 1:
-            out = out[0]
-        return out
+        return _restructure(runner(inputs), staged.output_spec)
 
     def _build_distributed(self, pipe: Any, count: int) -> Any:
         import torch
         from torch.distributed.pipelining import ScheduleGPipe
 
-        from inferopt.model_io import move_to
+        from inferopt.model_io import iter_tensors, move_to
 
         rank, world = self.rank, self.world_size
         if pipe.num_stages != world:
@@ -277,17 +325,35 @@ class ModelParallelBackend(process_group.SeveralWorkers, Backend):
         schedule = ScheduleGPipe(stage, count)
         last = world - 1
 
+        # the output lives on the last stage; every process needs it to measure alike. The
+        # traced stages are specialised to this input shape, so the output's structure,
+        # shapes and dtypes are the same on every call: the first call sends it pickled and
+        # keeps it as a template, later calls send only the tensors (one collective each,
+        # straight into buffers allocated from the template, no pickling)
+        template: list[Any] = []
+
         def run(inputs: Any) -> Any:
             if rank == 0:
                 args, kwargs = split_inputs(move_to(inputs, device))
                 out = schedule.eval(*args, **kwargs)
             else:
                 out = schedule.eval()
-            # the output lives on the last stage; every process needs it to measure alike
-            return move_to(
-                process_group.broadcast_object(
-                    move_to(out, "cpu") if rank == last else None, src=last),
-                device)
+            if not template:
+                out = move_to(process_group.broadcast_object(
+                    move_to(out, "cpu") if rank == last else None, src=last), device)
+                template.append(out if _only_tensors(out) else None)
+                return out
+            if template[0] is None:  # non-tensor parts: only pickling carries them
+                return move_to(process_group.broadcast_object(
+                    move_to(out, "cpu") if rank == last else None, src=last), device)
+            if rank == last:
+                _check_like(out, template[0])
+                process_group.broadcast_tensors(
+                    [t.contiguous() for t in iter_tensors(out)], src=last)
+            else:
+                out = _empty_like(template[0])
+                process_group.broadcast_tensors(list(iter_tensors(out)), src=last)
+            return out
 
         return run
 

@@ -156,3 +156,10 @@ class SeveralWorkers:
         if self.distributed:
             return device_for_this_process(self.device_type)
         return self.devices[0]
+def broadcast_tensors(tensors: list[Any], src: int) -> None:
+    """Rank ``src``'s ``tensors`` copied in place into every other rank's tensors of the same
+    shapes and dtypes (one collective per tensor, no pickling)."""
+    import torch.distributed as dist
+
+    for tensor in tensors:
+        dist.broadcast(tensor, src=src)

@@ -36,6 +36,19 @@ def small_model() -> torch.nn.Module:
         torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
 
 
+class TwoOutputs(torch.nn.Module):
+    """small_model, returning its logits and their softmax (both made by the last stage)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = small_model()[:-1]
+        self.head = small_model()[-1]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.head(self.body(x))
+        return logits, logits.softmax(-1)
+
+
 def batches() -> list[Batch]:
     """7 batches (the last one short), 0..N-1 ids in column 0."""
     torch.manual_seed(1)
@@ -58,11 +71,16 @@ def main(out: Path) -> None:
     mp_named = ModelParallelBackend(split=("4",), microbatches=2)
     named_prepared = mp_named.prepare(small_model())
     named_out = mp_named.run_all(named_prepared, data)
+    mp_pair = ModelParallelBackend(split=("head",), microbatches=2)
+    pair_out = mp_pair.run_all(mp_pair.prepare(TwoOutputs()), data)
     result["auto_split"] = auto_prepared.split_points
     result["named_split"] = named_prepared.split_points
     if dp.is_main:
         torch.save({"dp": torch.cat(outputs), "mp_auto": torch.cat(auto_out),
-                    "mp_named": torch.cat(named_out)}, out / "outputs.pt")
+                    "mp_named": torch.cat(named_out),
+                    "mp_pair_logits": torch.cat([o[0] for o in pair_out]),
+                    "mp_pair_probs": torch.cat([o[1] for o in pair_out])},
+                   out / "outputs.pt")
         (out / "result.json").write_text(json.dumps(result))
 
 

@@ -92,6 +92,27 @@ def test_model_parallel_over_devices_matches_unsplit(microbatches: int) -> None:
     assert len(prepared.split_points) == 1
 
 
+def test_model_parallel_keeps_the_models_output_structure() -> None:
+    class DictOut(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.a(x)
+            return {"logits": self.b(torch.relu(h)), "hidden": h}
+
+    model = DictOut().eval()
+    backend = ModelParallelBackend(devices=("cpu", "cpu"), microbatches=2)
+    x = torch.randn(4, 4)
+    out = backend.forward(backend.prepare(model), x)
+    assert isinstance(out, dict) and list(out) == ["logits", "hidden"]
+    with torch.no_grad():
+        ref = model(x)
+    torch.testing.assert_close(out["logits"], ref["logits"])
+    torch.testing.assert_close(out["hidden"], ref["hidden"])
+
+
 def test_model_parallel_split_given_by_name() -> None:
     backend = ModelParallelBackend(devices=("cpu", "cpu", "cpu"), split=("4", "2"))
     prepared = backend.prepare(small_model())

@@ -66,6 +66,16 @@ def test_model_parallel_pipeline_matches_unsplit_model(two_workers: Path) -> Non
     assert len(result["auto_split"]) == 1
 
 
+def test_model_parallel_passes_tuple_outputs_to_every_batch(two_workers: Path) -> None:
+    # the first batch of a shape sends the output pickled, later ones tensor by tensor into
+    # buffers shaped like the first: both must give the unsplit model's values
+    outputs = torch.load(two_workers / "outputs.pt", weights_only=True)
+    with torch.inference_mode():
+        logits = torch.cat([small_model()(b.inputs) for b in batches()])
+    assert (outputs["mp_pair_logits"] - logits).abs().max() <= 1e-5
+    assert (outputs["mp_pair_probs"] - logits.softmax(-1)).abs().max() <= 1e-5
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("backend", ["data-parallel", "model-parallel"])
 def test_torchrun_cli_run_reports_once_from_the_main_worker(tmp_path: Path, backend: str) -> None:
