@@ -81,7 +81,7 @@ def save_run(
             "steps": [
                 {"name": r.name, "options": r.options, "state": r.state, "plugin": r.plugin,
                  "distribution": r.distribution, "version": r.version}
-                for r in report.steps
+                for r in report.steps if not r.failed  # undone by --keep-going
             ],
         }
         report.artifacts = {
@@ -107,8 +107,13 @@ def save_run(
             old = out_dir.with_name(f".{out_dir.name}.replaced-{tmp.name[-8:]}")
             out_dir.rename(old)
         tmp.rename(out_dir)
+        ctx.phase = "saved"  # from here on the new run is in place, whatever happens next
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                shutil.rmtree(old, ignore_errors=True)
+            except KeyboardInterrupt:  # finish removing the earlier run, then stop
+                shutil.rmtree(old, ignore_errors=True)
+                raise
     except BaseException:
         # interrupted between moving the earlier run aside and putting the new one in place:
         # put the earlier run back, so that nothing the user had is lost

@@ -242,6 +242,9 @@ def run(
 
 def _interrupted(ctx: RunContext) -> str:
     kept = "nothing was saved"
+    if ctx.phase == "saved":
+        return (f"interrupted after saving: {ctx.out_dir} holds the new run; stopped before the "
+                "end-of-run hooks")
     if ctx.out_dir is not None:
         kept = (f"{ctx.out_dir} keeps its previous contents" if ctx.out_dir_existed
                 else f"{ctx.out_dir} was not created")
@@ -553,7 +556,7 @@ def _run_steps(ctx: RunContext, model: Any, prepared: Any, probe: Any, signature
         before = _copy_for_undo(ctx, step, model) if ctx.recipe.keep_going else None
         try:
             new_model, rec = _apply_step(ctx, step, model)
-            new_prepared = backend.prepare(new_model)
+            new_prepared = _prepare_stepped(ctx, step, new_model)
             _check_step(ctx, step, new_model, new_prepared, probe, signature, baseline,
                         baseline_outputs)
         except InferoptError as exc:
@@ -572,6 +575,17 @@ def _run_steps(ctx: RunContext, model: Any, prepared: Any, probe: Any, signature
         records.append(rec)
         ctx.manager.notify("inferopt_step_end", _observer_error(ctx), run=ctx, step=rec)
     return model, prepared, records
+
+
+def _prepare_stepped(ctx: RunContext, step: Resolved, model: Any) -> Any:
+    try:
+        return ctx.backend.instance.prepare(model)
+    except InferoptError:
+        raise
+    except Exception as exc:  # the step left something the backend cannot take
+        raise StepFailed(f"step {step.index} {step.spec.name!r} left a model the backend "
+                         f"{ctx.backend.spec.name!r} cannot prepare: {type(exc).__name__}: "
+                         f"{exc}") from exc
 
 
 def _copy_for_undo(ctx: RunContext, step: Resolved, model: Any) -> Any:
@@ -602,8 +616,8 @@ def _check_step(ctx: RunContext, step: Resolved, model: Any, prepared: Any, prob
                          f"{type(exc).__name__}: {exc}") from exc
     if not all_finite(out):
         raise StepFailed(
-            f"{name} made the model's outputs non-finite (NaN or inf) on the first batch; the "
-            "model was not saved. Try other options for this step, or skip the layers it breaks"
+            f"{name} made the model's outputs non-finite (NaN or inf) on the first batch"
+            f"{_stopped(ctx)}. Try other options for this step, or skip the layers it breaks"
         )
     if output_signature(out) != signature:
         raise StepFailed(
@@ -611,6 +625,13 @@ def _check_step(ctx: RunContext, step: Resolved, model: Any, prepared: Any, prob
             f"{output_signature(out)}; steps must keep the interface"
         )
     _check_accuracy_budget(ctx, name, model, prepared, baseline, baseline_outputs)
+
+
+def _stopped(ctx: RunContext) -> str:
+    """How a failed step's message ends: the run stops, or --keep-going undoes the step."""
+    if ctx.recipe.keep_going:
+        return "; the step was undone and the run went on (--keep-going)"
+    return "; the run stopped there and nothing was saved"
 
 
 def _check_accuracy_budget(ctx: RunContext, name: str, model: Any, prepared: Any,
@@ -639,8 +660,8 @@ def _check_accuracy_budget(ctx: RunContext, name: str, model: Any, prepared: Any
     if over:
         raise BudgetExceeded(
             f"{name} dropped top-1 accuracy from {base:.2%} to {top1:.2%}: "
-            f"{' and '.join(over)}; the run stopped there and nothing was saved. Try milder "
-            "options for this step (skip sensitive layers, lower sparsity, fine-tuning)")
+            f"{' and '.join(over)}{_stopped(ctx)}. Try milder options for this step (skip "
+            "sensitive layers, lower sparsity, fine-tuning)")
 
 
 def _apply_step(ctx: RunContext, step: Resolved, model: Any) -> tuple[Any, StepRecord]:

@@ -143,10 +143,16 @@ def test_keep_going_runs_the_other_steps_and_marks_the_failed_one(cli, broken_pl
     report = json.loads(result.stdout)
     failed, quantized = report["steps"]
     assert "non-finite" in failed["failed"] and quantized["failed"] is None
+    assert "undone and the run went on (--keep-going)" in failed["failed"]
     assert quantized["details"]["quantized"]
     assert report["optimized"]["metrics"]["accuracy"]["top1"] > 0.8  # NaN weights were undone
     findings = [f["finding"] for f in report["verdict"]["findings"]]
     assert "step 1 'break-weights' failed and was undone" in findings
+    # the saved run holds only the steps that stayed, so it loads
+    manifest = json.loads((Path(report["artifacts"]["manifest"])).read_text())
+    assert [s["name"] for s in manifest["steps"]] == ["int8"]
+    loaded = inferopt.load(report["artifacts"]["dir"])
+    assert type(loaded[0]).__name__ == "Int8Linear"
 
 
 def test_a_broken_plugin_is_named_at_discovery_and_the_rest_still_work(cli, tmp_path):
@@ -263,3 +269,29 @@ def test_an_interrupt_while_saving_puts_the_earlier_run_back(tmp_path, monkeypat
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_an_interrupt_after_the_new_run_is_in_place_says_so(tmp_path, monkeypatch):
+    import shutil
+
+    from inferopt import artifacts
+
+    out = tmp_path / "run"
+    inferopt.run(model="demo:digits-mlp-small", metrics=["size"], out=out)
+    real_rmtree = shutil.rmtree
+    calls = []
+
+    def rmtree(path, *args, **kwargs):
+        calls.append(path)
+        if ".replaced-" in str(path) and len(calls) == 1:
+            raise KeyboardInterrupt
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(artifacts.shutil, "rmtree", rmtree)
+    with pytest.raises(inferopt.Interrupted, match="holds the new run"):
+        inferopt.run(model="demo:digits-mlp-small", metrics=["size"], out=out, overwrite=True,
+                     optimize=["prune-l1:structured=true"])
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # the earlier run was removed
+    manifest = json.loads((out / "inferopt.json").read_text())
+    assert [s["name"] for s in manifest["steps"]] == ["prune-l1"]
