@@ -77,17 +77,17 @@ def plot_reports(reports: list[dict[str, Any]], path: Path, title: str = "") -> 
 def plot_tune(doc: dict[str, Any], path: Path) -> Path:
     """Write a PNG of an ``inferopt.tune/1`` search: speedup and size against the accuracy
     drop for every trial, the Pareto front joined, the budget as a line, the choice starred."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     relative = doc["settings"]["relative"]
     key = "accuracy_drop_percent" if relative else "accuracy_drop_points"
     unit = "% of baseline" if relative else "points"
     trials = [t for t in doc["trials"] if t["status"] == "ok" and t.get(key) is not None]
     front = set(doc["pareto"])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2))  # no pyplot: the user's matplotlib backend stays as it is
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
     for ax, field, label in ((axes[0], "speedup", "p50 speedup vs baseline (interleaved A/B)"),
                              (axes[1], "size_ratio", "saved size / baseline")):
         shown = [t for t in trials if t.get(field) is not None]
@@ -110,5 +110,4 @@ def plot_tune(doc: dict[str, Any], path: Path) -> Path:
                  f"objective {doc['settings']['objective']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

@@ -39,7 +39,7 @@ from typing import Any
 import attrs
 
 from . import options
-from .errors import InferoptError, UsageError
+from .errors import InferoptError, Interrupted, UsageError
 from .logging import get_logger
 from .manager import PluginManager
 from .recipe import Gates, Recipe, Spec
@@ -323,6 +323,7 @@ class _Tuner:
         from .pipeline import _check_module, as_data, new_run_id, resolve, resolve_model_source
 
         recipe = self.recipe
+        loading = time.monotonic()
         ctx = resolve(recipe, self.manager, self.registry, new_run_id())
         torch.manual_seed(recipe.seed)
         source_ctx = SourceContext(log=self.log, batch_size=recipe.batch_size, seed=recipe.seed,
@@ -342,8 +343,14 @@ class _Tuner:
         if not data.has_labels:
             raise UsageError(f"inferopt tune keeps accuracy within a budget, which needs labels; "
                              f"the data {ctx.data_spec!r} has none. Give labelled data")
+        samples = data.num_samples
+        if recipe.batch_size_explicit and recipe.batch_size > samples:
+            raise UsageError(
+                f"--batch-size {recipe.batch_size} is larger than the data: {ctx.data_spec!r} "
+                f"has {samples} samples to measure on; give --batch-size {samples} or less")
         self.data = data
         self.data_spec = ctx.data_spec
+        self.load_seconds = time.monotonic() - loading
         self.layers = _weighted_layers(self.model)
         from .artifacts import weights_bytes
 
@@ -351,12 +358,15 @@ class _Tuner:
             "model": recipe.model, "data": self.data_spec,
             "split": recipe.split.to_dict() if recipe.split else None,
             "batch_size": recipe.batch_size, "seed": recipe.seed,
-            "backend": str(recipe.backend), "metrics": [str(m) for m in recipe.metrics],
+            "backend": str(recipe.backend),
+            # what the user asked for; metrics the objective adds do not change the baseline
+            "metrics": [str(m) for m in self.s.recipe.metrics]
+            if self.s.recipe.metrics_explicit else [],
             "output": recipe.output,
         }
         digest = hashlib.sha256(weights_bytes(self.model))
         digest.update(json.dumps(self.settings_doc, sort_keys=True).encode())
-        digest.update(data.description.encode())
+        _hash_data(digest, data)  # the samples themselves, not just their description
         self.fingerprint = digest.hexdigest()[:16]
 
     def _open_log(self) -> None:
@@ -387,7 +397,7 @@ class _Tuner:
                 if rec.get("type") in ("trial", "sensitivity"):
                     self.logged[rec["key"]] = rec
             # rewrite without a cut-short last line, so that appends start on a fresh line
-            path.write_text("".join(json.dumps(r) + "\n" for r in records))
+            _write_atomically(path, "".join(json.dumps(r) + "\n" for r in records))
             self.log.info("continuing a tune", log=str(path), logged=len(self.logged))
             self.echo(f"continuing: {len(self.logged)} trial(s) already in {path}")
         else:
@@ -407,7 +417,9 @@ class _Tuner:
     # -- the search ---------------------------------------------------------------------------
 
     def _search(self) -> None:
-        self._trial(Point(), "baseline")
+        baseline = self._trial(Point(), "baseline")
+        if baseline["status"] != "ok":  # bad input, not a bad candidate: say so, exit 2
+            raise UsageError(f"the baseline itself could not be measured: {baseline['error']}")
         # techniques that train a model cost the most: searched after all the others
         first = [t for t in self.space if t.kind not in TRAINING_KINDS]
         last = [t for t in self.space if t.kind in TRAINING_KINDS]
@@ -553,7 +565,8 @@ class _Tuner:
         estimate = max(same, default=median)
         # the chosen recipe is run again to be saved: keep back the longest goal-meeting trial
         goal = [d for key, d in self.durations.items() if self._meets(self.trials[key])]
-        reserve = max(goal, default=median) if self.s.save else 0.0
+        # ... plus loading the model and data again, which that run does first
+        reserve = max(goal, default=median) + self.load_seconds if self.s.save else 0.0
         if elapsed + estimate + reserve > self.s.budget_seconds:
             raise _Stop(f"time budget reached ({self.s.budget_seconds / 60:g} min; "
                         f"{elapsed:.0f} s spent, the next trial would take about "
@@ -621,6 +634,8 @@ class _Tuner:
                                   save=False)
         except KeyboardInterrupt:
             raise
+        except Interrupted:  # the pipeline turns Ctrl-C into this: stop the search, not a trial
+            raise KeyboardInterrupt from None
         except InferoptError as exc:
             rec.update(status="failed", error=str(exc))
         except Exception as exc:  # a broken plugin costs its own trial, not the search
@@ -730,6 +745,11 @@ class _Tuner:
         self._write(result)
         if chosen is not None and self.s.save:
             self._save_best(chosen, result)
+        elif (self.s.out / BEST).is_dir():
+            # an earlier invocation's choice that this one does not confirm: not left to be
+            # mistaken for this search's result
+            shutil.rmtree(self.s.out / BEST)
+            self.echo(f"removed {self.s.out / BEST}: no candidate meets this goal")
         doc["seconds"] = round(time.monotonic() - self.start, 2)
         self._write(result)
         return result
@@ -742,8 +762,9 @@ class _Tuner:
 
     def _write(self, result: TuneResult) -> None:
         out = self.s.out
-        (out / SUMMARY).write_text(json.dumps(finite_json(result.document), indent=2) + "\n")
-        (out / MARKDOWN).write_text(to_markdown(result.document))
+        _write_atomically(out / SUMMARY,
+                          json.dumps(finite_json(result.document), indent=2) + "\n")
+        _write_atomically(out / MARKDOWN, to_markdown(result.document))
         from . import plotting
 
         if plotting.available():
@@ -768,6 +789,27 @@ class _Tuner:
         result.document["artifacts"]["best"] = str(self.s.out / BEST)
         result.document["best_run"] = {"run_id": report.run_id, "verdict": report.verdict,
                                        "gates": report.gates}
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write through a temporary file and rename, so an interruption never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _hash_data(digest: Any, data: Any) -> None:
+    """Feed every tensor of the data's splits (inputs and labels) into ``digest``."""
+    import torch
+
+    from .model_io import iter_tensors
+
+    for split in (data.eval, data.calibration, data.train):
+        for batch in split:
+            for tensor in iter_tensors((batch.inputs, batch.labels)):
+                digest.update(str((tuple(tensor.shape), str(tensor.dtype))).encode())
+                raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                digest.update(raw.numpy().tobytes())
 
 
 def _steps_of_key(key: str) -> list[tuple[str, str]]:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from inferopt.errors import Interrupted
 from inferopt.tune import iter_log
 
 FAST = ["--model", "demo:digits-mlp-small",
@@ -105,8 +106,9 @@ def test_interrupted_tune_continues_from_its_log(cli: Any, tmp_path: Path,
 
     def interrupted_on_the_fourth(*a: Any, **k: Any) -> Any:
         calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
+        if calls["n"] == 4:  # what the pipeline raises on Ctrl-C
+            raise Interrupted("interrupted during measuring the optimized model: stopped "
+                              "cleanly; nothing was saved")
         return real_run(*a, **k)
 
     monkeypatch.setattr(pipeline, "run", interrupted_on_the_fourth)
@@ -219,3 +221,23 @@ def test_bad_tune_input_is_a_usage_error(cli: Any, tmp_path: Path) -> None:
     (stray / "notes.txt").write_text("mine")
     result = cli("tune", "--model", "demo:digits-mlp-small", "--out", str(stray))
     assert result.returncode == 2 and "not an earlier tune" in result.stderr
+
+
+def test_bad_input_is_exit_2_and_a_changed_dataset_is_not_mixed_in(cli: Any,
+                                                                   tmp_path: Path) -> None:
+    import numpy as np
+
+    big = cli("tune", *FAST, "-t", "int8", "--trials", "1", "--batch-size", "5000",
+              "--out", str(tmp_path / "big"))
+    assert big.returncode == 2 and "--batch-size 5000 is larger than the data" in big.stderr
+    rng = np.random.default_rng(0)
+    data = tmp_path / "d.npz"
+    np.savez(data, inputs=rng.random((64, 64), dtype=np.float32),
+             labels=rng.integers(0, 10, 64))
+    args = ["tune", *FAST, "--data", str(data), "-t", "int8", "--trials", "1",
+            "--out", str(tmp_path / "t")]
+    assert cli(*args).returncode in (0, 1)
+    np.savez(data, inputs=rng.random((64, 64), dtype=np.float32),
+             labels=rng.integers(0, 10, 64))  # same name and size, other samples
+    again = cli(*args)
+    assert again.returncode == 2 and "holds a tune of a different baseline" in again.stderr
