@@ -145,7 +145,10 @@ def _check_model_file(spec: str) -> None:
     """A model spec naming a file that is not there is the first thing to say."""
     import re
 
-    match = re.match(r"^(?:python:)?(.+?\.(?:py|pt2|pt|pth|ts|safetensors))(?::|$)", spec)
+    # python:pkg.pt:build names a module, not a file; only PATH.py is a file after python:
+    pattern = (r"^python:(.+?\.py)(?::|$)" if spec.startswith("python:")
+               else r"^(.+?\.(?:py|pt2|pt|pth|ts|safetensors))(?::|$)")
+    match = re.match(pattern, spec)
     if match and not Path(match[1]).expanduser().exists():
         raise UsageError(f"--model {spec!r}: file {match[1]!r} does not exist")
 
