@@ -58,6 +58,12 @@ def _pool(batches: list[Batch]) -> tuple[Any, Any, int]:
     sizes = [b.size for b in batches]
     inputs = _concat([b.inputs for b in batches], sizes, "")
     has_labels = all(b.labels is not None for b in batches)
+    if not has_labels and any(b.labels is not None for b in batches):
+        raise UsageError(
+            "--split pools every sample the data source gave, but some of its batches have "
+            "labels and others (its calibration or training split) do not, so the labels "
+            "would be lost. Give labels for all of the data, or leave out --split and use "
+            "the source's own splits")
     labels = _concat([b.labels for b in batches], sizes, "labels") if has_labels else None
     return inputs, labels, sum(sizes)
 

@@ -36,8 +36,16 @@ def pickled_parts(path: Path) -> list[str]:
 
     found: list[str] = []
     with zipfile.ZipFile(path) as archive:
-        for name in archive.namelist():
+        names = archive.namelist()
+        bases = {n.rsplit("/", 1)[-1] for n in names}
+        if "version" in bases and "archive_format" not in bases:
+            # the torch <= 2.7 layout: torch.export.load falls back to torch.load with
+            # weights_only=False on its payloads when the safe load fails
+            found.append("the archive uses the old (torch <= 2.7) layout, whose loader "
+                         "unpickles its payloads")
+        for name in names:
             base = name.rsplit("/", 1)[-1]
+            head = archive.read(name)[:4]
             if base.endswith(("_weights_config.json", "_constants_config.json")):
                 config = json.loads(archive.read(name)).get("config", {})
                 for fqn, meta in config.items():
@@ -45,13 +53,21 @@ def pickled_parts(path: Path) -> list[str]:
                     if meta.get("use_pickle") or path_name.startswith(
                             ("custom_obj", "opaque_obj")):
                         found.append(f"{name}: {fqn}")
-            elif name.endswith(".pt"):
+            elif name.endswith(".pt") or _looks_pickled(name, head):
                 try:  # sample inputs and legacy payloads: fine if they hold only tensors
                     torch.load(io.BytesIO(archive.read(name)), weights_only=True)
                 except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError,
                         EOFError):
                     found.append(name)
     return found
+
+
+def _looks_pickled(name: str, head: bytes) -> bool:
+    """A pickle or a ``torch.save`` archive, whatever the entry's name says; raw tensor
+    storages (under ``data/weights`` and ``data/constants``) are bytes of numbers, not this."""
+    if "/data/weights/" in f"/{name}" or "/data/constants/" in f"/{name}":
+        return False
+    return (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5) or head == b"PK\x03\x04"
 
 
 def lift_layers(graph_module: Any) -> dict[str, str]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from inferopt import Data, DataSource, ModelSource, UsageError, hookimpl
+from inferopt.plugins.source_torch_file import refusal_reason
 
 _ARGS = r"(?::(?P<args>[A-Za-z_]\w*=.*))?"
 _FILE_SPEC = re.compile(r"^(?P<path>.+?\.py):(?P<attr>[A-Za-z_][\w.]*)" + _ARGS + "$")
@@ -231,7 +232,7 @@ def read_state_dict(path: Path, what: str) -> dict[str, Any]:
     except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as exc:
         raise UsageError(
             f"{what}: {str(path)!r} holds more than tensors (torch.load with weights_only=True "
-            f"refused it: {str(exc).splitlines()[0][:200]}). Save the state dict alone "
+            f"refused it: {refusal_reason(exc)[:200]}). Save the state dict alone "
             "(torch.save(model.state_dict(), path)) or as .safetensors"
         ) from exc
     if isinstance(obj, dict):

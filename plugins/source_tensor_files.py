@@ -29,6 +29,7 @@ import attrs
 
 from inferopt import Data, DataSource, UsageError, hookimpl, option
 from inferopt.options import build
+from inferopt.plugins.source_torch_file import refusal_reason
 from inferopt.recipe import parse_target_spec
 
 TENSOR_SUFFIXES = (".pt", ".pth", ".npy", ".npz", ".safetensors")
@@ -62,6 +63,8 @@ def _as_tensor(value: Any, what: str) -> Any:
     if isinstance(value, np.ndarray):
         if value.dtype == object:
             raise UsageError(f"{what} holds Python objects, not numbers")
+        if value.dtype == np.float64:  # NumPy's default; models take float32
+            value = value.astype(np.float32)
         return torch.from_numpy(np.ascontiguousarray(value))
     raise UsageError(f"{what} is a {type(value).__name__}, not an array or tensor")
 
@@ -93,7 +96,7 @@ def _read_entries(path: Path, spec: str) -> Any:
         raise UsageError(
             f"{what}: {str(path)!r} holds more than tensors, and data files are only read with "
             "torch.load(weights_only=True). Save tensors, a tuple or a dict of tensors, or use "
-            f"python:MODULE:CALLABLE to build the data in code ({str(exc).splitlines()[0][:120]})"
+            f"python:MODULE:CALLABLE to build the data in code ({refusal_reason(exc)[:120]})"
         ) from None
 
 
@@ -197,7 +200,8 @@ class CsvData(DataSource):
         path = Path(target).expanduser()
         if not path.is_file():
             raise UsageError(f"--data {spec!r}: file {str(path)!r} does not exist")
-        with path.open(newline="", encoding="utf-8") as handle:
+        # utf-8-sig: a byte-order mark (Excel writes one) is not part of the first column name
+        with path.open(newline="", encoding="utf-8-sig") as handle:
             rows = [r for r in csv.reader(handle) if r and any(c.strip() for c in r)]
         if len(rows) < 2:
             raise UsageError(f"--data {spec!r}: needs a header row and at least one data row")

@@ -48,6 +48,13 @@ class TextLines(DataSource):
         if not lines:
             raise UsageError(f"--data {spec!r}: {str(path)!r} has no non-empty line")
         tokenizer = self._tokenizer(spec, opts, ctx)
+        if getattr(tokenizer, "pad_token", None) is None:
+            # GPT-style tokenizers have no pad token; the attention mask hides padding anyway
+            fill = getattr(tokenizer, "eos_token", None) or getattr(tokenizer, "unk_token", None)
+            if fill is None:
+                raise UsageError(f"--data {spec!r}: the tokenizer has no pad, end or unknown "
+                                 "token to pad lines with; give tokenizer=DIR with one")
+            tokenizer.pad_token = fill
         lengths = tokenizer(lines, truncation=True, max_length=opts.max_length)["input_ids"]
         longest = max(len(ids) for ids in lengths)
         encoded = tokenizer(lines, padding="max_length", truncation=True, max_length=longest,

@@ -40,6 +40,14 @@ def is_torchscript(path: Path) -> bool:
     return any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names)
 
 
+def refusal_reason(exc: BaseException) -> str:
+    """The line of a ``weights_only=True`` refusal that says what the file holds (torch's first
+    line advises turning the safety off, which is not advice to pass on)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return next((line for line in lines if "global" in line.lower()),
+                lines[0] if lines else type(exc).__name__)
+
+
 class TorchFileModels(ModelFileSource):
     """A TorchScript file, or a ``torch.save`` file holding a pickled ``nn.Module`` (only with
     ``--trust-model``)."""
@@ -67,9 +75,7 @@ class TorchFileModels(ModelFileSource):
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as exc:
             if not ctx.trust_model:
-                lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-                reason = next((line for line in lines if "global" in line.lower()),
-                              lines[0] if lines else type(exc).__name__)
+                reason = refusal_reason(exc)
                 raise UsageError(
                     f"--model {spec!r} holds pickled Python objects, not only tensors "
                     f"(torch.load with weights_only=True refused: {reason[:200]}). {TRUST_HINT}"

@@ -186,3 +186,24 @@ def test_select_output_on_model_output_objects():
     assert primary_output(out, "hidden_states.1")[0, 0, 0] == 7.0
     with pytest.raises(inferopt.UsageError, match="names a tuple, not a tensor"):
         primary_output(out, "hidden_states")
+
+
+def test_float64_arrays_and_a_csv_with_a_byte_order_mark(tmp_path):
+    np.save(tmp_path / "x64.npy", np.ones((4, 3)))  # NumPy's default dtype, float64
+    assert load(f"{tmp_path}/x64.npy").eval[0].inputs.dtype == torch.float32
+    (tmp_path / "bom.csv").write_text("label,a,b\n1,0.5,0.25\n0,1.0,2.0\n",
+                                      encoding="utf-8-sig")
+    data = load(f"{tmp_path}/bom.csv")
+    assert data.has_labels and data.eval[0].labels.tolist() == [1, 0]
+    assert data.eval[0].inputs.shape == (2, 2)
+
+
+def test_split_refuses_to_drop_labels_that_only_some_batches_have():
+    from inferopt.recipe import parse_split
+    from inferopt.splits import split_data
+
+    labelled = [Batch(torch.randn(4, 3), torch.tensor([0, 1, 0, 1])) for _ in range(2)]
+    unlabelled = [Batch(torch.randn(4, 3)) for _ in range(2)]
+    data = Data(eval=labelled, calibration=unlabelled)
+    with pytest.raises(inferopt.UsageError, match="would be lost"):
+        split_data(data, parse_split("calibration=4"), 4)

@@ -203,6 +203,25 @@ def test_untrusted_pickle_is_refused_and_nothing_in_it_runs(cli, tmp_path):
     assert not marker.exists()
 
 
+def test_old_layout_pt2_with_a_pickle_under_a_json_name_runs_nothing(cli, tmp_path):
+    """torch.export.load's fallback for the torch <= 2.7 layout unpickles its payloads with
+    weights_only=False when the safe load fails; such an archive needs --trust-model."""
+    import io
+
+    marker = tmp_path / "ran.txt"
+    payload = io.BytesIO()
+    torch.save({"x": WritesAFile(str(marker))}, payload, pickle_protocol=2)
+    evil = tmp_path / "old.pt2"
+    with zipfile.ZipFile(evil, "w") as archive:
+        archive.writestr("old/version", "1")
+        archive.writestr("old/serialized_exported_program.json", "{}")
+        archive.writestr("old/serialized_state_dict.json", payload.getvalue())
+    result = cli("run", "--model", str(evil), "--data", "synthetic:shape=4x16", *QUICK)
+    assert result.returncode == 2 and "--trust-model" in result.stderr
+    assert "old (torch <= 2.7) layout" in result.stderr
+    assert not marker.exists()
+
+
 def test_trusted_pickle_loads_with_the_flag(cli, tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
