@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,26 @@ def main() -> None:
     """
 
 
+def _logging_options(default_level: str) -> Callable[[Any], Any]:
+    """The options every command that runs the pipeline shares: log format and level, strict
+    plugins, tracebacks."""
+    options = [
+        click.option("--log-format", type=click.Choice(["console", "json"]), default="console",
+                     show_default=True),
+        click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+                     default=default_level, show_default=True),
+        click.option("--strict-plugins", is_flag=True, help="Fail if any plugin fails to load."),
+        click.option("--debug", is_flag=True, help="Show tracebacks for errors."),
+    ]
+
+    def apply(command: Any) -> Any:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
 @main.command(context_settings=CONTEXT)
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
 @click.option("--model", "-m", metavar="SPEC",
@@ -119,12 +140,7 @@ def main() -> None:
               help="Gate: exit 1 if optimized size / baseline size is above R.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print only the report JSON on stdout (logs go to stderr).")
-@click.option("--log-format", type=click.Choice(["console", "json"]), default="console",
-              show_default=True)
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
-              default="info", show_default=True)
-@click.option("--strict-plugins", is_flag=True, help="Fail if any plugin fails to load.")
-@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@_logging_options(default_level="info")
 def run(
     recipe: str | None,
     model: str | None,
@@ -248,12 +264,7 @@ def run(
 @click.option("--restart", is_flag=True, help="Discard the trials logged in --out and start over.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print only the tune document (inferopt.tune/1) on stdout.")
-@click.option("--log-format", type=click.Choice(["console", "json"]), default="console",
-              show_default=True)
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
-              default="warning", show_default=True)
-@click.option("--strict-plugins", is_flag=True, help="Fail if any plugin fails to load.")
-@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@_logging_options(default_level="warning")
 def tune(
     recipe: str | None,
     model: str | None,
