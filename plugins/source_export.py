@@ -7,67 +7,22 @@ therefore turns each such call whose weight (and bias) nothing else reads back i
 ``nn.Linear``/``nn.Conv2d`` submodule holding the same parameters, under the same name: the
 numbers and the state-dict keys are unchanged, and ``inferopt.load`` rebuilds the same structure.
 
-``torch.export.load`` unpickles some parts of an archive (weights marked ``use_pickle``, custom
-and opaque objects, legacy-format payloads, sample inputs that need more than tensors). The
-archive is inspected first and such an archive is refused unless the user trusts it
-(``--trust-model``).
+``torch.export.load`` runs code from the file in several ways (unpickling, AOTInductor libraries,
+shape expressions evaluated as Python, the torch <= 2.7 fallback loader). Unless the user trusts
+the file (``--trust-model``), the archive is checked and read without any of them
+(:mod:`inferopt.plugins.export_archive`); an archive that needs one is refused with the reason.
 """
 
 from __future__ import annotations
 
-import json
 import zipfile
-from pathlib import Path
 from typing import Any
 
 from inferopt import UsageError, hookimpl
+from inferopt.plugins import export_archive
 from inferopt.plugins.model_file import ModelFileSource
 
 SUFFIX = ".pt2"
-
-
-
-def pickled_parts(path: Path) -> list[str]:
-    """Entries of a ``.pt2`` archive that ``torch.export.load`` would unpickle beyond tensors."""
-    import io
-    import pickle
-
-    import torch
-
-    found: list[str] = []
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
-        bases = {n.rsplit("/", 1)[-1] for n in names}
-        if "version" in bases and "archive_format" not in bases:
-            # the torch <= 2.7 layout: torch.export.load falls back to torch.load with
-            # weights_only=False on its payloads when the safe load fails
-            found.append("the archive uses the old (torch <= 2.7) layout, whose loader "
-                         "unpickles its payloads")
-        for name in names:
-            base = name.rsplit("/", 1)[-1]
-            head = archive.read(name)[:4]
-            if base.endswith(("_weights_config.json", "_constants_config.json")):
-                config = json.loads(archive.read(name)).get("config", {})
-                for fqn, meta in config.items():
-                    path_name = str(meta.get("path_name", ""))
-                    if meta.get("use_pickle") or path_name.startswith(
-                            ("custom_obj", "opaque_obj")):
-                        found.append(f"{name}: {fqn}")
-            elif name.endswith(".pt") or _looks_pickled(name, head):
-                try:  # sample inputs and legacy payloads: fine if they hold only tensors
-                    torch.load(io.BytesIO(archive.read(name)), weights_only=True)
-                except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError,
-                        EOFError):
-                    found.append(name)
-    return found
-
-
-def _looks_pickled(name: str, head: bytes) -> bool:
-    """A pickle or a ``torch.save`` archive, whatever the entry's name says; raw tensor
-    storages (under ``data/weights`` and ``data/constants``) are bytes of numbers, not this."""
-    if "/data/weights/" in f"/{name}" or "/data/constants/" in f"/{name}":
-        return False
-    return (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5) or head == b"PK\x03\x04"
 
 
 def lift_layers(graph_module: Any) -> dict[str, str]:
@@ -148,18 +103,14 @@ class ExportedProgramModels(ModelFileSource):
         if not zipfile.is_zipfile(path):
             raise UsageError(f"--model {spec!r}: {str(path)!r} is not a torch.export archive "
                              "(save one with torch.export.save(program, 'model.pt2'))")
-        pickled = pickled_parts(path)
-        if pickled and not ctx.trust_model:
-            raise UsageError(
-                f"--model {spec!r}: this archive holds pickled objects "
-                f"({', '.join(pickled[:3])}), and unpickling runs code from the file. "
-                "Pass --trust-model only if you trust where it came from"
-            )
-        try:
-            program = torch.export.load(str(path))
-        except Exception as exc:
-            raise UsageError(f"--model {spec!r}: torch.export.load failed: "
-                             f"{type(exc).__name__}: {exc}") from exc
+        if ctx.trust_model:
+            try:
+                program = torch.export.load(str(path))
+            except Exception as exc:
+                raise UsageError(f"--model {spec!r}: torch.export.load failed: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+        else:
+            program = self._load_untrusted(spec, path.read_bytes())
         module = program.module()
         # .module() forbids train()/eval(), which every optimizer and backend calls; the graph
         # runs as it was exported whatever the flag says, so the plain nn.Module ones are safe
@@ -169,6 +120,24 @@ class ExportedProgramModels(ModelFileSource):
         ctx.log.info("loaded torch.export program", path=str(path),
                      layers_made_swappable=len(lifted))
         return module
+
+
+    @staticmethod
+    def _load_untrusted(spec: str, data: bytes) -> Any:
+        refusals = export_archive.refusals(data)
+        if refusals:
+            raise UsageError(
+                f"--model {spec!r}: loading this archive would run code from the file: "
+                f"{'; '.join(refusals)}. Pass --trust-model only if you trust where it came "
+                "from, or re-save the program with torch.export.save from torch >= 2.8"
+            )
+        try:
+            return export_archive.load_untrusted(data)
+        except ValueError as exc:
+            raise UsageError(
+                f"--model {spec!r}: the archive could not be read without running code from "
+                f"it ({exc}). Pass --trust-model only if you trust where it came from"
+            ) from None
 
 
 @hookimpl
