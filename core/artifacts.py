@@ -146,25 +146,29 @@ def load(
 
     ``model`` is needed only when the run started from an in-memory module: pass a fresh,
     un-optimized instance of the same architecture. ``trust_model`` must be given again when
-    the run's model was a pickled file: the saved manifest never grants trust by itself.
+    the run's model (or a distillation student) is built by code (``python:``, ``PATH.py:``,
+    a pickled file): the saved manifest never grants trust by itself, since anyone who can
+    write to the run directory can edit it.
+
+    Everything read from the directory is checked before it is used: the manifest's fields and
+    types, that ``inferopt.json`` and ``model.safetensors`` are regular files inside the
+    directory, and that every saved tensor has the dtype and shape of the rebuilt model's.
     """
     import copy
 
-    from safetensors.torch import load_file
-
-    from .pipeline import resolve_model_source
+    from .pipeline import resolve_saved_model_source
     from .registry import load_plugins
 
     root = Path(path)
-    manifest_path = root / MANIFEST
-    if not manifest_path.is_file() or not (root / WEIGHTS).is_file():
+    if not (root / MANIFEST).exists() or not (root / WEIGHTS).exists():
         raise UsageError(
             f"{str(root)!r} is not a saved inferopt model (needs {MANIFEST} and {WEIGHTS}); "
             "give the directory an `inferopt run` wrote"
         )
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise UsageError(f"{manifest_path}: unknown format {manifest.get('format')!r}")
+    manifest_path = _inside_run(root, MANIFEST)
+    weights_path = _inside_run(root, WEIGHTS)
+    manifest = read_manifest(manifest_path)
+    where = str(root / MANIFEST)
     log = get_logger(load=str(root))
     _manager, registry = load_plugins()
     if model is None:
@@ -174,20 +178,35 @@ def load(
                 f"{str(root)!r} was optimized from an in-memory module; pass model=<a fresh "
                 "instance of the same architecture> to inferopt.load"
             )
-        source = resolve_model_source(registry, spec)
-        sctx = SourceContext(log=log, batch_size=manifest.get("batch_size", 64),
-                             seed=manifest.get("seed", 0), restoring=True,
-                             trust_model=trust_model)
+        source = resolve_saved_model_source(registry, spec, f"{where}: field 'model'",
+                                            trust_model=trust_model)
+        sctx = SourceContext(log=log, batch_size=manifest["batch_size"],
+                             seed=manifest["seed"], restoring=True, trust_model=trust_model)
         model = source.obj().load(spec, sctx)
     else:
         model = copy.deepcopy(model)
     for i, step in enumerate(manifest["steps"], start=1):
-        entry = registry.get("optimizer", step["name"])
-        optimizer = options.build(entry.obj, step["options"], f"step {i} {step['name']!r}")
+        what = f"{where}: steps[{i - 1}] ({step['name']!r})"
+        try:
+            entry = registry.get("optimizer", step["name"])
+        except UsageError as exc:
+            raise UsageError(f"{what}: {exc}") from exc
+        optimizer = options.build(entry.obj, step["options"], f"{what} options")
         ctx = StepContext(log=log.bind(step=i, optimizer=step["name"]), restoring=True,
-                          state=dict(step.get("state") or {}), seed=manifest.get("seed", 0))
-        model = optimizer.restore(model, ctx)
-    state = load_file(str(root / WEIGHTS))
+                          state=copy.deepcopy(step["state"]), seed=manifest["seed"],
+                          trust_model=trust_model)
+        try:
+            model = optimizer.restore(model, ctx)
+        except UsageError as exc:
+            raise UsageError(f"{what}: {exc}") from exc
+        except Exception as exc:  # a saved state the step cannot rebuild from
+            raise UsageError(
+                f"{what}: the step could not be rebuilt from its saved options and state "
+                f"({type(exc).__name__}: {exc}); was the run directory edited, or the plugin "
+                "that saved it changed?"
+            ) from exc
+    state = _read_weights(weights_path)
+    _check_saved_tensors(model, state, weights_path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # tied weights were saved once; anything else missing means the structure differs
     missing = [k for k in missing if not _is_tied(model, k, state)]
@@ -198,6 +217,106 @@ def load(
             "saved it upgraded or removed?"
         )
     return model.eval()
+
+
+def _inside_run(root: Path, name: str) -> Path:
+    """``root / name`` resolved, refused unless it is a regular file inside ``root`` (a symlink
+    pointing out of the run directory could make :func:`load` read any file)."""
+    import stat
+
+    path = root / name
+    try:
+        resolved = path.resolve(strict=True)
+        inside = resolved.is_relative_to(root.resolve(strict=True))
+        regular = stat.S_ISREG(resolved.stat().st_mode)
+    except (OSError, RuntimeError) as exc:  # a dangling or looping symlink
+        raise UsageError(f"{str(path)!r} cannot be read: {exc}") from exc
+    if not inside:
+        raise UsageError(
+            f"{str(path)!r} is a link to {str(resolved)!r}, outside the run directory; a saved "
+            "run's files must be inside it. Copy the file in if you trust it"
+        )
+    if not regular:
+        raise UsageError(f"{str(path)!r} is not a regular file")
+    return resolved
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest at ``path``, checked field by field: every problem is a :class:`UsageError`
+    naming the file and the field. Optional fields get their defaults filled in."""
+    shown = str(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise UsageError(f"{shown}: not a readable JSON manifest ({exc})") from exc
+
+    def bad(field: str, problem: str) -> UsageError:
+        return UsageError(f"{shown}: field {field!r} {problem}; was the file edited? Save the "
+                          "model again with `inferopt run`")
+
+    if not isinstance(doc, dict):
+        raise UsageError(f"{shown}: the manifest must be a JSON object, not "
+                         f"{type(doc).__name__}")
+    if "format" not in doc:
+        raise bad("format", "is missing")
+    if doc["format"] != FORMAT:
+        raise UsageError(f"{shown}: unknown format {doc['format']!r} (field 'format'; this "
+                         f"version reads {FORMAT!r})")
+    if not isinstance(doc.get("model"), str) or not doc["model"]:
+        raise bad("model", "must be a non-empty string (the model spec)"
+                  if "model" in doc else "is missing")
+    for field, default, low in (("batch_size", 64, 1), ("seed", 0, 0)):
+        value = doc.setdefault(field, default)
+        if not _is_int(value) or value < low:
+            raise bad(field, f"must be an integer >= {low}, not {value!r}")
+    steps = doc.get("steps")
+    if not isinstance(steps, list):
+        raise bad("steps", "must be a list" if "steps" in doc else "is missing")
+    for i, step in enumerate(steps):
+        field = f"steps[{i}]"
+        if not isinstance(step, dict):
+            raise bad(field, f"must be an object, not {type(step).__name__}")
+        if not isinstance(step.get("name"), str) or not step["name"]:
+            raise bad(f"{field}.name", "must be a non-empty string (the optimizer's name)"
+                      if "name" in step else "is missing")
+        for key in ("options", "state"):
+            if step.get(key) is None:
+                step[key] = {}
+            elif not isinstance(step[key], dict):
+                raise bad(f"{field}.{key}", f"must be an object, not {type(step[key]).__name__}")
+    return doc
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors' own error type for a truncated or edited file
+        raise UsageError(f"{str(path)!r} is not a readable safetensors file: "
+                         f"{type(exc).__name__}: {exc}") from exc
+
+
+def _check_saved_tensors(model: torch.nn.Module, state: dict[str, torch.Tensor],
+                         path: Path) -> None:
+    """Every saved tensor must have the dtype and shape of the rebuilt model's: ``load_state_dict``
+    would otherwise cast silently (a float 300.0 loaded into an int8 weight wraps to 44)."""
+    own = model.state_dict()
+    for key, saved in state.items():
+        expected = own.get(key)
+        if expected is None:
+            continue  # reported as unexpected by the caller
+        if saved.dtype != expected.dtype or saved.shape != expected.shape:
+            raise UsageError(
+                f"{str(path)!r}: tensor {key!r} is saved as {saved.dtype} "
+                f"{tuple(saved.shape)} but the rebuilt model holds {expected.dtype} "
+                f"{tuple(expected.shape)}; the weights do not belong to this model and its "
+                "saved steps (was the run directory edited?)"
+            )
 
 
 def _is_tied(model: torch.nn.Module, key: str, state: dict[str, Any]) -> bool:

@@ -77,7 +77,10 @@ class Data:
 class StepContext:
     """What an optimizer step gets besides the model.
 
-    ``data`` is None when a saved model is being rebuilt (``restoring``); ``output`` names the
+    ``data`` is None when a saved model is being rebuilt (``restoring``); ``trust_model`` is
+    True only when the user said they trust the model code (``--trust-model``,
+    ``trust_model=True``): a step that loads a model of its own (distill's ``student=``) passes
+    it on, and while restoring refuses sources that run code without it; ``output`` names the
     output tensor to compare (the run's ``--output``; None: logits, else the first tensor; see
     :func:`inferopt.model_io.primary_output`); ``state`` is a
     JSON-serialisable dict the step may fill during ``apply`` and that is handed back,
@@ -95,6 +98,7 @@ class StepContext:
     state: dict[str, Any] = attrs.field(factory=dict)
     details: dict[str, Any] = attrs.field(factory=dict)
     warnings: list[str] = attrs.field(factory=list)
+    trust_model: bool = False
 
     def warn(self, message: str) -> None:
         """Record a warning that the report shows (and log it)."""
@@ -333,6 +337,12 @@ class ModelSource(abc.ABC):
 
     scheme: ClassVar[str]
     summary: ClassVar[str] = ""
+    #: Whether loading a spec may run code that is not inferopt's or torch's own: import a
+    #: module, call a function, unpickle. :func:`inferopt.load` refuses a saved run whose
+    #: ``inferopt.json`` names such a source unless the user passes ``trust_model=True``: a
+    #: saved file never grants trust by itself. True unless a source says otherwise, so a
+    #: source is treated as data-only (``demo:``, ``hf:DIR``) only when it declares it.
+    runs_code: ClassVar[bool] = True
 
     def claims(self, spec: str) -> bool:
         """Whether this source reads ``spec`` although it has no ``scheme:`` prefix."""

@@ -100,6 +100,28 @@ def resolve_model_source(registry: Registry, spec: str, kind: str = "model sourc
     )
 
 
+TRUST_HINT = ("pass trust_model=True (inferopt.load) or --trust-model if you trust the run "
+              "directory; a saved run never grants trust by itself, even one you wrote "
+              "yourself")
+
+
+def resolve_saved_model_source(registry: Registry, spec: str, where: str, *,
+                               trust_model: bool) -> Entry:
+    """The source for a model spec read from a saved run (``inferopt.json``), which may have
+    been tampered with: a source that runs code to load a model (``python:``, ``PATH.py:``,
+    pickled files, any source that does not declare itself data-only) is refused unless the
+    user said they trust it. ``where`` names the file and the field, for the message."""
+    entry = resolve_model_source(registry, spec)
+    if trust_model or not getattr(entry.obj, "runs_code", True):
+        return entry
+    raise UsageError(
+        f"{where}: {spec!r} is loaded by the model source {entry.name!r} (plugin "
+        f"{entry.plugin!r}), which runs code to build the model (imports, calls or unpickles "
+        f"what the spec names); refused, because a saved run can be edited by anyone who "
+        f"can write to it: {TRUST_HINT}"
+    )
+
+
 def _build(entry: Entry, spec: Spec, where: str) -> Any:
     return options.build(entry.obj, spec.options, where)
 
@@ -675,7 +697,8 @@ def _apply_step(ctx: RunContext, step: Resolved, model: Any) -> tuple[Any, StepR
     optimizer: Optimizer = step.instance
     log = ctx.log.bind(step=step.index, optimizer=step.spec.name, plugin=step.entry.plugin)
     sctx = StepContext(log=log, data=ctx.data, backend=ctx.backend.instance,
-                       seed=ctx.recipe.seed, output=ctx.recipe.output)
+                       seed=ctx.recipe.seed, output=ctx.recipe.output,
+                       trust_model=ctx.recipe.trust_model)
     log.info("applying step", options=step.spec.options)
     torch.manual_seed(ctx.recipe.seed)
     start = time.perf_counter()

@@ -3,7 +3,9 @@ student trained to imitate it on the run's calibration (training) data.
 
 Students: ``student=shrink`` (default) rebuilds the teacher's architecture (nn.Sequential MLPs
 and CNNs) with hidden widths scaled by ``ratio``; or any model spec (``python:MODULE:CALLABLE``,
-``PATH.py:CALLABLE``, ``demo:...``).
+``PATH.py:CALLABLE``, ``demo:...``). When a saved run is loaded, a student spec whose source
+runs code (``python:``, ``PATH.py:``, pickled files) needs ``trust_model=True``, like the
+run's own model spec.
 
 Losses (Hinton et al., 2015), ``alpha`` weighting the teacher term:
 
@@ -109,13 +111,17 @@ class Distiller(Optimizer):
 
             return shrink(teacher, self.ratio, self.round_to)
         from inferopt.contract import SourceContext
-        from inferopt.pipeline import resolve_model_source
+        from inferopt.pipeline import resolve_model_source, resolve_saved_model_source
         from inferopt.registry import load_plugins
 
         _manager, registry = load_plugins()
-        source = resolve_model_source(registry, self.student)
-        student = source.obj().load(self.student, SourceContext(log=ctx.log, seed=ctx.seed,
-                                                                restoring=True))
+        if ctx.restoring:  # the spec comes from a saved run's manifest, not from the user
+            source = resolve_saved_model_source(registry, self.student, "option 'student'",
+                                                trust_model=ctx.trust_model)
+        else:
+            source = resolve_model_source(registry, self.student)
+        student = source.obj().load(self.student, SourceContext(
+            log=ctx.log, seed=ctx.seed, restoring=True, trust_model=ctx.trust_model))
         if not isinstance(student, torch.nn.Module):
             raise UsageError(f"student {self.student!r} is not an nn.Module")
         return student

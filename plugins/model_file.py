@@ -9,7 +9,14 @@ from inferopt import ModelSource, UsageError
 
 
 class ModelFileSource(ModelSource):
-    """A model source whose spec is ``[SCHEME:]PATH``."""
+    """A model source whose spec is ``[SCHEME:]PATH``.
+
+    Data-only (``runs_code = False``) by default: a subclass reads one file and must itself
+    refuse anything in it that would run code (unpickling) unless ``ctx.trust_model``, as the
+    ``.pt2`` loader does. A subclass that cannot tell (TorchScript, pickles) sets it True.
+    """
+
+    runs_code = False
 
     def path_of(self, spec: str) -> Path:
         prefix = f"{self.scheme}:"

@@ -628,6 +628,9 @@ def prune_group(model: nn.Module, group: ChannelGroup, keep: torch.Tensor) -> No
             module.in_channels = len(columns)
 
 
+SIZE_ATTRS = ("in_features", "out_features", "in_channels", "out_channels", "num_features")
+
+
 def structure_of(model: nn.Module, names: Iterable[str]) -> dict[str, dict[str, Any]]:
     """The shapes and size attributes of modules ``names``: what :func:`resize` rebuilds."""
     out: dict[str, dict[str, Any]] = {}
@@ -635,21 +638,68 @@ def structure_of(model: nn.Module, names: Iterable[str]) -> dict[str, dict[str, 
         module = model.get_submodule(name)
         tensors = {k: list(v.shape) for k, v in list(module.named_parameters(recurse=False))
                    + list(module.named_buffers(recurse=False)) if v.dim() > 0}
-        sizes = {k: getattr(module, k) for k in ("in_features", "out_features", "in_channels",
-                                                  "out_channels", "num_features")
-                 if hasattr(module, k)}
+        sizes = {k: getattr(module, k) for k in SIZE_ATTRS if hasattr(module, k)}
         out[name] = {"tensors": tensors, "sizes": sizes}
     return out
 
 
-def resize(model: nn.Module, structure: dict[str, dict[str, Any]]) -> None:
-    """Give modules the shapes recorded by :func:`structure_of` (values are loaded afterwards)."""
+def _is_size(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_structure(model: nn.Module, structure: Any) -> None:
+    """Refuse a saved structure (from a run's ``inferopt.json``, which may have been edited)
+    that :func:`resize` could not apply as pruning does: layers the model has, only its own
+    parameter/buffer slots and size attributes, sizes that are integers >= 0 and no larger than
+    the unpruned layer's (pruning only removes channels)."""
+    def bad(where: str, problem: str) -> UsageError:
+        return UsageError(f"saved state 'structure'{where}: {problem}; was the run edited?")
+
+    if not isinstance(structure, dict):
+        raise bad("", f"must be an object, not {type(structure).__name__}")
     for name, spec in structure.items():
         try:
             module = model.get_submodule(name)
         except AttributeError as exc:
             raise UsageError(f"the saved pruning step refers to layer '{name}', which the model "
                              "does not have; was it built by a different model spec?") from exc
+        if (not isinstance(spec, dict) or not isinstance(spec.get("tensors"), dict)
+                or not isinstance(spec.get("sizes"), dict)):
+            raise bad(f"[{name!r}]", "must be an object with 'tensors' and 'sizes' objects")
+        weight = getattr(module, "weight", None)
+        for attr, shape in spec["tensors"].items():
+            where = f"[{name!r}].tensors[{attr!r}]"
+            if attr not in module._parameters and attr not in module._buffers:
+                raise bad(where, f"{type(module).__name__} has no parameter or buffer {attr!r}")
+            current = getattr(module, attr)
+            if current is not None:
+                limit = list(current.shape)
+            elif isinstance(weight, torch.Tensor) and weight.dim() > 0:  # a bias fold_means adds
+                limit = [weight.shape[0]]
+            else:
+                raise bad(where, f"{type(module).__name__} has no {attr!r} to resize")
+            if (not isinstance(shape, list) or len(shape) != len(limit)
+                    or not all(_is_size(n) for n in shape)):
+                raise bad(where, f"must be a list of {len(limit)} integers >= 0, not {shape!r}")
+            if any(n > m for n, m in zip(shape, limit, strict=True)):
+                raise bad(where, f"shape {shape} is larger than the layer's {limit}; pruning "
+                                 "only removes channels")
+        for attr, value in spec["sizes"].items():
+            where = f"[{name!r}].sizes[{attr!r}]"
+            if attr not in SIZE_ATTRS or not _is_size(getattr(module, attr, None)):
+                raise bad(where, f"not a size attribute of {type(module).__name__}")
+            if not _is_size(value) or value > getattr(module, attr):
+                raise bad(where, f"must be an integer from 0 to {getattr(module, attr)}, "
+                                 f"not {value!r}")
+
+
+def resize(model: nn.Module, structure: dict[str, dict[str, Any]]) -> None:
+    """Give modules the shapes recorded by :func:`structure_of` (values are loaded afterwards).
+    The structure is checked first (:func:`check_structure`), so nothing is changed when it is
+    not one pruning could have made."""
+    check_structure(model, structure)
+    for name, spec in structure.items():
+        module = model.get_submodule(name)
         for attr, shape in spec["tensors"].items():
             like = getattr(module, attr, None)
             like = like if like is not None else module.weight

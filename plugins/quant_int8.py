@@ -78,7 +78,7 @@ class Int8Quantizer(Optimizer):
                 "int8", "Linear, MultiheadAttention and, with mode=static, Conv2d", model,
                 skipped))
 
-        saved = ctx.state.get("layers") if ctx.restoring else None
+        saved = _saved_layers(ctx.state) if ctx.restoring else None
         smooth_scales: dict[str, Any] = {}
         act_ranges: dict[str, tuple[float, int]] = {}
         needs_data = self.mode == "static" or self.smooth > 0
@@ -298,6 +298,25 @@ def _activation_note(mode: str, kernels: list[str]) -> str:
     if {"onednn", "cuda", "reference"} & set(kernels):
         notes.append("per row, dynamic" if mode == "dynamic" else "uint8 per tensor, calibrated")
     return "; ".join(notes)
+
+
+def _saved_layers(state: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
+    """The saved ``layers`` state, checked: it comes from a run's ``inferopt.json``, which may
+    have been edited, and ``qmax`` becomes the quantization range of the rebuilt layers."""
+    saved = state.get("layers")
+    if saved is None:
+        return None
+    if not isinstance(saved, dict):
+        raise UsageError(f"saved state 'layers' must be an object, not {type(saved).__name__}")
+    for name, info in saved.items():
+        if not isinstance(info, dict):
+            raise UsageError(f"saved state 'layers'[{name!r}] must be an object, not "
+                             f"{type(info).__name__}")
+        qmax = info.get("qmax", 127)
+        if not isinstance(qmax, int) or isinstance(qmax, bool) or not 1 <= qmax <= 127:
+            raise UsageError(f"saved state 'layers'[{name!r}].qmax must be an integer from 1 "
+                             f"to 127, not {qmax!r}; was the run edited?")
+    return saved
 
 
 @hookimpl

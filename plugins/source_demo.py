@@ -86,6 +86,7 @@ class DemoModels(ModelSource):
     ``demo:digits-mlp-small``."""
 
     scheme = "demo"
+    runs_code = False  # an MLP built here; the weights come from a safetensors file
     summary = "demo models trained on the 8x8 digits dataset (" + ", ".join(MODELS) + ")"
 
     def load(self, spec: str, ctx: Any) -> Any:

@@ -5,7 +5,9 @@ a hub id goes through transformers' own resolution (its cache, then the hub when
 network). The class is the one the checkpoint's config names (``architectures``), so a
 sequence classifier keeps its head; ``class=AutoModel`` (or any transformers class name) picks
 another. Weights are read as transformers reads them (safetensors by default; it refuses
-pickled ``.bin`` weights unless told otherwise).
+pickled ``.bin`` weights unless told otherwise). ``trust_remote_code`` is always False: a
+checkpoint whose config points at its own modelling code is refused, so ``hf:`` is a data-only
+source and a saved run of it loads without ``trust_model``.
 
 The model's tokenizer, when the checkpoint has one, is handed to the data source, so that
 ``--data text:FILE`` turns lines of text into ``input_ids``/``attention_mask`` batches.
@@ -52,13 +54,17 @@ def _options(spec: str) -> tuple[str, HfSpec]:
 
 def load_tokenizer(target: str, spec: str, local: bool, flag: str) -> Any:
     transformers = import_transformers(spec, flag)
-    return transformers.AutoTokenizer.from_pretrained(target, local_files_only=local)
+    return transformers.AutoTokenizer.from_pretrained(target, local_files_only=local,
+                                                      trust_remote_code=False)
 
 
 class HuggingFaceModels(ModelSource):
     """A transformers model from a local directory (offline) or a hub id."""
 
     scheme = "hf"
+    # config.json and safetensors weights, read with trust_remote_code=False: a checkpoint's
+    # own modelling code (auto_map) is never imported
+    runs_code = False
     summary = "Hugging Face transformers: hf:DIR or hf:ORG/NAME[:class=AutoModel] (extra [hf])"
 
     def portable_spec(self, spec: str) -> str:
@@ -87,7 +93,8 @@ class HuggingFaceModels(ModelSource):
             raise UsageError(f"--model {spec!r}: directory {target!r} does not exist; give the "
                              "folder save_pretrained wrote, or a hub id ORG/NAME")
         try:
-            config = transformers.AutoConfig.from_pretrained(target, local_files_only=local)
+            config = transformers.AutoConfig.from_pretrained(target, local_files_only=local,
+                                                             trust_remote_code=False)
         except Exception as exc:
             raise UsageError(
                 f"--model {spec!r}: transformers cannot read a config for {target!r}: "
@@ -101,7 +108,8 @@ class HuggingFaceModels(ModelSource):
             raise UsageError(f"--model {spec!r}: transformers has no model class {name!r}; "
                              "give class=AutoModel, class=AutoModelForSequenceClassification, ...")
         try:
-            model = model_class.from_pretrained(target, local_files_only=local)
+            model = model_class.from_pretrained(target, local_files_only=local,
+                                                trust_remote_code=False)
         except Exception as exc:
             raise UsageError(f"--model {spec!r}: loading {name} from {target!r} failed: "
                              f"{type(exc).__name__}: {str(exc)[:300]}") from exc

@@ -53,6 +53,8 @@ class TorchFileModels(ModelFileSource):
     ``--trust-model``)."""
 
     scheme = "torch"
+    # TorchScript archives and pickled modules are code: a saved run naming one needs trust
+    runs_code = True
     summary = ("PATH.pt/.pth/.ts: TorchScript; a pickled nn.Module only with --trust-model "
                "(state dicts: python:MODULE:CALLABLE:weights=PATH)")
 

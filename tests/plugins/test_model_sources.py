@@ -58,7 +58,7 @@ def test_python_spec_passes_arguments_and_loads_weights(cli, tmp_path):
                      "--data", "synthetic:shape=8x16,batches=2", "--optimize", "none",
                      *QUICK, "--out", f"run-{weights}")
         assert result.returncode == 0, result.stderr
-        loaded = inferopt.load(tmp_path / f"run-{weights}")
+        loaded = inferopt.load(tmp_path / f"run-{weights}", trust_model=True)
         x = torch.randn(3, 16)
         assert torch.equal(loaded(x), trained(x))  # the saved weights, not a fresh init
         manifest = json.loads((tmp_path / f"run-{weights}" / "inferopt.json").read_text())
