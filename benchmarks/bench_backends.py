@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from inferopt.contract import Batch
+from inferopt._contract import Batch
 
 
 def build_model(width: int, depth: int) -> torch.nn.Module:
@@ -71,8 +71,8 @@ def single_process(backend: Any, batches: list[Batch], repeats: int) -> float:
 
 def worker(mode: str, out: Path) -> None:
     """One torchrun process: ``dp``, ``mp`` (micro-batches) or ``mp-naive`` (one)."""
-    from inferopt.plugins.backend_data_parallel import DataParallelBackend
-    from inferopt.plugins.backend_model_parallel import ModelParallelBackend
+    from inferopt.plugins.backends.data_parallel import DataParallelBackend
+    from inferopt.plugins.backends.model_parallel import ModelParallelBackend
 
     torch.set_num_threads(1)
     batches = build_batches(ARGS.batches, ARGS.batch_size, ARGS.width)
@@ -112,8 +112,8 @@ def distributed(mode: str) -> float:
 
 
 def cpu_table() -> None:
-    from inferopt.plugins.backend_cpu import CpuBackend
-    from inferopt.plugins.backend_model_parallel import ModelParallelBackend
+    from inferopt.plugins.backends.cpu import CpuBackend
+    from inferopt.plugins.backends.model_parallel import ModelParallelBackend
 
     n = ARGS.procs
     batches = build_batches(ARGS.batches, ARGS.batch_size, ARGS.width)
@@ -175,7 +175,7 @@ def cuda_table() -> None:
     and eager vs CUDA graphs vs fp16 autocast."""
     from torch.utils import benchmark
 
-    from inferopt.plugins.backend_cuda import CudaBackend
+    from inferopt.plugins.backends.cuda import CudaBackend
 
     x = torch.randn(ARGS.batch_size, ARGS.width)
     print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")

@@ -44,7 +44,7 @@ def main() -> None:
             times.append(time.perf_counter() - start)
         probe = "n/a"
         if cmd[0] == SCRIPT:
-            code = ("import sys\nfrom inferopt.cli import main\n"
+            code = ("import sys\nfrom inferopt._cli import main\n"
                     f"try:\n    main({cmd[1:]!r})\nexcept SystemExit:\n    pass\n"
                     "sys.stderr.write(str('torch' in sys.modules))")
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

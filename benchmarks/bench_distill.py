@@ -25,10 +25,10 @@ from typing import Any
 import torch
 
 import inferopt
-from inferopt.contract import Batch, Data, SourceContext
-from inferopt.logging import configure, get_logger
-from inferopt.plugins.model_cost import parameter_count
-from inferopt.plugins.source_demo import DemoData, DemoModels
+from inferopt._contract import Batch, Data, SourceContext
+from inferopt._logging import configure, get_logger
+from inferopt._model_cost import parameter_count
+from inferopt.plugins.sources.demo import DemoData, DemoModels
 
 
 def accuracy(model: Any, data: Data) -> float:

@@ -23,10 +23,10 @@ import torch
 import torch.utils.benchmark as tb
 
 import inferopt
-from inferopt.contract import MetricContext
-from inferopt.logging import configure, get_logger
-from inferopt.plugins.backend_cpu import CpuBackend
-from inferopt.plugins.metric_latency import LatencyMetric
+from inferopt._contract import MetricContext
+from inferopt._logging import configure, get_logger
+from inferopt.plugins.backends.cpu import CpuBackend
+from inferopt.plugins.metrics.latency import LatencyMetric
 
 
 def model_of_about(ms: float, x: torch.Tensor) -> torch.nn.Module:

@@ -23,7 +23,7 @@ import torch
 from timing import interleaved_p50
 
 import inferopt
-from inferopt.artifacts import weights_bytes
+from inferopt._artifacts import weights_bytes
 
 warnings.filterwarnings("ignore")
 
@@ -65,9 +65,9 @@ def speed(device: str, repeats: int) -> None:
 
 
 def calibration(device: str) -> None:
-    from inferopt.contract import SourceContext
-    from inferopt.logging import get_logger
-    from inferopt.plugins.source_demo import DemoData, DemoModels
+    from inferopt._contract import SourceContext
+    from inferopt._logging import get_logger
+    from inferopt.plugins.sources.demo import DemoData, DemoModels
 
     sctx = SourceContext(log=get_logger(), batch_size=128)
     data = DemoData().load("demo:digits", sctx)
@@ -102,7 +102,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
-    from inferopt.logging import configure
+    from inferopt._logging import configure
 
     configure("console", "error")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "

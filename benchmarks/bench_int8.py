@@ -23,7 +23,7 @@ import torch
 from timing import interleaved_p50
 
 import inferopt
-from inferopt.artifacts import weights_bytes
+from inferopt._artifacts import weights_bytes
 
 warnings.filterwarnings("ignore", category=UserWarning)
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -101,7 +101,7 @@ def variants(kind: str, device: str) -> list[tuple[str, Callable[[torch.nn.Modul
             m = torch.ao.quantization.quantize_dynamic(m, {torch.nn.Linear}, dtype=torch.qint8)
             # its quantized Linear breaks TransformerEncoderLayer's fused path (.weight is a
             # method there); route those layers to the ordinary path as inferopt does
-            from inferopt.plugins.int8_modules import disable_transformer_fast_path
+            from inferopt.plugins.quantization.int8.modules import disable_transformer_fast_path
 
             disable_transformer_fast_path(m)
             return m
@@ -135,7 +135,7 @@ def main() -> None:
     }
     if args.quick:
         models = dict(list(models.items())[:1])
-    from inferopt.logging import configure
+    from inferopt._logging import configure
 
     configure("console", "error")  # the table is the output
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "

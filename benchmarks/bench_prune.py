@@ -27,10 +27,10 @@ import torch
 from timing import interleaved_p50
 
 import inferopt
-from inferopt.contract import SourceContext
-from inferopt.logging import configure, get_logger
-from inferopt.plugins.model_cost import macs_per_sample, parameter_count
-from inferopt.plugins.source_demo import DemoData, DemoModels, digits_split
+from inferopt._contract import SourceContext
+from inferopt._logging import configure, get_logger
+from inferopt._model_cost import macs_per_sample, parameter_count
+from inferopt.plugins.sources.demo import DemoData, DemoModels, digits_split
 
 warnings.filterwarnings("ignore", category=UserWarning)
 NOISE = 0.05  # ratios within 5% of 1.0 count as "no change" on this shared 2-core machine

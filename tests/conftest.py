@@ -40,7 +40,7 @@ def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     """
     from click.testing import CliRunner
 
-    from inferopt.cli import main
+    from inferopt._cli import main
 
     monkeypatch.chdir(tmp_path)
 

@@ -56,7 +56,7 @@ def demo_correct(model: Any, batch_size: int = 64) -> int:
     with the default batch size (dynamic activation scales depend on the batch)."""
     import torch
 
-    from inferopt.plugins.source_demo import digits_split
+    from inferopt.plugins.sources.demo import digits_split
 
     _xt, _yt, x, y = digits_split()
     with torch.inference_mode():

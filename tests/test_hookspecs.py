@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from inferopt import hookspecs
-from inferopt.manager import hook_names
+from inferopt import _hookspecs as hookspecs
+from inferopt._manager import hook_names
 
 ROOT = Path(__file__).resolve().parent.parent
 HOOKS = hook_names()
@@ -19,7 +19,8 @@ def test_hook_names_share_one_prefix():
     assert HOOKS and all(h.startswith("inferopt_") for h in HOOKS)
     assert {"inferopt_register_optimizers", "inferopt_register_backends",
             "inferopt_register_metrics", "inferopt_register_models",
-            "inferopt_register_datasets", "inferopt_run_start", "inferopt_step_end",
+            "inferopt_register_datasets", "inferopt_register_commands", "inferopt_run_start",
+            "inferopt_step_end",
             "inferopt_run_end"} == set(HOOKS)
 
 
@@ -36,7 +37,7 @@ def test_every_hook_is_exercised_by_a_test(hook):
     tests = ROOT / "tests"
     here = Path(__file__).resolve()
     sources = "".join(p.read_text() for p in tests.rglob("test_*.py") if p.resolve() != here)
-    plugins = "".join(p.read_text() for p in (ROOT / "plugins").glob("*.py"))
+    plugins = "".join(p.read_text() for p in (ROOT / "src" / "inferopt" / "plugins").rglob("*.py"))
     # discovery hooks are exercised by every run through the built-in plugins
     assert hook in sources or hook in plugins, f"no test uses {hook}"
 

@@ -145,7 +145,7 @@ def test_a_third_party_source_is_code_unless_it_says_otherwise(saved_runs, tmp_p
 
             def load(self, spec, ctx):
                 Path({str(marker)!r}).write_text("called")
-                from inferopt.plugins.source_demo import build_mlp
+                from inferopt.plugins.sources.demo import build_mlp
                 return build_mlp((128,))
 
 
@@ -174,7 +174,7 @@ def test_a_third_party_source_is_code_unless_it_says_otherwise(saved_runs, tmp_p
 
 
 def test_which_sources_are_data_only():
-    from inferopt.registry import load_plugins
+    from inferopt._registry import load_plugins
 
     _manager, registry = load_plugins()
     runs_code = {e.name: e.obj.runs_code for e in registry.entries("model source")}
@@ -184,9 +184,9 @@ def test_which_sources_are_data_only():
 
 def test_hf_source_never_trusts_remote_code(tmp_path, monkeypatch):
     transformers = pytest.importorskip("transformers")
-    from inferopt.contract import SourceContext
-    from inferopt.logging import get_logger
-    from inferopt.plugins.source_hf import HuggingFaceModels
+    from inferopt import SourceContext
+    from inferopt.plugins.sources.hf import HuggingFaceModels
+    from inferopt.utils import get_logger
 
     seen: list[Any] = []
 

@@ -10,7 +10,7 @@ import attrs
 import pytest
 
 from inferopt import UsageError, option
-from inferopt.options import build, describe
+from inferopt._options import build, describe
 
 
 @attrs.frozen

@@ -8,9 +8,9 @@ import attrs
 import pytest
 
 import inferopt
-from inferopt.manager import PluginManager
-from inferopt.pipeline import run
-from inferopt.recipe import make_recipe
+from inferopt._manager import PluginManager
+from inferopt._pipeline import run
+from inferopt._recipe import make_recipe
 
 FAST = ["accuracy", "fidelity", "latency:min_runs=3,min_seconds=0,warmup=0"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from inferopt.scaffold import plan, render
+from inferopt.plugins.commands.new_plugin import plan, render
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "docs" / "examples" / "inferopt-example-plugin"

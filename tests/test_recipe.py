@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from inferopt import UsageError
-from inferopt.recipe import Gates, Spec, make_recipe, parse_spec
+from inferopt._recipe import Gates, Spec, make_recipe, parse_spec
 
 TOML = """
 model = "demo:digits-mlp-small"

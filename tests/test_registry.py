@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from inferopt import UsageError
-from inferopt.registry import Registry
+from inferopt._registry import Registry
 
 
 class A:

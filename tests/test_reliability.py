@@ -18,10 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import inferopt
-from inferopt.options import build
-from inferopt.plugins.prune import L1Pruner
-from inferopt.plugins.quant_int8 import Int8Quantizer
-from inferopt.recipe import fields_from_mapping, parse_spec
+from inferopt._options import build
+from inferopt._recipe import fields_from_mapping, parse_spec
+from inferopt.plugins.pruning.optimizer import L1Pruner
+from inferopt.plugins.quantization.int8.optimizer import Int8Quantizer
 from tests.helpers import SMALL, make_plugin_dist
 
 SMALL_MODEL = ["--model", "demo:digits-mlp-small"]
@@ -274,7 +274,7 @@ def test_an_interrupt_while_saving_puts_the_earlier_run_back(tmp_path, monkeypat
 def test_an_interrupt_after_the_new_run_is_in_place_says_so(tmp_path, monkeypatch):
     import shutil
 
-    from inferopt import artifacts
+    from inferopt import _artifacts as artifacts
 
     out = tmp_path / "run"
     inferopt.run(model="demo:digits-mlp-small", metrics=["size"], out=out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from inferopt.report import Report, StepRecord
+from inferopt._report import Report, StepRecord
 from tests.helpers import SMALL
 
 

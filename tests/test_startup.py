@@ -10,7 +10,7 @@ import pytest
 
 CHECK = """
 import sys
-from inferopt.cli import main
+from inferopt._cli import main
 try:
     main({args!r})
 except SystemExit as exc:

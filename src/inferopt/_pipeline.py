@@ -1,0 +1,792 @@
+"""The pipeline: resolve the recipe against the installed plugins, load model and data, measure
+the baseline, apply the steps in order (each timed, logged and checked), measure again, compare,
+report, save.
+
+Everything that can be checked without torch (names, options, the output directory) is checked
+first, so a typo fails in well under a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime as dt
+import os
+import platform
+import secrets
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from inferopt._contract import (
+    Backend,
+    BatchFailed,
+    Data,
+    Metric,
+    MetricContext,
+    Optimizer,
+    RunInfo,
+    SourceContext,
+    StepContext,
+)
+from inferopt._errors import (
+    BudgetExceeded,
+    InferoptError,
+    Interrupted,
+    PluginError,
+    StepFailed,
+    UsageError,
+)
+from inferopt._logging import get_logger
+from inferopt._manager import PluginManager
+from inferopt._recipe import Recipe, Spec
+from inferopt._registry import Entry, Registry, load_plugins
+from inferopt._report import Report, StepRecord
+from inferopt._sources import model_loader, resolve_model_source
+
+from . import __version__
+from . import _options as options
+
+
+@attrs.define
+class Resolved:
+    """A plugin entry with its built instance and the raw spec it came from."""
+
+    spec: Spec
+    entry: Entry
+    instance: Any
+    index: int = 0
+
+    def provenance(self) -> dict[str, str]:
+        return {"distribution": self.entry.distribution, "version": self.entry.version}
+
+
+@attrs.define
+class RunContext:
+    """A run in progress; lifecycle hooks receive it."""
+
+    run_id: str
+    recipe: Recipe
+    manager: PluginManager
+    registry: Registry
+    log: Any
+    backend: Resolved
+    steps: list[Resolved]
+    metrics: list[Resolved]
+    model_source: Entry | None = None
+    data_spec: str | None = None
+    data: Data | None = None
+    phase: str = "starting"  # what the run is doing, for the message when it is interrupted
+    out_dir_existed: bool = False
+    out_dir: Path | None = None
+    warnings: list[str] = attrs.field(factory=list)
+
+
+def run_info(ctx: RunContext) -> RunInfo:
+    """The frozen view of ``ctx`` that lifecycle hooks receive."""
+
+    def warn(message: str) -> None:
+        ctx.warnings.append(message)
+        ctx.log.warning(message)
+
+    return RunInfo(
+        run_id=ctx.run_id, recipe=ctx.recipe.to_dict(), model=ctx.recipe.model,
+        data=ctx.data_spec, backend=ctx.recipe.backend.name,
+        steps=tuple(s.spec.name for s in ctx.steps),
+        metrics=tuple(m.spec.name for m in ctx.metrics), out_dir=ctx.out_dir, log=ctx.log,
+        warn=warn)
+
+
+def new_run_id() -> str:
+    return dt.datetime.now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
+def _build(entry: Entry, spec: Spec, where: str) -> Any:
+    return options.build(entry.obj, spec.options, where)
+
+
+def resolve_plugins(
+    recipe: Recipe, registry: Registry
+) -> tuple[Resolved, list[Resolved], list[Resolved]]:
+    """Check the recipe's backend, steps and metrics (names and options) against the registry."""
+    backend_entry = registry.get("backend", recipe.backend.name)
+    backend = Resolved(
+        recipe.backend,
+        backend_entry,
+        _build(backend_entry, recipe.backend, f"backend {recipe.backend.name!r}"),
+    )
+    steps = []
+    for i, spec in enumerate(recipe.optimize, start=1):
+        entry = registry.get("optimizer", spec.name)
+        steps.append(Resolved(spec, entry, _build(entry, spec, f"step {i} {spec.name!r}"), i))
+    metrics = []
+    seen = set()
+    for spec in recipe.metrics:
+        if spec.name in seen:
+            raise UsageError(f"metric {spec.name!r} is listed twice; list each metric once")
+        if not recipe.metrics_explicit and ("metric", spec.name) not in registry:
+            continue  # a default metric whose plugin is blocked or not installed
+        seen.add(spec.name)
+        entry = registry.get("metric", spec.name)
+        metrics.append(Resolved(spec, entry, _build(entry, spec, f"metric {spec.name!r}")))
+    needed = {"max_accuracy_drop": "accuracy", "max_relative_accuracy_drop": "accuracy",
+              "min_speedup": "latency", "max_size_ratio": "size"}
+    for gate, metric in needed.items():
+        if gate in recipe.gates.to_dict() and metric not in seen:
+            raise UsageError(f"gate {gate} needs the {metric!r} metric; add --metric {metric}")
+    return backend, steps, metrics
+
+
+def _provider(entry: Entry) -> str:
+    """``distribution version`` of a plugin, for messages that name who to blame."""
+    return f"{entry.distribution} {entry.version}".strip()
+
+
+def _check_model_file(spec: str) -> None:
+    """A model spec naming a file that is not there is the first thing to say."""
+    import re
+
+    # python:pkg.pt:build names a module, not a file; only PATH.py is a file after python:
+    pattern = (r"^python:(.+?\.py)(?::|$)" if spec.startswith("python:")
+               else r"^(.+?\.(?:py|pt2|pt|pth|ts|safetensors))(?::|$)")
+    match = re.match(pattern, spec)
+    if match and not Path(match[1]).expanduser().exists():
+        raise UsageError(f"--model {spec!r}: file {match[1]!r} does not exist")
+
+
+def resolve(recipe: Recipe, manager: PluginManager, registry: Registry, run_id: str) -> RunContext:
+    """Check every name and option of the recipe against the installed plugins."""
+    backend, steps, metrics = resolve_plugins(recipe, registry)
+    log = get_logger(run_id=run_id)
+    ctx = RunContext(run_id, recipe, manager, registry, log, backend, steps, metrics)
+    ctx.model_source = resolve_model_source(registry, recipe.model)
+    ctx.data_spec = recipe.data or ctx.model_source.obj().default_data(recipe.model)
+    if ctx.data_spec is None:
+        _check_model_file(recipe.model)
+        raise UsageError(
+            f"--model {recipe.model!r} needs data: give --data SPEC (for example "
+            "synthetic:shape=64x1024 or python:my_module:make_batches)"
+        )
+    resolve_model_source(registry, ctx.data_spec, kind="data source")
+    for failure in manager.failures:
+        ctx.warnings.append(
+            f"plugin {failure.name!r} ({failure.distribution}) was not loaded: {failure.error}"
+        )
+    return ctx
+
+
+def choose_out_dir(recipe: Recipe, run_id: str, overwrite: bool) -> Path:
+    if recipe.out is None:
+        return Path("inferopt-runs") / run_id
+    from inferopt._artifacts import MANIFEST
+
+    out = Path(recipe.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} exists and is not a directory; choose another path")
+    cwd = Path.cwd().resolve()
+    if cwd == out.resolve() or out.resolve() in cwd.parents:
+        raise UsageError(
+            f"--out {str(out)!r} is the current directory or contains it; give a new "
+            "subdirectory, for example --out runs/mine")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UsageError(
+                f"--out {str(out)!r} already exists and is not empty; choose another directory "
+                "or pass --overwrite to replace an earlier run there"
+            )
+        if not (out / MANIFEST).is_file():
+            raise UsageError(
+                f"--out {str(out)!r} holds files that are not an inferopt run; --overwrite only "
+                "replaces directories an earlier run wrote. Choose another directory"
+            )
+    return out
+
+
+def environment(backend: Backend) -> dict[str, Any]:
+    import torch
+
+    env = {
+        "inferopt": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": backend.device,
+    }
+    env.update(backend.describe())
+    return env
+
+
+def run(
+    recipe: Recipe,
+    *,
+    model: Any = None,
+    data: Data | Iterable[Any] | None = None,
+    manager: PluginManager | None = None,
+    overwrite: bool = False,
+    save: bool = True,
+) -> Report:
+    """Run a recipe end to end and return the report.
+
+    ``model`` (an ``nn.Module``) and ``data`` (a :class:`Data` or an iterable of batches) replace
+    the recipe's specs when given; the module passed in is copied, never modified.
+    """
+    manager, registry = load_plugins(manager)
+    run_id = new_run_id()
+    ctx = resolve(recipe, manager, registry, run_id) if model is None else _resolve_in_memory(
+        recipe, manager, registry, run_id, data
+    )
+    out_dir = choose_out_dir(recipe, run_id, overwrite) if save else None
+    ctx.out_dir = out_dir
+    ctx.out_dir_existed = out_dir is not None and out_dir.exists()
+    try:
+        return _run_resolved(ctx, model, data, registry, manager, overwrite)
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupted(ctx)) from None
+
+
+def _interrupted(ctx: RunContext) -> str:
+    kept = "nothing was saved"
+    if ctx.phase == "saved":
+        return (f"interrupted after saving: {ctx.out_dir} holds the new run; stopped before the "
+                "end-of-run hooks")
+    if ctx.out_dir is not None:
+        kept = (f"{ctx.out_dir} keeps its previous contents" if ctx.out_dir_existed
+                else f"{ctx.out_dir} was not created")
+    return (f"interrupted during {ctx.phase}: stopped cleanly; {kept}; no partial output was "
+            "kept")
+
+
+def _run_resolved(ctx: RunContext, model: Any, data: Any, registry: Registry,
+                  manager: PluginManager, overwrite: bool) -> Report:
+    recipe, log, out_dir, run_id = ctx.recipe, ctx.log, ctx.out_dir, ctx.run_id
+    backend: Backend = ctx.backend.instance
+    reason = backend.available()
+    if reason:
+        raise UsageError(f"backend {backend.name!r} cannot run here: {reason}")
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and backend.world_size == 1:
+        raise UsageError(
+            f"torchrun started {launched} processes but backend {backend.name!r} runs in one; "
+            "use --backend data-parallel or --backend model-parallel under torchrun, or run "
+            "without torchrun"
+        )
+    if not backend.is_main:
+        out_dir = ctx.out_dir = None  # the main worker saves; the others measure with it
+
+    import torch
+
+    torch.manual_seed(recipe.seed)
+    source_ctx = SourceContext(log=log, batch_size=recipe.batch_size, seed=recipe.seed,
+                               trust_model=recipe.trust_model)
+    if model is None:
+        assert ctx.model_source is not None
+        ctx.phase = "loading the model"
+        log.info("loading model", spec=recipe.model, source=ctx.model_source.plugin)
+        model = ctx.model_source.obj().load(recipe.model, source_ctx)
+    else:
+        model = copy.deepcopy(model)
+    _check_module(model, recipe.model)
+    if data is None:
+        assert ctx.data_spec is not None
+        data_entry = resolve_model_source(registry, ctx.data_spec, kind="data source")
+        ctx.phase = "loading the data"
+        log.info("loading data", spec=ctx.data_spec, source=data_entry.plugin)
+        data = data_entry.obj().load(ctx.data_spec, source_ctx)
+    ctx.data = as_data(data, recipe.batch_size)
+    if recipe.split is not None and ctx.data.eval:
+        from inferopt._splits import split_data
+
+        ctx.data = split_data(ctx.data, recipe.split, recipe.batch_size)
+        log.info("data split", **recipe.split.to_dict(), description=ctx.data.description)
+    if not ctx.data.eval:
+        raise UsageError(f"--data {ctx.data_spec!r} gave no batches; it must yield at least one")
+    samples = ctx.data.num_samples
+    if recipe.batch_size_explicit and recipe.batch_size > samples:
+        raise UsageError(
+            f"--batch-size {recipe.batch_size} is larger than the data: {ctx.data_spec!r} has "
+            f"{samples} samples to measure on; give --batch-size {samples} or less (or more data)")
+    _check_metrics_applicable(ctx)
+    manager.notify("inferopt_run_start", _observer_error(ctx), run=run_info(ctx))
+
+    try:
+        prepared = backend.prepare(model)
+    except InferoptError:
+        raise
+    except Exception as exc:  # a broken backend plugin is named, not a bare traceback
+        raise PluginError(
+            f"backend {backend.name!r} (plugin {ctx.backend.entry.plugin!r} from "
+            f"{_provider(ctx.backend.entry)}) failed to prepare the model: "
+            f"{type(exc).__name__}: {exc}") from exc
+    probe = backend.to_device(ctx.data.eval[0].inputs)
+    try:
+        probe_out = backend.forward(prepared, probe)
+    except Exception as exc:
+        raise UsageError(
+            f"the model {recipe.model!r} failed on the first batch of {ctx.data_spec!r}: "
+            f"{type(exc).__name__}: {exc}. Check that the data's shape and dtype fit the model"
+        ) from exc
+    from inferopt._model_io import all_finite, output_signature
+
+    signature = output_signature(probe_out)
+    if not all_finite(probe_out):
+        raise UsageError(f"the baseline model {recipe.model!r} already gives non-finite outputs")
+    if recipe.output:  # a wrong name fails here, before anything is measured
+        from inferopt._model_io import select_output
+
+        select_output(probe_out, recipe.output)
+    try:
+        baseline_outputs = backend.run_all(prepared, ctx.data.eval)
+    except BatchFailed as exc:
+        if isinstance(exc.cause, InferoptError):
+            raise exc.cause from None
+        raise UsageError(
+            f"the model {recipe.model!r} failed on batch {exc.index} of {ctx.data_spec!r}: "
+            f"{type(exc.cause).__name__}: {exc.cause}. Check that every batch's shape and "
+            "dtype fit"
+        ) from exc
+    ctx.phase = "measuring the baseline"
+    log.info("measuring baseline", metrics=[m.spec.name for m in ctx.metrics])
+    # interleaved A/B needs both models in one process; several workers measure each on its own
+    paired = ({m.spec.name for m in ctx.metrics if m.instance.paired}
+              if backend.world_size == 1 else set())
+    baseline_model = _keep_baseline(ctx, model) if paired else None
+    if baseline_model is None:
+        paired = set()
+    baseline, skipped = _measure(ctx, model, prepared, "baseline", baseline_outputs,
+                                 skip=paired)
+
+    model, prepared, records = _run_steps(ctx, model, prepared, probe, signature, baseline,
+                                          baseline_outputs)
+
+    ctx.phase = "measuring the optimized model"
+    log.info("measuring optimized model")
+    optimized, _ = _measure(ctx, model, prepared, "optimized", baseline_outputs, skip=paired)
+    comparisons: dict[str, dict[str, Any]] = {}
+    if paired:
+        assert baseline_model is not None
+        _measure_pairs(ctx, backend.prepare(baseline_model), prepared, paired, baseline,
+                       optimized, comparisons, skipped, baseline_outputs)
+        order = [m.spec.name for m in ctx.metrics]
+        baseline = {k: baseline[k] for k in order if k in baseline}
+        optimized = {k: optimized[k] for k in order if k in optimized}
+    environment_facts = environment(backend)  # after the run: facts such as peak GPU memory
+    report = Report(
+        run_id=run_id,
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        recipe=_resolved_recipe(ctx),
+        plugins=_plugins_used(ctx),
+        baseline=baseline,
+        optimized=optimized,
+        comparisons=comparisons,
+        steps=records,
+        environment=environment_facts,
+        skipped_metrics=skipped,
+        warnings=ctx.warnings + [w for r in records for w in r.warnings],
+        primary={
+            m.spec.name: (m.entry.obj.primary, m.entry.obj.higher_is_better) for m in ctx.metrics
+        },
+        main_worker=backend.is_main,
+    )
+    report.gates = _evaluate_gates(recipe, report)
+    if out_dir is not None:
+        from inferopt._artifacts import save_run
+
+        ctx.phase = "saving"
+        save_run(out_dir, model, report, ctx, overwrite=overwrite)
+        log.info("saved", dir=str(out_dir))
+    manager.notify("inferopt_run_end", _observer_error(ctx), run=run_info(ctx),
+                   report=report)
+    return report
+
+
+def _resolve_in_memory(
+    recipe: Recipe, manager: PluginManager, registry: Registry, run_id: str, data: Any
+) -> RunContext:
+    if data is None and recipe.data is None:
+        raise UsageError("a model passed as an nn.Module needs data: pass data=... or a data spec")
+    ctx = RunContext(
+        run_id,
+        attrs.evolve(recipe, model="<in-memory module>"),
+        manager,
+        registry,
+        get_logger(run_id=run_id),
+        *resolve_plugins(recipe, registry),
+    )
+    ctx.data_spec = "<in-memory data>" if data is not None else recipe.data
+    if data is None:
+        resolve_model_source(registry, recipe.data or "", kind="data source")
+    return ctx
+
+
+def as_data(data: Data | Iterable[Any], batch_size: int) -> Data:
+    """Accept :class:`Data`, a torch Dataset, or an iterable of batches."""
+    if isinstance(data, Data):
+        return data
+    from inferopt._batching import batches_from
+
+    return Data(eval=batches_from(data, batch_size, what="data"))
+
+
+def _check_module(model: Any, spec: str) -> None:
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(
+            f"model {spec!r} gave a {type(model).__name__}, not a torch.nn.Module; "
+            "the callable must return the model"
+        )
+
+
+def _check_metrics_applicable(ctx: RunContext) -> None:
+    assert ctx.data is not None
+    for m in ctx.metrics:
+        if m.entry.obj.needs_labels and not ctx.data.has_labels and ctx.recipe.metrics_explicit:
+            raise UsageError(
+                f"metric {m.spec.name!r} needs labels but the data {ctx.data_spec!r} has none; "
+                "give labelled data or use --metric fidelity to compare against the baseline"
+            )
+
+
+def _keep_baseline(ctx: RunContext, model: Any) -> Any:
+    """A copy of the baseline model for metrics that measure both models together; None (and
+    a warning) when the model cannot be copied, so those metrics measure each model alone."""
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:  # any failure to copy: fall back, never fail the run for it
+        ctx.warnings.append(f"the baseline model could not be copied ({exc!r}), so it was "
+                            "measured before the steps instead of interleaved with the result")
+        return None
+
+
+def _metric_context(ctx: RunContext, m: Resolved, role: str, model: Any,
+                    baseline_outputs: list[Any]) -> MetricContext:
+    from inferopt._artifacts import weights_bytes
+
+    return MetricContext(
+        log=ctx.log.bind(metric=m.spec.name, plugin=m.entry.plugin, role=role),
+        role=role,
+        baseline_outputs=baseline_outputs,
+        saved_weights=lambda: weights_bytes(model),
+        output=ctx.recipe.output,
+    )
+
+
+def _measure(
+    ctx: RunContext, model: Any, prepared: Any, role: str, baseline_outputs: list[Any],
+    skip: set[str] | None = None, only: set[str] | None = None,
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    assert ctx.data is not None
+    backend: Backend = ctx.backend.instance
+    # each worker measures its share of the eval data (all of it with one worker)
+    share = backend.shard_indices(len(ctx.data.eval))
+    data = Data(
+        eval=[ctx.data.eval[i] for i in share],
+        calibration=ctx.data.calibration,
+        description=ctx.data.description,
+        calibration_is_eval=ctx.data.calibration_is_eval,
+    )
+    outputs = [baseline_outputs[i] for i in share]
+    results: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    for m in ctx.metrics:
+        metric: Metric = m.instance
+        if (skip and m.spec.name in skip) or (only is not None and m.spec.name not in only):
+            continue
+        if metric.needs_labels and not ctx.data.has_labels:
+            skipped[m.spec.name] = f"the data {ctx.data_spec!r} has no labels"
+            continue
+        mctx = _metric_context(ctx, m, role, model, outputs)
+        backend.gather(None)  # workers start each metric together (throughput runs concurrently)
+        with _metric_errors(ctx, m, role, skipped):
+            result = metric.measure(prepared, backend, data, mctx)
+            results[m.spec.name] = backend.aggregate(metric, result)
+    return results, skipped
+
+
+def _measure_pairs(ctx: RunContext, base_prepared: Any, prepared: Any, names: set[str],
+                   baseline: dict[str, Any], optimized: dict[str, Any],
+                   comparisons: dict[str, Any], skipped: dict[str, str],
+                   baseline_outputs: list[Any]) -> None:
+    """Metrics that measure baseline and optimized together (interleaved timings)."""
+    assert ctx.data is not None
+    backend = ctx.backend.instance
+    for m in ctx.metrics:
+        if m.spec.name not in names:
+            continue
+        if m.instance.needs_labels and not ctx.data.has_labels:
+            skipped[m.spec.name] = f"the data {ctx.data_spec!r} has no labels"
+            continue
+        mctx = _metric_context(ctx, m, "pair", prepared, baseline_outputs)
+        with _metric_errors(ctx, m, "pair", skipped):
+            result = m.instance.measure_pair(base_prepared, prepared, backend, ctx.data, mctx)
+            if result is None:  # the metric chose to measure each model on its own
+                for role, model, into in (("baseline", base_prepared, baseline),
+                                          ("optimized", prepared, optimized)):
+                    into[m.spec.name] = m.instance.measure(
+                        model, backend, ctx.data,
+                        _metric_context(ctx, m, role, model, baseline_outputs))
+            else:
+                baseline[m.spec.name], optimized[m.spec.name], comparisons[m.spec.name] = result
+
+
+@contextlib.contextmanager
+def _metric_errors(ctx: RunContext, m: Resolved, role: str,
+                   skipped: dict[str, str]) -> Iterator[None]:
+    try:
+        yield
+    except InferoptError as exc:
+        if ctx.recipe.metrics_explicit:
+            raise
+        # a default metric that does not apply to this model: say so and go on
+        skipped[m.spec.name] = str(exc)
+    except Exception as exc:
+        # a broken metric plugin costs its own numbers, not the run
+        msg = (f"metric {m.spec.name!r} (plugin {m.entry.plugin!r} from {_provider(m.entry)}) "
+               f"failed on the {role}: {exc!r}")
+        ctx.log.error(msg)
+        ctx.warnings.append(msg)
+        skipped[m.spec.name] = msg
+
+
+def _run_steps(ctx: RunContext, model: Any, prepared: Any, probe: Any, signature: Any,
+               baseline: dict[str, dict[str, Any]], baseline_outputs: list[Any]
+               ) -> tuple[Any, Any, list[StepRecord]]:
+    """Apply the steps in order, checking after each that the outputs are finite, keep their
+    shapes, and (with an accuracy budget) stay within it. A failure stops the run, or with
+    ``keep_going`` is recorded, undone, and the next step runs."""
+    backend: Backend = ctx.backend.instance
+    records: list[StepRecord] = []
+    for step in ctx.steps:
+        ctx.phase = f"step {step.index} {step.spec.name!r}"
+        before = _copy_for_undo(ctx, step, model) if ctx.recipe.keep_going else None
+        try:
+            new_model, rec = _apply_step(ctx, step, model)
+            new_prepared = _prepare_stepped(ctx, step, new_model)
+            _check_step(ctx, step, new_model, new_prepared, probe, signature, baseline,
+                        baseline_outputs)
+        except InferoptError as exc:
+            if before is None:
+                raise
+            ctx.log.error("step failed; undone (--keep-going)", step=step.index,
+                          optimizer=step.spec.name, error=str(exc))
+            records.append(StepRecord(
+                index=step.index, name=step.spec.name, options=_options_of(step.instance),
+                plugin=step.entry.plugin, distribution=step.entry.distribution,
+                version=step.entry.version, kind=str(getattr(step.instance, "kind", "") or ""),
+                failed=str(exc)))
+            model, prepared = before, backend.prepare(before)
+            continue
+        model, prepared = new_model, new_prepared
+        records.append(rec)
+        ctx.manager.notify("inferopt_step_end", _observer_error(ctx), run=run_info(ctx),
+                           step=rec)
+    return model, prepared, records
+
+
+def _prepare_stepped(ctx: RunContext, step: Resolved, model: Any) -> Any:
+    try:
+        return ctx.backend.instance.prepare(model)
+    except InferoptError:
+        raise
+    except Exception as exc:  # the step left something the backend cannot take
+        raise StepFailed(f"step {step.index} {step.spec.name!r} left a model the backend "
+                         f"{ctx.backend.spec.name!r} cannot prepare: {type(exc).__name__}: "
+                         f"{exc}") from exc
+
+
+def _copy_for_undo(ctx: RunContext, step: Resolved, model: Any) -> Any:
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:  # keep-going needs a copy to undo; without one, fail as usual
+        ctx.warnings.append(f"--keep-going: the model could not be copied before step "
+                            f"{step.index} {step.spec.name!r} ({exc!r}); a failure there "
+                            "stops the run")
+        return None
+
+
+def _check_step(ctx: RunContext, step: Resolved, model: Any, prepared: Any, probe: Any,
+                signature: Any, baseline: dict[str, dict[str, Any]],
+                baseline_outputs: list[Any]) -> None:
+    """The numeric guards after a step: finite outputs, same output shapes, accuracy budget."""
+    import torch
+
+    from inferopt._model_io import all_finite, output_signature
+
+    backend: Backend = ctx.backend.instance
+    name = f"step {step.index} {step.spec.name!r}"
+    try:
+        with torch.inference_mode():
+            out = backend.forward(prepared, probe)
+    except Exception as exc:
+        raise StepFailed(f"{name} left a model that fails on the first batch: "
+                         f"{type(exc).__name__}: {exc}") from exc
+    if not all_finite(out):
+        raise StepFailed(
+            f"{name} made the model's outputs non-finite (NaN or inf) on the first batch"
+            f"{_stopped(ctx)}. Try other options for this step, or skip the layers it breaks"
+        )
+    if output_signature(out) != signature:
+        raise StepFailed(
+            f"{name} changed the model's output shapes/dtypes from {signature} to "
+            f"{output_signature(out)}; steps must keep the interface"
+        )
+    _check_accuracy_budget(ctx, name, model, prepared, baseline, baseline_outputs)
+
+
+def _stopped(ctx: RunContext) -> str:
+    """How a failed step's message ends: the run stops, or --keep-going undoes the step."""
+    if ctx.recipe.keep_going:
+        return "; the step was undone and the run went on (--keep-going)"
+    return "; the run stopped there and nothing was saved"
+
+
+def _check_accuracy_budget(ctx: RunContext, name: str, model: Any, prepared: Any,
+                           baseline: dict[str, dict[str, Any]],
+                           baseline_outputs: list[Any]) -> None:
+    """With an accuracy budget, a step that takes accuracy past it stops the run there
+    (``BudgetExceeded``, exit 1) instead of going on to measure and save a broken model."""
+    gates = ctx.recipe.gates
+    base = baseline.get("accuracy", {}).get("top1")
+    if (gates.max_accuracy_drop is None and gates.max_relative_accuracy_drop is None) or \
+            not isinstance(base, int | float):
+        return
+    results, _ = _measure(ctx, model, prepared, "guard", baseline_outputs, only={"accuracy"})
+    top1 = results.get("accuracy", {}).get("top1")
+    if not isinstance(top1, int | float):
+        return
+    drop = (base - top1) * 100
+    relative = drop / (base * 100) * 100 if base > 0 else 0.0
+    over = []
+    if gates.max_accuracy_drop is not None and drop > gates.max_accuracy_drop:
+        over.append(f"{drop:.2f} points (budget {gates.max_accuracy_drop})")
+    if gates.max_relative_accuracy_drop is not None and relative > \
+            gates.max_relative_accuracy_drop:
+        over.append(f"{relative:.2f}% of the baseline (budget "
+                    f"{gates.max_relative_accuracy_drop}%)")
+    if over:
+        raise BudgetExceeded(
+            f"{name} dropped top-1 accuracy from {base:.2%} to {top1:.2%}: "
+            f"{' and '.join(over)}{_stopped(ctx)}. Try milder options for this step (skip "
+            "sensitive layers, lower sparsity, fine-tuning)")
+
+
+def _apply_step(ctx: RunContext, step: Resolved, model: Any) -> tuple[Any, StepRecord]:
+    import time
+
+    import torch
+
+    optimizer: Optimizer = step.instance
+    log = ctx.log.bind(step=step.index, optimizer=step.spec.name, plugin=step.entry.plugin)
+    sctx = StepContext(log=log, data=ctx.data, backend=ctx.backend.instance,
+                       seed=ctx.recipe.seed, output=ctx.recipe.output,
+                       trust_model=ctx.recipe.trust_model,
+                       model_loader=model_loader(ctx.registry, log, ctx.recipe.seed,
+                                                 ctx.recipe.trust_model))
+    log.info("applying step", options=step.spec.options)
+    torch.manual_seed(ctx.recipe.seed)
+    start = time.perf_counter()
+    try:
+        new_model = optimizer.apply(model, sctx)
+    except InferoptError:
+        raise
+    except Exception as exc:
+        raise StepFailed(
+            f"step {step.index} {step.spec.name!r} (plugin {step.entry.plugin!r} from "
+            f"{_provider(step.entry)}) failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    seconds = time.perf_counter() - start
+    if not isinstance(new_model, torch.nn.Module):
+        raise StepFailed(
+            f"step {step.index} {step.spec.name!r} returned {type(new_model).__name__}, "
+            "not an nn.Module (plugin bug: apply() must return the model)"
+        )
+    log.info("step done", seconds=round(seconds, 3))
+    record = StepRecord(
+        index=step.index,
+        name=step.spec.name,
+        options=_options_of(optimizer),
+        plugin=step.entry.plugin,
+        distribution=step.entry.distribution,
+        version=step.entry.version,
+        seconds=seconds,
+        details=sctx.details,
+        warnings=list(sctx.warnings),
+        state=sctx.state,
+        kind=str(getattr(optimizer, "kind", "") or ""),
+    )
+    return new_model, record
+
+
+def _options_of(plugin_object: Any) -> dict[str, Any]:
+    """The options an attrs plugin instance was built with, as JSON-ready values."""
+    cls = type(plugin_object)
+    if not attrs.has(cls):
+        return {}
+    return {f.name: options.json_safe(getattr(plugin_object, f.name)) for f in attrs.fields(cls)}
+
+
+
+
+def _observer_error(ctx: RunContext) -> Any:
+    def record(plugin: str, exc: BaseException) -> None:
+        msg = f"observer hook of plugin {plugin!r} raised {exc!r}; the run went on"
+        ctx.log.warning(msg)
+        ctx.warnings.append(msg)
+
+    return record
+
+
+def _resolved_recipe(ctx: RunContext) -> dict[str, Any]:
+    recipe = ctx.recipe.to_dict()
+    recipe["data"] = ctx.data_spec
+    recipe["optimize"] = [str(s.spec) for s in ctx.steps]
+    return recipe
+
+
+def _plugins_used(ctx: RunContext) -> dict[str, dict[str, str]]:
+    used: dict[str, dict[str, str]] = {}
+    for r in [ctx.backend, *ctx.steps, *ctx.metrics]:
+        used[r.entry.plugin] = r.provenance()
+    sources = [ctx.model_source]
+    if ctx.data_spec and not ctx.data_spec.startswith("<"):
+        sources.append(resolve_model_source(ctx.registry, ctx.data_spec, kind="data source"))
+    for entry in sources:
+        if entry is not None:
+            used[entry.plugin] = {"distribution": entry.distribution, "version": entry.version}
+    return used
+
+
+def _evaluate_gates(recipe: Recipe, report: Report) -> list[dict[str, Any]]:
+    gates = []
+    v = report.verdict
+    g = recipe.gates
+    if g.max_accuracy_drop is not None:
+        drop = v.get("accuracy_drop_points")
+        if drop is None:
+            raise UsageError("gate max_accuracy_drop needs the accuracy metric and labelled data")
+        gates.append({"name": "max_accuracy_drop", "threshold": g.max_accuracy_drop,
+                      "value": drop, "passed": drop <= g.max_accuracy_drop})
+    if g.max_relative_accuracy_drop is not None:
+        drop = v.get("accuracy_drop_percent")
+        if drop is None:
+            raise UsageError("gate max_relative_accuracy_drop needs the accuracy metric and "
+                             "labelled data")
+        gates.append({"name": "max_relative_accuracy_drop",
+                      "threshold": g.max_relative_accuracy_drop, "value": drop,
+                      "passed": drop <= g.max_relative_accuracy_drop})
+    if g.min_speedup is not None:
+        speedup = v.get("speedup")
+        if speedup is None:
+            raise UsageError("gate min_speedup needs the latency metric")
+        gates.append({"name": "min_speedup", "threshold": g.min_speedup,
+                      "value": speedup, "passed": speedup >= g.min_speedup})
+    if g.max_size_ratio is not None:
+        ratio = v.get("size_ratio")
+        if ratio is None:
+            raise UsageError("gate max_size_ratio needs the size metric")
+        gates.append({"name": "max_size_ratio", "threshold": g.max_size_ratio,
+                      "value": ratio, "passed": ratio <= g.max_size_ratio})
+    return gates
+

@@ -1,0 +1,1 @@
+"""Built-in CLI commands: tune, compare, new-plugin."""

@@ -1,0 +1,1 @@
+"""inferopt tune: search the installed techniques for the best recipe within an accuracy budget."""

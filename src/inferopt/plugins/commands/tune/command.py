@@ -1,0 +1,148 @@
+"""The ``inferopt tune`` command (the search itself is in :mod:`.search`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from inferopt import InferoptError, hookimpl
+from inferopt.utils import cli_fail, cli_logging_options
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("recipe", required=False, type=click.Path(dir_okay=False))
+@click.option("--model", "-m", metavar="SPEC", help="Model spec, as for `inferopt run`.")
+@click.option("--data", "-d", metavar="SPEC", help="Data spec (labelled), as for `inferopt run`.")
+@click.option("--split", metavar="calibration=N,train=N,eval=N,seed=S",
+              help="Re-split the data's samples, as for `inferopt run`.")
+@click.option("--output", "output", metavar="NAME", help="Which model output to compare.")
+@click.option("--trust-model", is_flag=True, help="Allow unpickling the model file.")
+@click.option("--backend", "-b", metavar="NAME[:k=v,...]", help="Where to run. Default: cpu.")
+@click.option("--metric", "metrics", multiple=True, metavar="NAME[:k=v,...]",
+              help="A metric, or options for one (latency:precision=thorough); latency, "
+                   "accuracy and size (and throughput) are always measured.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Batch size. Default: 64.")
+@click.option("--seed", type=int, help="Random seed. Default: 0.")
+@click.option("--max-accuracy-drop", default="1.0", show_default=True, metavar="POINTS|PCT%",
+              help="The accuracy budget: points of top-1 accuracy (1.0) or a share of the "
+                   "baseline's accuracy (2%).")
+@click.option("--objective", type=click.Choice(["latency", "size", "throughput"]),
+              default="latency", show_default=True,
+              help="What the chosen candidate is best at, among those within the budget.")
+@click.option("--budget-minutes", type=click.FloatRange(min=0, min_open=True), default=10.0,
+              show_default=True, help="Stop starting trials when this much time is spent "
+                                      "(the time of this invocation; logged trials are free).")
+@click.option("--trials", "max_trials", type=click.IntRange(min=1), default=40,
+              show_default=True, help="At most this many trials (logged ones included).")
+@click.option("--technique", "-t", "techniques", multiple=True, metavar="NAME[:k=v,...]",
+              help="Search only these optimizers (repeat); options given are fixed. Default: "
+                   "every installed optimizer that declares searchable options.")
+@click.option("--out", "-o", metavar="DIR", default="inferopt-tune", show_default=True,
+              help="Where the trial log, the summary and the chosen model go. Rerunning with "
+                   "the same DIR continues the search.")
+@click.option("--restart", is_flag=True, help="Discard the trials logged in --out and start over.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print only the tune document (inferopt.tune/1) on stdout.")
+@cli_logging_options(default_level="warning")
+def tune(
+    recipe: str | None,
+    model: str | None,
+    data: str | None,
+    split: str | None,
+    output: str | None,
+    trust_model: bool,
+    backend: str | None,
+    metrics: tuple[str, ...],
+    batch_size: int | None,
+    seed: int | None,
+    max_accuracy_drop: str,
+    objective: str,
+    budget_minutes: float,
+    max_trials: int,
+    techniques: tuple[str, ...],
+    out: str,
+    restart: bool,
+    as_json: bool,
+    log_format: str,
+    log_level: str,
+    strict_plugins: bool,
+    debug: bool,
+) -> None:
+    """Search the installed techniques for the best recipe within an accuracy budget.
+
+    Every trial is measured against the same baseline (latency interleaved A/B) and logged in
+    DIR/trials.jsonl; the best candidate that meets the goal is saved to DIR/best like a run.
+    Exits 1 when no candidate meets the goal, listing the three closest.
+    """
+    from inferopt.utils import configure_logging, disable_progress
+
+    configure_logging(log_format, log_level)
+    disable_progress(as_json)
+    try:
+        from inferopt.plugins.commands.tune.search import Budget, result_lines, run_search
+        from inferopt.utils import parse_accuracy_budget, parse_spec
+
+        gate = parse_accuracy_budget(max_accuracy_drop)
+        budget = Budget(next(iter(gate.values())) or 0.0,
+                        relative="max_relative_accuracy_drop" in gate)
+
+        def echo(line: str) -> None:
+            click.echo(line, err=True)
+
+        result = run_search(
+            recipe, dict(model=model, data=data, backend=backend,
+                         metrics=list(metrics) or None, batch_size=batch_size, seed=seed,
+                         output=output, split=split, trust_model=trust_model),
+            budget=budget, objective=objective, budget_seconds=budget_minutes * 60,
+            max_trials=max_trials,
+            techniques=tuple(parse_spec(t, "--technique") for t in techniques),
+            out=Path(out), restart=restart, strict_plugins=strict_plugins, echo=echo)
+    except InferoptError as exc:
+        cli_fail(exc, debug)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: the finished trials are in {out}/trials.jsonl; rerun the same "
+                   "command to continue", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        if debug:
+            raise
+        click.echo(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                   err=True)
+        sys.exit(2)
+    doc = result.document
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        from inferopt.plugins.commands.tune.search import COLUMNS, table_rows
+
+        table = Table(title=f"inferopt tune: {len(doc['trials'])} trials")
+        for col in COLUMNS:
+            table.add_column(col, overflow="fold", no_wrap=col != "recipe")
+        for row in table_rows(doc):
+            table.add_row(*row)
+        # a pipe or a log file gets the whole table, not one folded to 80 columns
+        console = Console(width=None if sys.stdout.isatty() else 160)
+        console.print(table)
+        for line in result_lines(doc):
+            console.print(line, soft_wrap=True, highlight=False, markup=False)
+        console.print(f"trial log: {doc['artifacts']['log']}; summary: "
+                      f"{doc['artifacts']['summary']}", soft_wrap=True, highlight=False)
+    if doc.get("chosen") is None:
+        lines = [line for line in result_lines(doc) if line.startswith(("no candidate",
+                                                                         "closest"))]
+        click.echo("error: " + "\n  ".join(lines), err=True)
+        sys.exit(1)
+
+
+@hookimpl
+def inferopt_register_commands(cli: Any) -> None:
+    cli.add_command(tune)

@@ -1,0 +1,1 @@
+"""Built-in metrics: latency, throughput, accuracy, fidelity, size, memory, compute."""

@@ -1,0 +1,47 @@
+"""The ``size`` metric: bytes of the weights as they are saved (safetensors), by dtype."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from inferopt import Metric, hookimpl
+
+
+@attrs.frozen
+class SizeMetric(Metric):
+    """Bytes of the saved weights (the safetensors file ``inferopt run`` writes), parameter
+    count, and bytes per dtype. Packed low-bit tensors count as what they are stored as."""
+
+    name = "size"
+    summary = "bytes of the saved weights"
+    unit = "bytes"
+    primary = "bytes"
+    higher_is_better = False
+
+    def measure(self, model: Any, backend: Any, data: Any, ctx: Any) -> dict[str, Any]:
+        from inferopt.utils import state_dict_for_saving
+
+        blob = ctx.saved_weights()
+        by_dtype: dict[str, int] = {}
+        tensor_bytes = 0
+        for tensor in state_dict_for_saving(model).values():
+            key = str(tensor.dtype).replace("torch.", "")
+            nbytes = tensor.numel() * tensor.element_size()
+            by_dtype[key] = by_dtype.get(key, 0) + nbytes
+            tensor_bytes += nbytes
+        result: dict[str, Any] = {
+            "bytes": len(blob),
+            "tensor_bytes": tensor_bytes,
+            # stored values of every tensor (an int8 weight counts once, like a float one)
+            "elements": sum(t.numel() for t in state_dict_for_saving(model).values()),
+        }
+        result.update({f"bytes_{k}": v for k, v in sorted(by_dtype.items())})
+        ctx.log.info("size", bytes=result["bytes"])
+        return result
+
+
+@hookimpl
+def inferopt_register_metrics(register: Any) -> None:
+    register(SizeMetric)

@@ -1,0 +1,1 @@
+"""Built-in pruning: unstructured zeros and structured channel removal."""

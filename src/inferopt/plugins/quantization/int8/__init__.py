@@ -1,0 +1,1 @@
+"""int8 quantization: the optimizer and its quantized modules."""

@@ -1,0 +1,333 @@
+"""``int8``: int8 quantization of Linear, Conv2d and MultiheadAttention layers.
+
+Modes:
+
+* ``dynamic`` (default): int8 weights (symmetric, per output channel); activations quantized
+  at run time; int8 x int8 -> int32 products rescaled in float. Linear layers and the projections
+  of ``nn.MultiheadAttention``; Conv2d needs ``static``.
+* ``static``: activation ranges calibrated on the run's calibration data (``minmax`` or
+  ``percentile`` observer); Linear and Conv2d. Attention projections stay dynamic.
+* ``weight-only``: int8 weights, float activations (4x smaller; speed depends on the device).
+
+``smooth=ALPHA`` (SmoothQuant) moves activation outliers into the weights before quantizing:
+per input channel ``s = max|X|^ALPHA / max|W|^(1-ALPHA)``, ``W' = W s``, ``X' = X / s``.
+
+The modules and kernels are in :mod:`inferopt.plugins.quantization.int8.modules`; this module
+stays light so
+that listing plugins does not import torch.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+import attrs
+
+from inferopt import Optimizer, UsageError, hookimpl, option
+from inferopt.plugins.quantization.layers import nothing_to_quantize
+from inferopt.utils import (
+    device_of,
+    require_swappable,
+    set_submodule,
+)
+
+MODES = ("dynamic", "static", "weight-only")
+GRANULARITY = ("per-channel", "per-tensor")
+OBSERVERS = ("minmax", "percentile")
+KERNEL_CHOICES = ("auto", "fbgemm", "onednn", "cuda", "reference")
+
+
+@attrs.frozen
+class Int8Quantizer(Optimizer):
+    """int8 weights, and int8 activations in dynamic/static modes, for Linear, Conv2d (static)
+    and MultiheadAttention layers."""
+
+    name = "int8"
+    kind = "quantization"
+    summary = "int8 quantization (dynamic, static or weight-only) with int8 matrix products"
+
+    mode: str = option("dynamic", choices=MODES, searchable=("dynamic", "static"),
+                       help="dynamic: activations quantized at run time; static: calibrated "
+                            "activation ranges (also Conv2d); weight-only: float activations")
+    skip: tuple[str, ...] = option(
+        (), help="layer name patterns (fnmatch) to leave in float, e.g. 'head|*.classifier'")
+    granularity: str = option("per-channel", choices=GRANULARITY, searchable=GRANULARITY,
+                              help="weight scales per output channel or one per tensor")
+    smooth: float = option(0.0, min=0.0, max=1.0, searchable=(0.0, 0.5),
+                           help="SmoothQuant migration strength ALPHA (0 = off; 0.5 is typical); "
+                                "needs calibration data")
+    observer: str = option("minmax", choices=OBSERVERS,
+                           help="static mode: activation range from min/max or a percentile")
+    percentile: float = option(99.99, min=50.0, max=100.0,
+                               help="percentile observer: the percentile kept (both tails)")
+    calibration_batches: int = option(32, min=1, help="calibration batches to observe")
+    kernel: str = option("auto", choices=KERNEL_CHOICES,
+                         help="int8 kernel; auto picks the fastest that runs here")
+
+    def apply(self, model: Any, ctx: Any) -> Any:
+        import torch
+
+        from inferopt.plugins.quantization.int8 import modules as q
+
+        require_swappable(model, "int8")
+        device = device_of(model)
+        per_channel = self.granularity == "per-channel"
+        targets, skipped = self._select(model, ctx)
+        if not targets:
+            raise UsageError(nothing_to_quantize(
+                "int8", "Linear, MultiheadAttention and, with mode=static, Conv2d", model,
+                skipped))
+
+        saved = _saved_layers(ctx.state) if ctx.restoring else None
+        smooth_scales: dict[str, Any] = {}
+        act_ranges: dict[str, tuple[float, int]] = {}
+        needs_data = self.mode == "static" or self.smooth > 0
+        if needs_data and not ctx.restoring:
+            data = ctx.data
+            if data is None or not data.calibration:
+                raise UsageError(
+                    f"step 'int8' with mode={self.mode}, smooth={self.smooth} needs calibration "
+                    "data; give --data (the run's calibration split is used)")
+            batches = data.calibration[: self.calibration_batches]
+            if self.smooth > 0:
+                smooth_scales = self._smoothing(model, targets, batches, device)
+            if self.mode == "static":
+                act_ranges, unseen = self._calibrate(model, targets, batches, device,
+                                                     smooth_scales)
+                for name in unseen:
+                    skipped[name] = "no calibration input reached it"
+                    targets.pop(name)
+                if not targets:
+                    raise UsageError(
+                        "int8 mode=static: no calibration input reached any layer to quantize; "
+                        f"skipped: {skipped}. Check the calibration data fits the model")
+            ctx.details["calibration"] = {
+                "batches": len(batches),
+                "observer": self.observer if self.mode == "static" else None,
+                "source": "eval data (no separate split)" if data.calibration_is_eval
+                else "calibration split",
+            }
+        if saved is not None:  # rebuilding a saved model: the same layers, the same structure
+            targets = {n: m for n, m in targets.items() if n in saved}
+            smooth_scales = {n: torch.ones(targets[n].in_features)
+                             for n, info in saved.items() if info.get("smooth") and n in targets}
+            act_ranges = {n: (1.0, 0) for n, info in saved.items()
+                          if info.get("static") and n in targets}
+
+        layers: dict[str, dict[str, Any]] = {}
+        bits: set[int] = set()
+        for name, module in targets.items():
+            kind = _kind(module)
+            mode = "dynamic" if kind == "attention" else self.mode
+            _kernel, qmax = q.plan_kernel(self.kernel, mode, kind or "linear", device)
+            if saved is not None and "qmax" in saved.get(name, {}):
+                qmax = saved[name]["qmax"]
+            bits.add(8 if qmax == 127 else 7)
+            if isinstance(module, torch.nn.MultiheadAttention):
+                new = q.Int8MultiheadAttention.from_float(
+                    module, kernel=self.kernel, qmax=qmax, per_channel=per_channel)
+                kernel = new.in_proj.active_kernel
+            elif isinstance(module, torch.nn.Conv2d):
+                new = q.Int8Conv2d.from_float(module, kernel=self.kernel, qmax=qmax,
+                                              per_channel=per_channel,
+                                              act_range=act_ranges.get(name))
+                kernel = new.active_kernel
+            else:
+                new = q.Int8Linear.from_float(
+                    module, mode=self.mode, kernel=self.kernel, qmax=qmax,
+                    per_channel=per_channel, smooth_scale=smooth_scales.get(name),
+                    act_range=act_ranges.get(name))
+                kernel = new.active_kernel
+            set_submodule(model, name, new)
+            layers[name] = {"type": type(module).__name__, "kernel": kernel, "qmax": qmax,
+                            "smooth": name in smooth_scales, "static": name in act_ranges}
+        q.disable_transformer_fast_path(model)
+        ctx.state["layers"] = layers
+        kernels = sorted({info["kernel"] for info in layers.values()})
+        if self.kernel not in ("auto", *kernels):
+            ctx.warn(f"int8: kernel={self.kernel} cannot run here; used {', '.join(kernels)}")
+        if "reference" in kernels and self.mode != "weight-only" and not ctx.restoring:
+            ctx.warn("int8: some layers run on the reference kernel (dequantize + float "
+                     "matmul): correct numbers, no speedup")
+        if 7 in bits and not ctx.restoring:
+            ctx.warn("int8: this CPU has no VNNI; weights use 7 bits (|q| <= 63) so that the "
+                     "AVX2 int8 kernel cannot saturate")
+        by_kernel: dict[str, int] = {}
+        for info in layers.values():
+            by_kernel[info["kernel"]] = by_kernel.get(info["kernel"], 0) + 1
+        summary = f"{len(layers)} layers quantized ({self.mode}; " + ", ".join(
+            f"{n} on {k}" for k, n in sorted(by_kernel.items())) + ")"
+        if skipped:
+            summary += "; left in float: " + ", ".join(
+                f"{n} ({why})" for n, why in list(skipped.items())[:5])
+            if len(skipped) > 5:
+                summary += f" and {len(skipped) - 5} more"
+        ctx.details.update({
+            "summary": summary,
+            "mode": self.mode,
+            "quantized": list(layers),
+            "kernels": {n: info["kernel"] for n, info in layers.items()},
+            "skipped": skipped,
+            "weight_bits": sorted(bits),
+            "activations": _activation_note(self.mode, kernels),
+        })
+        return model
+
+    # -- selection and calibration ----------------------------------------------------------
+
+    def _select(self, model: Any, ctx: Any) -> tuple[dict[str, Any], dict[str, str]]:
+        import torch
+
+        from inferopt.plugins.quantization.int8.modules import Int8Conv2d, Int8MultiheadAttention
+
+        targets: dict[str, Any] = {}
+        skipped: dict[str, str] = {}
+        matched: set[str] = set()
+        inside_attention: set[str] = set()
+        for name, module in model.named_modules():
+            kind = _kind(module)
+            if kind is None and isinstance(module, torch.nn.Linear) and name:
+                skipped[name] = "a Linear subclass with its own forward"
+            if kind is None or not name:
+                continue
+            if name in inside_attention:
+                continue
+            hit = [p for p in self.skip if fnmatch.fnmatchcase(name, p)]
+            if hit:
+                matched.update(hit)
+                skipped[name] = f"matches skip pattern {hit[0]!r}"
+                if kind == "attention":
+                    inside_attention.add(f"{name}.out_proj")
+                continue
+            if kind == "attention":
+                inside_attention.add(f"{name}.out_proj")
+                if self.mode == "weight-only":
+                    skipped[name] = "MultiheadAttention is quantized in dynamic/static modes"
+                    continue
+                reason = Int8MultiheadAttention.supported(module)
+                if reason:
+                    skipped[name] = reason
+                    continue
+            elif kind == "conv":
+                if self.mode != "static":
+                    skipped[name] = ("Conv2d needs mode=static (its int8 kernel packs the "
+                                     "activation scale with the weights)")
+                    continue
+                reason = Int8Conv2d.supported(module)
+                if reason:
+                    skipped[name] = reason
+                    continue
+            elif kind == "linear" and isinstance(
+                    module, torch.nn.modules.linear.NonDynamicallyQuantizableLinear):
+                skipped[name] = "read directly by its MultiheadAttention"
+                continue
+            targets[name] = module
+        for name in inside_attention:  # out_proj of a skipped attention: reason above
+            skipped.setdefault(name, "part of a MultiheadAttention that was left in float")
+        for name in list(skipped):
+            if name in inside_attention and name not in targets:
+                parent = name.rsplit(".", 1)[0]
+                if parent in targets:
+                    skipped.pop(name)  # converted together with its attention
+        unused = [p for p in self.skip if p not in matched]
+        if unused and not ctx.restoring:
+            ctx.warn(f"int8: skip pattern(s) {', '.join(unused)} matched no quantizable layer")
+        return targets, skipped
+
+    def _smoothing(self, model: Any, targets: dict[str, Any], batches: list[Any],
+                   device: Any) -> dict[str, Any]:
+        import torch
+
+        from inferopt.utils import observe_inputs
+
+        linears = {n: m for n, m in targets.items() if isinstance(m, torch.nn.Linear)}
+        obs = observe_inputs(model, linears, batches, channel_dims=dict.fromkeys(linears, -1),
+                             keep_sample=False, device=device)
+        scales = {}
+        for name, module in linears.items():
+            act = obs[name].channel_absmax
+            if act is None:
+                continue
+            w = module.weight.detach().float().abs().amax(dim=0).cpu()
+            s = act.clamp(min=1e-5).pow(self.smooth) / w.clamp(min=1e-5).pow(1 - self.smooth)
+            scales[name] = s.clamp(min=1e-4, max=1e4)
+        return scales
+
+    def _calibrate(self, model: Any, targets: dict[str, Any], batches: list[Any],
+                   device: Any, smooth_scales: dict[str, Any]
+                   ) -> tuple[dict[str, tuple[float, int]], list[str]]:
+        import torch
+
+        from inferopt.utils import observe_inputs
+
+        static = {n: m for n, m in targets.items()
+                  if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)}
+        dims = {n: (1 if isinstance(m, torch.nn.Conv2d) else -1) for n, m in static.items()}
+        obs = observe_inputs(model, static, batches, channel_dims=dims,
+                             keep_sample=self.observer == "percentile", device=device,
+                             scales={n: 1.0 / s for n, s in smooth_scales.items()})
+        ranges = {}
+        unseen = []
+        for name in static:
+            if obs[name].batches == 0:
+                unseen.append(name)
+                continue
+            low, high = obs[name].range(self.observer, self.percentile)
+            ranges[name] = affine_uint8(low, high)
+        return ranges, unseen
+
+
+def _kind(module: Any) -> str | None:
+    import torch
+
+    if isinstance(module, torch.nn.MultiheadAttention):
+        return "attention"
+    if isinstance(module, torch.nn.Linear) and type(module).forward is torch.nn.Linear.forward:
+        return "linear"  # a subclass with its own forward does more than a matmul: left alone
+    if type(module) is torch.nn.Conv2d:
+        return "conv"
+    return None
+
+
+def _activation_note(mode: str, kernels: list[str]) -> str:
+    if mode == "weight-only":
+        return "float (weight-only)"
+    notes = []
+    if "fbgemm" in kernels:
+        notes.append("fbgemm: uint8 per tensor (7-bit range), dynamic")
+    if {"onednn", "cuda", "reference"} & set(kernels):
+        notes.append("per row, dynamic" if mode == "dynamic" else "uint8 per tensor, calibrated")
+    return "; ".join(notes)
+
+
+def _saved_layers(state: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
+    """The saved ``layers`` state, checked: it comes from a run's ``inferopt.json``, which may
+    have been edited, and ``qmax`` becomes the quantization range of the rebuilt layers."""
+    saved = state.get("layers")
+    if saved is None:
+        return None
+    if not isinstance(saved, dict):
+        raise UsageError(f"saved state 'layers' must be an object, not {type(saved).__name__}")
+    for name, info in saved.items():
+        if not isinstance(info, dict):
+            raise UsageError(f"saved state 'layers'[{name!r}] must be an object, not "
+                             f"{type(info).__name__}")
+        qmax = info.get("qmax", 127)
+        if not isinstance(qmax, int) or isinstance(qmax, bool) or not 1 <= qmax <= 127:
+            raise UsageError(f"saved state 'layers'[{name!r}].qmax must be an integer from 1 "
+                             f"to 127, not {qmax!r}; was the run edited?")
+    return saved
+
+
+def affine_uint8(low: float, high: float) -> tuple[float, int]:
+    """Scale and zero point mapping [low, high] (widened to include 0) onto uint8."""
+    low, high = min(low, 0.0), max(high, 0.0)
+    scale = max((high - low) / 255.0, 1e-8)
+    zero = round(-low / scale)
+    return scale, max(0, min(255, zero))
+
+
+@hookimpl
+def inferopt_register_optimizers(register: Any) -> None:
+    register(Int8Quantizer)

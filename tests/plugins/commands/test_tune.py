@@ -1,0 +1,243 @@
+"""``inferopt tune``: the search, its trial log, resuming, the sensitivity fallback, the chosen
+model, and the exit status when nothing meets the goal. All on demo:digits-mlp-small with few
+latency runs, so each trial takes a fraction of a second."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from inferopt._errors import Interrupted
+from inferopt.plugins.commands.tune.search import iter_log
+
+FAST = ["--model", "demo:digits-mlp-small",
+        "--metric", "latency:min_runs=60,min_seconds=0,warmup=2"]
+
+
+def _doc(out: Path) -> dict[str, Any]:
+    return json.loads((out / "tune.json").read_text())
+
+
+def _log_trials(out: Path) -> list[dict[str, Any]]:
+    return [r for r in iter_log(out / "trials.jsonl") if r["type"] == "trial"]
+
+
+def test_tune_picks_a_faster_candidate_within_one_point(cli: Any, tmp_path: Path) -> None:
+    out = tmp_path / "tune"
+    result = cli("tune", *FAST, "--max-accuracy-drop", "1.0", "--budget-minutes", "3",
+                 "-t", "prune-activations", "-t", "int8", "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["seconds"] < 180  # finished within its time budget
+    assert doc["stopped"] is None  # by exhausting the space, not by a limit
+    chosen = next(t for t in doc["trials"] if t["id"] == doc["chosen"])
+    assert chosen["latency_verdict"] == "faster" and chosen["speedup_ci"][0] > 1.0
+    assert chosen["accuracy_drop_points"] <= 1.0 and chosen["meets_goal"]
+    # every trial is in the document, the table and the log; each one A/B-timed
+    keys = [t["key"] for t in doc["trials"]]
+    assert keys[0] == "none" and "int8" in keys and "prune-activations" in keys
+    assert "int8:mode=static" in keys and "prune-activations:sparsity=0.25" in keys
+    assert [t["key"] for t in _log_trials(out)] == keys
+    for t in _log_trials(out):
+        assert t["report"]["paired"]["latency"]["method"].startswith("interleaved A/B")
+    markdown = (out / "tune.md").read_text()
+    assert all(k.replace("|", "\\|") in markdown for k in keys)
+    assert set(doc["pareto"]) <= {t["id"] for t in doc["trials"]} and doc["pareto"]
+    # the chosen model is saved like a run and loads with inferopt.load
+    import inferopt
+    from tests.helpers import demo_correct
+
+    model = inferopt.load(out / "best")
+    best_report = json.loads((out / "best" / "report.json").read_text())
+    assert [s["name"] for s in best_report["steps"]] == [s["name"] for s in chosen["steps"]]
+    correct = demo_correct(model)
+    assert abs(correct / 359 - chosen["accuracy"]) < 1e-9
+
+
+def test_impossible_budget_exits_1_with_the_three_closest(cli: Any, tmp_path: Path) -> None:
+    out = tmp_path / "tune"
+    result = cli("tune", *FAST, "--max-accuracy-drop", "0.0", "--out", str(out),
+                 "-t", "prune-l1:structured=true,sparsity=0.9",
+                 "-t", "prune-activations:sparsity=0.9")
+    assert result.returncode == 1
+    assert "no candidate met the goal" in result.stderr
+    closest = [line for line in result.stderr.splitlines() if "closest" in line]
+    assert len(closest) == 3
+    doc = _doc(out)
+    assert doc["chosen"] is None and len(doc["closest"]) == 3
+    drops = [next(t for t in doc["trials"] if t["id"] == i)["accuracy_drop_points"]
+             for i in doc["closest"]]
+    assert drops == sorted(drops) and drops[0] > 0
+    assert not (out / "best").exists()
+    # when the fallback ran, a layer the pruners cannot leave out is said, not hidden
+    assert all(s["status"] == "ok" or "found no layer" in s["error"] for s in doc["sensitivity"])
+
+
+def test_sensitivity_fallback_keeps_the_most_sensitive_layer_in_float(
+        cli: Any, tmp_path: Path) -> None:
+    out = tmp_path / "tune"
+    result = cli("tune", *FAST, "--max-accuracy-drop", "0.5", "--objective", "size",
+                 "--out", str(out), "-t", "int4:bits=2,group_size=128,method=rtn")
+    doc = _doc(out)
+    whole = doc["trials"][1]
+    assert whole["accuracy_drop_points"] > 0.5  # the whole-model technique broke the budget
+    sens = {s["layer"]: whole["accuracy_drop_points"] - s["accuracy_drop_points"]
+            for s in doc["sensitivity"]}
+    assert set(sens) == {"0", "2"}  # each layer left out once, accuracy only
+    most = max(sens, key=lambda n: sens[n])
+    retry = next(t for t in doc["trials"] if t["phase"] == "sensitivity-retry")
+    assert retry["steps"][0]["options"]["skip"] == [most]
+    assert retry["accuracy_drop_points"] < whole["accuracy_drop_points"]
+    if retry["within_budget"]:
+        assert result.returncode == 0 and doc["chosen"] == retry["id"]
+
+
+def test_interrupted_tune_continues_from_its_log(cli: Any, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import inferopt._pipeline as pipeline
+
+    out = tmp_path / "tune"
+    args = ["tune", *FAST, "--out", str(out), "-t", "int8", "-t", "prune-l1", "--json"]
+    real_run = pipeline.run
+    calls = {"n": 0}
+
+    def interrupted_on_the_fourth(*a: Any, **k: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 4:  # what the pipeline raises on Ctrl-C
+            raise Interrupted("interrupted during measuring the optimized model: stopped "
+                              "cleanly; nothing was saved")
+        return real_run(*a, **k)
+
+    monkeypatch.setattr(pipeline, "run", interrupted_on_the_fourth)
+    first = cli(*args)
+    assert first.returncode == 130 and "rerun the same command to continue" in first.stderr
+    logged = [t["key"] for t in _log_trials(out)]
+    assert len(logged) == 3
+    with (out / "trials.jsonl").open("a") as f:
+        f.write('{"type": "trial", "key": "cut sh')  # a line the interruption cut short
+    monkeypatch.setattr(pipeline, "run", real_run)
+    calls["n"] = 0
+    second = cli(*args)
+    assert second.returncode in (0, 1), second.stderr
+    doc = json.loads(second.stdout)
+    assert [t["key"] for t in doc["trials"]][:3] == logged
+    assert all(t["replayed"] for t in doc["trials"][:3])
+    assert not any(t["replayed"] for t in doc["trials"][3:]) and len(doc["trials"]) > 3
+    keys = [t["key"] for t in _log_trials(out)]
+    assert len(keys) == len(set(keys)) == len(doc["trials"])  # nothing ran twice
+    # a different baseline cannot reuse the log
+    other = cli("tune", "--model", "demo:digits-mlp-small", "--seed", "1", "--out", str(out))
+    assert other.returncode == 2 and "different baseline" in other.stderr
+    assert "seed" in other.stderr
+
+
+def test_limits_stop_the_search_and_say_so(cli: Any, tmp_path: Path) -> None:
+    out = tmp_path / "tune"
+    result = cli("tune", *FAST, "--out", str(out), "--trials", "2", "--json",
+                 "-t", "int8", "-t", "prune-l1")
+    doc = json.loads(result.stdout)
+    assert len(doc["trials"]) == 3  # the A/A baseline and two trials
+    assert doc["stopped"].startswith("trial limit reached (2 trials)")
+    out2 = tmp_path / "tune2"
+    result = cli("tune", *FAST, "--out", str(out2), "--budget-minutes", "0.001", "--json")
+    doc = json.loads(result.stdout)
+    assert doc["stopped"].startswith("time budget reached")
+    assert [t["key"] for t in doc["trials"]] == ["none"]
+    assert result.returncode == 1
+
+
+def test_third_party_searchable_options_join_the_search(cli: Any, plugin_env: Any,
+                                                        tmp_path: Path) -> None:
+    module = '''
+        import attrs
+        from inferopt import Optimizer, hookimpl, option
+
+        @attrs.frozen
+        class RoundWeights(Optimizer):
+            """Round every weight to a number of decimals."""
+            name = "round-weights"
+            decimals: int = option(3, min=0, searchable=(3, 1, 0))
+
+            def apply(self, model, ctx):
+                import torch
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.copy_(torch.round(p, decimals=self.decimals))
+                return model
+
+        @hookimpl
+        def inferopt_register_optimizers(register):
+            register(RoundWeights)
+    '''
+    env = plugin_env("inferopt-rounding", {"rounding": "rounding_plugin"},
+                     {"rounding_plugin": module})
+    listing = json.loads(cli("plugins", "--json", env=env).stdout)
+    plugin = next(p for p in listing["plugins"] if p["name"] == "rounding")
+    option = plugin["provides"]["optimizer"][0]["options"][0]
+    assert option["searchable"] == [3, 1, 0]
+    out = tmp_path / "tune"
+    result = cli("tune", *FAST, "--out", str(out), "--objective", "size", "--json",
+                 "-t", "round-weights", env=env)
+    doc = json.loads(result.stdout)
+    keys = [t["key"] for t in doc["trials"]]
+    assert keys == ["none", "round-weights", "round-weights:decimals=1",
+                    "round-weights:decimals=0"]
+    assert doc["space"][0]["distribution"] == "inferopt-rounding"
+    # rounding keeps float32 weights: never smaller, so nothing meets a size goal
+    assert result.returncode == 1 and doc["chosen"] is None
+
+
+def test_default_space_lists_the_builtins_searchable_options() -> None:
+    from inferopt._registry import load_plugins
+    from inferopt.plugins.commands.tune.search import search_space
+
+    _manager, registry = load_plugins()
+    space, notes = search_space(registry, ())
+    by_name = {t.name: t for t in space}
+    assert {"int8", "int4", "prune-l1", "prune-activations", "distill"} <= set(by_name)
+    assert by_name["int8"].dims == {"mode": ["dynamic", "static"],
+                                    "granularity": ["per-channel", "per-tensor"],
+                                    "smooth": [0.0, 0.5]}
+    assert by_name["prune-l1"].dims == {"sparsity": [0.5, 0.25], "structured": [False, True]}
+    assert by_name["distill"].dims == {"ratio": [0.25, 0.5]}
+    # cheap kinds first: quantization, pruning, then distillation
+    kinds = [t.kind for t in space if t.name in by_name]
+    assert kinds.index("quantization") < kinds.index("pruning") < kinds.index("distillation")
+    assert notes == []
+
+
+def test_bad_tune_input_is_a_usage_error(cli: Any, tmp_path: Path) -> None:
+    result = cli("tune", "--model", "demo:digits-mlp-small", "-t", "int9")
+    assert result.returncode == 2 and "unknown optimizer 'int9'" in result.stderr
+    result = cli("tune", "--model", "demo:digits-mlp-small", "-t", "int8:mode=fast")
+    assert result.returncode == 2 and "mode" in result.stderr
+    result = cli("tune", "--max-accuracy-drop", "lots")
+    assert result.returncode == 2 and "--max-accuracy-drop" in result.stderr
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("mine")
+    result = cli("tune", "--model", "demo:digits-mlp-small", "--out", str(stray))
+    assert result.returncode == 2 and "not an earlier tune" in result.stderr
+
+
+def test_bad_input_is_exit_2_and_a_changed_dataset_is_not_mixed_in(cli: Any,
+                                                                   tmp_path: Path) -> None:
+    import numpy as np
+
+    big = cli("tune", *FAST, "-t", "int8", "--trials", "1", "--batch-size", "5000",
+              "--out", str(tmp_path / "big"))
+    assert big.returncode == 2 and "--batch-size 5000 is larger than the data" in big.stderr
+    rng = np.random.default_rng(0)
+    data = tmp_path / "d.npz"
+    np.savez(data, inputs=rng.random((64, 64), dtype=np.float32),
+             labels=rng.integers(0, 10, 64))
+    args = ["tune", *FAST, "--data", str(data), "-t", "int8", "--trials", "1",
+            "--out", str(tmp_path / "t")]
+    assert cli(*args).returncode in (0, 1)
+    np.savez(data, inputs=rng.random((64, 64), dtype=np.float32),
+             labels=rng.integers(0, 10, 64))  # same name and size, other samples
+    again = cli(*args)
+    assert again.returncode == 2 and "holds a tune of a different baseline" in again.stderr

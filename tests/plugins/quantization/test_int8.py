@@ -1,0 +1,328 @@
+"""The int8 optimizer: what it does to the tensors, the outputs, the report and the saved model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import inferopt
+from inferopt._contract import StepContext
+from inferopt._logging import get_logger
+from inferopt.plugins.quantization.int8 import modules as q
+from inferopt.plugins.quantization.int8.optimizer import Int8Quantizer
+from tests.helpers import demo_correct
+
+KERNELS = [k for k, ok in [("fbgemm", q.fbgemm_available()), ("onednn", q.onednn_available()),
+                           ("reference", True)] if ok]
+
+
+def cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(
+        a.reshape(-1, a.shape[-1]).float(), b.reshape(-1, b.shape[-1]).float()).min())
+
+
+def calib(*shapes: tuple[int, ...], n: int = 4, outlier: bool = False) -> inferopt.Data:
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(n):
+        x = torch.randn(*shapes, generator=g)
+        if outlier:
+            x[..., 3] *= 50.0
+        batches.append(inferopt.Batch(x))
+    return inferopt.Data(eval=batches, calibration=batches)
+
+
+def apply(model, data=None, **opts):
+    ctx = StepContext(log=get_logger(), data=data)
+    return Int8Quantizer(**opts).apply(model, ctx), ctx
+
+
+def mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 32))
+
+
+def cnn() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10),
+    ).eval()
+
+
+def test_weight_quantization_is_symmetric_per_channel_or_per_tensor():
+    w = torch.tensor([[1.0, -0.5, 0.25], [10.0, 5.0, -10.0]])
+    qw, scale = q.quantize_weight(w, 127)
+    assert qw.dtype == torch.int8
+    assert torch.allclose(scale, torch.tensor([1 / 127, 10 / 127]))
+    assert qw[0].tolist() == [127, -64, 32] and qw[1].tolist() == [127, 64, -127]
+    qt, st = q.quantize_weight(w, 127, per_channel=False)
+    assert torch.allclose(st, torch.tensor([10 / 127, 10 / 127]))
+    assert qt[0].tolist() == [13, -6, 3]
+
+
+def test_weights_are_7_bit_only_for_onednn_on_cpus_without_vnni():
+    cpu = torch.device("cpu")
+    kernel, qmax = q.plan_kernel("onednn", "dynamic", "linear", cpu)
+    assert (kernel, qmax) == ("onednn", 127 if q.cpu_has_vnni() else 63)
+    if q.fbgemm_available():  # FBGEMM keeps activations to 7 bits instead: 8-bit weights
+        assert q.plan_kernel("auto", "dynamic", "linear", cpu) == ("fbgemm", 127)
+    assert q.plan_kernel("auto", "dynamic", "linear", torch.device("cuda"))[1] == 127
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("shape", [(5, 64), (2, 7, 64), (1, 64)])
+def test_dynamic_outputs_stay_close_for_2d_and_3d_inputs(kernel, shape):
+    model = mlp()
+    x = torch.randn(*shape)
+    ref = model(x).detach()
+    qm, ctx = apply(model, kernel=kernel)
+    assert qm[0].active_kernel == kernel
+    assert ctx.details["kernels"] == {"0": kernel, "2": kernel}
+    with torch.inference_mode():
+        out = qm(x)
+    assert out.shape == ref.shape
+    assert cos(out, ref) > 0.998
+
+
+def test_kernels_agree_with_the_reference_numerics():
+    model = mlp()
+    x = torch.randn(16, 64)
+    outs = {}
+    for kernel in KERNELS:
+        qm, _ = apply(mlp(), kernel=kernel)
+        with torch.inference_mode():
+            outs[kernel] = qm(x)
+    ref = model(x).detach()
+    for kernel, out in outs.items():
+        assert (out - ref).abs().max() < 0.03 * ref.abs().max(), kernel
+
+
+def test_quantized_layers_hold_int8_weights_and_report_details():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
+    qm, ctx = apply(model, skip=("1",))
+    assert qm[0].weight_int8.dtype == torch.int8
+    assert not any(t.dtype == torch.float32 and t.dim() == 2
+                   for k, t in qm.state_dict().items() if k.startswith("0."))
+    assert isinstance(qm[1], torch.nn.Linear)
+    assert ctx.details["quantized"] == ["0"]
+    assert ctx.details["skipped"] == {"1": "matches skip pattern '1'"}
+    assert ctx.details["mode"] == "dynamic"
+
+
+def test_weight_only_keeps_float_activations():
+    model = mlp()
+    x = torch.randn(4, 64)
+    ref = model(x).detach()
+    qm, ctx = apply(model, mode="weight-only")
+    assert qm[0].mode == "weight-only" and ctx.details["activations"] == "float (weight-only)"
+    # only weight rounding: closer than activation quantization would allow
+    assert cos(qm(x), ref) > 0.9995
+
+
+def test_static_mode_calibrates_linear_and_conv():
+    model = cnn()
+    data = calib(8, 3, 16, 16)
+    x = data.eval[0].inputs
+    ref = model(x).detach()
+    qm, ctx = apply(model, data=data, mode="static")
+    assert type(qm[0]).__name__ == "Int8Conv2d" and type(qm[7]).__name__ == "Int8Linear"
+    assert float(qm[0].act_scale) > 0
+    assert ctx.details["calibration"]["batches"] == 4
+    with torch.inference_mode():
+        out = qm(x)
+    assert cos(out, ref) > 0.99
+
+
+def test_percentile_observer_clips_outliers_more_than_minmax():
+    model = mlp()
+    data = calib(32, 64, outlier=True)
+    a, _ = apply(mlp(), data=data, mode="static", observer="minmax")
+    b, _ = apply(mlp(), data=data, mode="static", observer="percentile", percentile=99.0)
+    assert float(b[0].act_scale) < float(a[0].act_scale)
+    del model
+
+
+def test_conv_in_dynamic_mode_is_skipped_with_reason():
+    qm, ctx = apply(cnn())
+    assert isinstance(qm[0], torch.nn.Conv2d)
+    assert "Conv2d needs mode=static" in ctx.details["skipped"]["0"]
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_smoothquant_reduces_error_on_activation_outliers(mode):
+    data = calib(64, 64, outlier=True)
+    x = data.eval[0].inputs
+
+    def layer() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(64, 256))
+
+    ref = layer()(x).detach()
+    errors = {}
+    for alpha in (0.0, 0.5):
+        qm, _ctx = apply(layer(), data=data, mode=mode, smooth=alpha)
+        with torch.inference_mode():
+            errors[alpha] = float((qm(x) - ref).pow(2).mean())
+    assert errors[0.5] < 0.5 * errors[0.0]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_transformer_encoder_attention_and_ffn_are_quantized(batch_first):
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=batch_first)
+    model = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(3, 10, 64) if batch_first else torch.randn(10, 3, 64)
+    pad = torch.zeros(3, 10, dtype=torch.bool)
+    pad[0, 7:] = True
+    with torch.inference_mode():
+        ref = model(x, src_key_padding_mask=pad)
+    qm, ctx = apply(model)
+    assert type(qm.layers[0].self_attn).__name__ == "Int8MultiheadAttention"
+    assert type(qm.layers[0].linear1).__name__ == "Int8Linear"
+    assert "layers.0.self_attn.out_proj" not in ctx.details["skipped"]
+    with torch.inference_mode():
+        out = qm(x, src_key_padding_mask=pad)
+    keep = ~pad if batch_first else ~pad.t()
+    assert cos(out[keep], ref[keep]) > 0.99
+
+
+def test_attention_weights_match_float_attention():
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    x = torch.randn(2, 5, 32)
+    ref_out, ref_w = mha(x, x, x, need_weights=True)
+    qm = q.Int8MultiheadAttention.from_float(mha, kernel="auto", qmax=63, per_channel=True)
+    out, w = qm(x, x, x, need_weights=True)
+    assert w.shape == ref_w.shape and (w - ref_w).abs().max() < 0.02
+    assert cos(out, ref_out.detach()) > 0.995
+
+
+def test_bad_input_is_clear():
+    with pytest.raises(inferopt.UsageError, match="int8 found no layer to quantize"):
+        apply(torch.nn.Sequential(torch.nn.ReLU()))
+    with pytest.raises(inferopt.UsageError, match="needs calibration data"):
+        apply(mlp(), mode="static")
+    _, ctx = apply(mlp(), skip=("head",))
+    assert "skip pattern(s) head matched no quantizable layer" in " ".join(ctx.warnings)
+
+
+def test_static_smoothed_model_saves_loads_and_keeps_kernel_and_outputs(tmp_path):
+    report = inferopt.run(model="demo:digits-mlp-small", out=tmp_path / "r",
+                          optimize=["int8:mode=static,smooth=0.5,observer=percentile"],
+                          metrics=["accuracy", "fidelity"])
+    details = report.steps[0].details
+    assert details["mode"] == "static"
+    loaded = inferopt.load(tmp_path / "r")
+    assert loaded[0].smooth_inv is not None and float(loaded[0].act_scale) != 1.0
+    assert loaded[0].active_kernel == details["kernels"]["0"]
+    assert demo_correct(loaded) == report.optimized["accuracy"]["correct"]
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static", "weight-only"])
+def test_demo_accuracy_within_half_a_point(mode, tmp_path):
+    report = inferopt.run(model="demo:digits-mlp-small", optimize=[f"int8:mode={mode}"],
+                          metrics=["accuracy", "size"], save=False)
+    drop = report.verdict["accuracy_drop_points"]
+    assert drop <= 0.5
+    assert report.verdict["size_ratio"] < 0.3
+
+
+@pytest.mark.cuda
+def test_cuda_dynamic_and_static_kernels():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    model = mlp().cuda()
+    x = torch.randn(40, 64, device="cuda")
+    ref = model(x).detach()
+    for mode in ("dynamic", "weight-only"):
+        qm, ctx = apply(mlp().cuda(), mode=mode)
+        assert set(ctx.details["kernels"].values()) == {"cuda" if mode == "dynamic"
+                                                        else "reference"}
+        assert cos(qm(x), ref) > 0.998
+    data = inferopt.Data(eval=[inferopt.Batch(x)])
+    qm, ctx = apply(mlp().cuda(), mode="static", data=data)
+    assert cos(qm(x), ref) > 0.99
+
+
+# --- regressions found in review -------------------------------------------------------------
+
+
+def test_linear_subclass_with_its_own_forward_is_left_alone():
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 10
+
+    model = torch.nn.Sequential(Scaled(8, 8), torch.nn.Linear(8, 4))
+    qm, ctx = apply(model)
+    assert isinstance(qm[0], Scaled)
+    assert ctx.details["skipped"]["0"] == "a Linear subclass with its own forward"
+
+
+def test_empty_calibration_inputs_are_ignored():
+    class Router(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = torch.nn.Linear(8, 8)
+            self.idle = torch.nn.Linear(8, 8)  # an expert that never gets a token
+
+        def forward(self, x):
+            return self.used(x) + self.idle(x[:0]).sum()
+
+    _qm, ctx = apply(Router(), data=calib(4, 8), mode="static")
+    assert ctx.details["skipped"]["idle"] == "no calibration input reached it"
+
+
+def test_half_copy_and_unbatched_conv_after_quantization():
+    import copy
+
+    qm, _ = apply(mlp(), kernel="onednn" if q.onednn_available() else "reference")
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        qm(x)  # packs the kernel's opaque weights
+    clone = copy.deepcopy(qm)  # used to fail on oneDNN's opaque packed tensor
+    assert torch.equal(clone(x), qm(x))
+    half = copy.deepcopy(qm).half()
+    assert half[0].weight_scale.dtype == torch.float32
+    out = half(x.half())
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    conv, _ = apply(cnn(), data=calib(4, 3, 16, 16), mode="static")
+    single = torch.randn(3, 16, 16)
+    assert torch.allclose(conv[0](single), conv[0](single[None])[0])
+
+
+def test_causal_flag_combines_with_key_padding():
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    x = torch.randn(2, 6, 32)
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, 4:] = True
+    causal = torch.ones(6, 6, dtype=torch.bool).triu(1)
+    ref, _ = mha(x, x, x, key_padding_mask=pad, attn_mask=causal, need_weights=False)
+    qm = q.Int8MultiheadAttention.from_float(mha, kernel="reference", qmax=127,
+                                             per_channel=True)
+    out, _ = qm(x, x, x, key_padding_mask=pad, is_causal=True, need_weights=False)
+    assert cos(out, ref.detach()) > 0.995
+
+
+def test_static_mode_with_no_reachable_layer_is_an_error():
+    class Unused(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return x * 2
+
+    with pytest.raises(inferopt.UsageError, match="no calibration input reached any layer"):
+        apply(Unused(), data=calib(4, 8), mode="static")
+
+
+def test_a_shared_layer_is_replaced_under_every_name():
+    shared = torch.nn.Linear(8, 8)
+    model = torch.nn.Sequential(shared, torch.nn.ReLU(), shared)
+    qm, ctx = apply(model)
+    assert qm[0] is qm[2] and type(qm[2]).__name__ == "Int8Linear"
+    assert ctx.details["quantized"] == ["0"]
