@@ -43,7 +43,7 @@ def test_fidelity_is_perfect_against_itself_and_drops_when_outputs_differ():
     d = inferopt.Data(eval=[inferopt.Batch(torch.randn(8, 4))])
     ref = [model(b.inputs).detach() for b in d.eval]
     same = FidelityMetric().measure(model, CpuBackend(), d, ctx(baseline_outputs=ref))
-    assert same["cosine"] > 0.9999 and same["max_abs_err"] == 0 and same["agreement"] == 1
+    assert same["cosine"] > 0.9999 and same["max_abs_err"] < 1e-6 and same["agreement"] == 1
     flipped = FidelityMetric().measure(
         model, CpuBackend(), d, ctx(baseline_outputs=[-r for r in ref]))
     assert flipped["cosine"] < -0.9999 and flipped["agreement"] < 1

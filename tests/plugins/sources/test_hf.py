@@ -84,7 +84,9 @@ def test_pooler_output_can_be_compared_instead(cli, tmp_path, tiny_bert, sentenc
                  "--output", "pooler_output", "--optimize", "none", "--metric", "fidelity",
                  "--out", "pooled", "--json")
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["optimized"]["metrics"]["fidelity"]["cosine"] == 1.0
+    # the same model twice: equal up to the CPU's rounding (kernels differ between machines;
+    # an AVX-512 machine gave 0.9999999205 here)
+    assert json.loads(result.stdout)["optimized"]["metrics"]["fidelity"]["cosine"] > 0.99999
 
 
 def test_text_data_without_a_tokenizer_says_what_to_do(cli, tmp_path, sentences):
