@@ -250,9 +250,13 @@ def test_any_recipe_document_gives_fields_or_a_clean_error(doc):
 
 
 def test_an_interrupt_while_saving_puts_the_earlier_run_back(tmp_path, monkeypatch):
-    """The window between moving the earlier run aside and moving the new one in."""
+    """The window between moving the earlier run aside and moving the new one in (the
+    two-rename path, used where the OS has no atomic exchange of directories)."""
     import pathlib
 
+    from inferopt import _run_dir
+
+    monkeypatch.setattr(_run_dir, "_exchange", lambda a, b: False)
     out = tmp_path / "run"
     inferopt.run(model="demo:digits-mlp-small", metrics=["size"], out=out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -275,6 +279,9 @@ def test_an_interrupt_after_the_new_run_is_in_place_says_so(tmp_path, monkeypatc
     import shutil
 
     from inferopt import _artifacts as artifacts
+    from inferopt import _run_dir
+
+    monkeypatch.setattr(_run_dir, "_exchange", lambda a, b: False)
 
     out = tmp_path / "run"
     inferopt.run(model="demo:digits-mlp-small", metrics=["size"], out=out)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -75,9 +74,10 @@ def save_model(model: torch.nn.Module, path: Path) -> None:
 def save_run(
     out_dir: Path, model: torch.nn.Module, report: Report, ctx: SavingRun, overwrite: bool
 ) -> None:
+    from inferopt._run_dir import put_in_place, staging_dir
+
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    tmp = staging_dir(out_dir)
     old: Path | None = None
     try:
         save_model(model, tmp / WEIGHTS)
@@ -108,14 +108,12 @@ def save_run(
         _plot_into(tmp, out_dir, report, ctx)
         (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         (tmp / "report.md").write_text(report.to_markdown())
-        old = None
-        if out_dir.exists():
-            if any(out_dir.iterdir()) and not (overwrite and (out_dir / MANIFEST).is_file()):
-                raise UsageError(f"{out_dir} appeared while the run was going; not overwriting it")
-            # move the earlier run aside, put the new one in place, then delete the old one
-            old = out_dir.with_name(f".{out_dir.name}.replaced-{tmp.name[-8:]}")
-            out_dir.rename(old)
-        tmp.rename(out_dir)
+        if out_dir.exists() and any(out_dir.iterdir()) and not (
+                overwrite and (out_dir / MANIFEST).is_file()):
+            raise UsageError(f"{out_dir} appeared while the run was going; not overwriting it")
+        # one atomic swap where the OS has it; a kill at any instant leaves the earlier run or
+        # the new one in place, and whatever is left beside it is found by the next run
+        old = put_in_place(tmp, out_dir)
         ctx.phase = "saved"  # from here on the new run is in place, whatever happens next
         if old is not None:
             try:
@@ -124,11 +122,12 @@ def save_run(
                 shutil.rmtree(old, ignore_errors=True)
                 raise
     except BaseException:
-        # interrupted between moving the earlier run aside and putting the new one in place:
-        # put the earlier run back, so that nothing the user had is lost
-        if old is not None and old.exists() and not out_dir.exists():
-            old.rename(out_dir)
-        shutil.rmtree(tmp, ignore_errors=True)
+        # the staging folder (unfinished, or the replaced earlier run after a swap) goes;
+        # put_in_place has already put the earlier run back if it was interrupted midway
+        if tmp.exists() and out_dir.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists() and not (tmp / MANIFEST).is_file():
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

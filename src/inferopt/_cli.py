@@ -6,6 +6,7 @@ Importing this module, ``inferopt --help`` and ``inferopt plugins`` do not impor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import traceback
@@ -84,7 +85,17 @@ class PluginCommands(click.Group):
         for name in set(self.commands) - self._core:
             del self.commands[name]
         self._loaded = False
-        return super().main(*args, **kwargs)
+        with _sigterm_as_interrupt():
+            return super().main(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            # a command that does not handle Ctrl-C itself: click would print "Aborted!" and
+            # exit 1, which means "a gate failed" here
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
 
     def _load_plugin_commands(self) -> None:
         if self._loaded:
@@ -108,6 +119,27 @@ class PluginCommands(click.Group):
         if cmd_name not in self.commands:
             self._load_plugin_commands()
         return super().get_command(ctx, cmd_name)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Any:
+    """SIGTERM (what ``timeout``, ``docker stop`` and CI cancellation send) stops a command the
+    way Ctrl-C does: cleanly, with a message and exit 130, the earlier --out kept."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _GroupView:

@@ -177,6 +177,16 @@ def resolve(recipe: Recipe, manager: PluginManager, registry: Registry, run_id: 
     return ctx
 
 
+def _recover_out_dir(recipe: Recipe) -> list[str]:
+    """What killed runs left beside ``--out``: an earlier run put back, leftovers removed."""
+    if recipe.out is None:
+        return []
+    from inferopt._artifacts import MANIFEST
+    from inferopt._run_dir import recover
+
+    return recover(Path(recipe.out), MANIFEST)
+
+
 def choose_out_dir(recipe: Recipe, run_id: str, overwrite: bool) -> Path:
     if recipe.out is None:
         return Path("inferopt-runs") / run_id
@@ -185,6 +195,15 @@ def choose_out_dir(recipe: Recipe, run_id: str, overwrite: bool) -> Path:
     out = Path(recipe.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {str(out)!r} exists and is not a directory; choose another path")
+    for above in out.absolute().parents:  # found now, not after the whole run
+        if above.exists():
+            if not above.is_dir():
+                raise UsageError(f"--out {str(out)!r}: {str(above)!r} is a file, so the run "
+                                 "cannot be saved under it; choose another path")
+            if not os.access(above, os.W_OK | os.X_OK):
+                raise UsageError(f"--out {str(out)!r}: {str(above)!r} is not writable; "
+                                 "choose another path")
+            break
     cwd = Path.cwd().resolve()
     if cwd == out.resolve() or out.resolve() in cwd.parents:
         raise UsageError(
@@ -237,13 +256,29 @@ def run(
     ctx = resolve(recipe, manager, registry, run_id) if model is None else _resolve_in_memory(
         recipe, manager, registry, run_id, data
     )
+    recovered = _recover_out_dir(recipe) if save else []
     out_dir = choose_out_dir(recipe, run_id, overwrite) if save else None
     ctx.out_dir = out_dir
+    for note in recovered:
+        ctx.warnings.append(note)
+        ctx.log.warning(note)
     ctx.out_dir_existed = out_dir is not None and out_dir.exists()
     try:
         return _run_resolved(ctx, model, data, registry, manager, overwrite)
     except KeyboardInterrupt:
         raise Interrupted(_interrupted(ctx)) from None
+    except SystemExit as exc:
+        # code of the user's or a plugin's called sys.exit(): a run that silently "succeeds"
+        # with nothing printed or saved would be worse than an error saying who stopped it
+        raise StepFailed(
+            f"{_describe(exc)} was raised during {ctx.phase} (by the model's code or a "
+            f"plugin, not by inferopt); {_interrupted(ctx).split(': ', 1)[1]}") from exc
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"SystemExit({exc.code!r}) (sys.exit() was called)"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _interrupted(ctx: RunContext) -> str:
@@ -302,6 +337,9 @@ def _run_resolved(ctx: RunContext, model: Any, data: Any, registry: Registry,
         log.info("data split", **recipe.split.to_dict(), description=ctx.data.description)
     if not ctx.data.eval:
         raise UsageError(f"--data {ctx.data_spec!r} gave no batches; it must yield at least one")
+    from inferopt._data_checks import check_finite_inputs
+
+    check_finite_inputs(ctx.data, str(ctx.data_spec))
     samples = ctx.data.num_samples
     if recipe.batch_size_explicit and recipe.batch_size > samples:
         raise UsageError(
@@ -336,6 +374,11 @@ def _run_resolved(ctx: RunContext, model: Any, data: Any, registry: Registry,
         from inferopt._model_io import select_output
 
         select_output(probe_out, recipe.output)
+    from inferopt._data_checks import check_labels, classes_of
+    from inferopt._model_io import primary_output
+
+    check_labels(ctx.data, str(ctx.data_spec), classes_of(primary_output(probe_out,
+                                                                         recipe.output)))
     try:
         baseline_outputs = backend.run_all(prepared, ctx.data.eval)
     except BatchFailed as exc:
@@ -691,10 +734,10 @@ def _apply_step(ctx: RunContext, step: Resolved, model: Any) -> tuple[Any, StepR
         new_model = optimizer.apply(model, sctx)
     except InferoptError:
         raise
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit() in a plugin is its failure, not ours
         raise StepFailed(
             f"step {step.index} {step.spec.name!r} (plugin {step.entry.plugin!r} from "
-            f"{_provider(step.entry)}) failed: {type(exc).__name__}: {exc}"
+            f"{_provider(step.entry)}) failed: {_describe(exc)}"
         ) from exc
     seconds = time.perf_counter() - start
     if not isinstance(new_model, torch.nn.Module):

@@ -68,6 +68,11 @@ def parse_spec(text: str, what: str) -> Spec:
                     f"{what} {text!r}: {part!r} is not key=value; "
                     f"write {name}:key=value,key2=value2"
                 )
+            if key.strip() in options:
+                raise UsageError(
+                    f"{what} {text!r}: option {key.strip()!r} is given twice "
+                    f"({options[key.strip()]!r} and {value.strip()!r}); give it once"
+                )
             options[key.strip()] = value.strip()
     return Spec(name, options)
 
@@ -329,6 +334,9 @@ def make_recipe(
         fields["batch_size_explicit"] = True
     if seed is not None:
         fields["seed"] = seed
+    if not 0 <= fields.get("seed", 0) < 2**63:
+        raise UsageError(f"--seed {fields['seed']}: give a seed from 0 to {2**63 - 1} "
+                         "(torch's generator takes a 64-bit seed)")
     if out is not None:
         fields["out"] = out
     if output is not None:
