@@ -338,8 +338,14 @@ def run(
 
 
 def fail(exc: InferoptError, debug: bool) -> None:
+    import os
+
     if debug:
         traceback.print_exc()
+    elif os.environ.get("RANK", "0") != "0" and type(exc).__name__ != "WorkerLost":
+        # under torchrun every worker meets the same bad input: the main one says it once.
+        # A lost worker is reported by whoever noticed it (the main one may be the lost one)
+        sys.exit(exc.exit_code)
     from inferopt._errors import Interrupted
 
     click.echo(f"{'' if isinstance(exc, Interrupted) else 'error: '}{exc}", err=True)

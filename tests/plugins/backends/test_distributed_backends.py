@@ -101,3 +101,41 @@ def test_torchrun_cli_run_reports_once_from_the_main_worker(tmp_path: Path, back
     assert report["environment"]["mode"] == "torchrun"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     assert (tmp_path / "run" / "report.json").is_file()
+
+
+FREEZES = '''
+import os, signal, torch
+
+
+class Freezes(torch.nn.Module):
+    """Worker 1 stops itself (SIGSTOP) on its third batch, as a hung worker would."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 4)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if os.environ.get("RANK") == "1" and self.calls == 3:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return self.fc(x)
+
+
+def build():
+    torch.manual_seed(0)
+    return Freezes()
+'''
+
+
+@pytest.mark.distributed
+def test_a_frozen_worker_fails_the_run_with_a_message_instead_of_hanging(tmp_path: Path) -> None:
+    (tmp_path / "freezes.py").write_text(FREEZES)
+    proc = torchrun("-m", "inferopt", "run", "--model", "freezes.py:build", "--data",
+                    "synthetic:shape=16x8,batches=8", "-O", "none",
+                    "--backend", "data-parallel:timeout_s=5", "--metric", "fidelity",
+                    "--out", "run", cwd=tmp_path, timeout=170)
+    assert proc.returncode != 0
+    assert "another worker stopped answering" in proc.stderr
+    assert "timeout_s=" in proc.stderr
+    assert not (tmp_path / "run").exists()

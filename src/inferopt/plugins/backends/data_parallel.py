@@ -88,6 +88,9 @@ class DataParallelBackend(process_group.SeveralWorkers, Backend):
     device_type: str = option(
         "cpu", choices=("cpu", "cuda"),
         help="under torchrun: CPU processes (gloo) or one GPU per process (NCCL)")
+    timeout_s: float = option(
+        process_group.DEFAULT_TIMEOUT_S, min=1.0,
+        help="under torchrun: seconds a worker waits for the others before the run fails")
     devices: tuple[str, ...] = option(
         (), help="in one process: the devices holding replicas, e.g. cuda:0|cuda:1")
     threads: int = option(0, min=0, help="torch intra-op threads per worker; 0 keeps the default")

@@ -206,6 +206,9 @@ class ModelParallelBackend(process_group.SeveralWorkers, Backend):
     device_type: str = option(
         "cpu", choices=("cpu", "cuda"),
         help="under torchrun: CPU processes (gloo) or one GPU per process (NCCL)")
+    timeout_s: float = option(
+        process_group.DEFAULT_TIMEOUT_S, min=1.0,
+        help="under torchrun: seconds a worker waits for the others before the run fails")
     devices: tuple[str, ...] = option(
         (), help="in one process: a device per stage, e.g. cuda:0|cuda:1 or cpu|cpu")
 
@@ -332,11 +335,12 @@ class ModelParallelBackend(process_group.SeveralWorkers, Backend):
         template: list[Any] = []
 
         def run(inputs: Any) -> Any:
-            if rank == 0:
-                args, kwargs = split_inputs(move_to(inputs, device))
-                out = schedule.eval(*args, **kwargs)
-            else:
-                out = schedule.eval()
+            with process_group.collective("the pipeline's hand-off between stages"):
+                if rank == 0:
+                    args, kwargs = split_inputs(move_to(inputs, device))
+                    out = schedule.eval(*args, **kwargs)
+                else:
+                    out = schedule.eval()
             if not template:
                 out = move_to(process_group.broadcast_object(
                     move_to(out, "cpu") if rank == last else None, src=last), device)

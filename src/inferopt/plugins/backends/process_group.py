@@ -8,12 +8,47 @@ group lives as long as the process.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
-from inferopt import UsageError
+from inferopt import InferoptError, UsageError
 
 TORCHRUN_HINT = "torchrun --nproc-per-node N -m inferopt run ..."
+DEFAULT_TIMEOUT_S = 120.0
+_timeout_s = DEFAULT_TIMEOUT_S
+
+
+class WorkerLost(InferoptError):
+    """Another worker stopped answering in a collective: it died, was killed or froze."""
+
+    exit_code = 2
+
+
+def set_timeout(seconds: float) -> None:
+    """How long a collective waits for the other workers before the run fails (set by the
+    backend's ``timeout_s`` option before the group is joined)."""
+    global _timeout_s
+    _timeout_s = float(seconds)
+
+
+@contextlib.contextmanager
+def collective(what: str) -> Iterator[None]:
+    """Turn the process group's errors (a peer closed the connection; the timeout passed) into
+    one message naming this worker and what it was waiting for."""
+    try:
+        yield
+    except InferoptError:
+        raise
+    except Exception as exc:
+        rank = os.environ.get("RANK", "?")
+        raise WorkerLost(
+            f"worker {rank}: another worker stopped answering during {what} (it died, was "
+            f"killed or froze; waited up to {_timeout_s:g} s): {type(exc).__name__}: "
+            f"{str(exc)[:200]}. The run stopped and nothing was saved; see the other workers' "
+            "output, or give the backend a larger timeout_s= if a worker is only slow"
+        ) from exc
 
 
 def launched_by_torchrun() -> bool:
@@ -66,12 +101,18 @@ def join(device_type: str) -> Any:
             raise UsageError("this torch build has no NCCL; use device=cpu (gloo)")
         device = torch.device(device_for_this_process("cuda"))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=_timedelta())
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=_timedelta())
     # The group is not destroyed at exit: destroying it while another worker still works
     # (the main one writing the report) can block in gloo; the process ending frees it.
     return dist
+
+
+def _timedelta() -> Any:
+    import datetime
+
+    return datetime.timedelta(seconds=_timeout_s)
 
 
 def all_gather_objects(obj: Any) -> list[Any]:
@@ -79,7 +120,8 @@ def all_gather_objects(obj: Any) -> list[Any]:
     import torch.distributed as dist
 
     gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
+    with collective("a gather of results"):
+        dist.all_gather_object(gathered, obj)
     return gathered
 
 
@@ -88,7 +130,8 @@ def broadcast_object(obj: Any, src: int) -> Any:
     import torch.distributed as dist
 
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    with collective(f"a broadcast from worker {src}"):
+        dist.broadcast_object_list(box, src=src)
     return box[0]
 
 
@@ -137,6 +180,10 @@ class SeveralWorkers:
 
     devices: tuple[str, ...]
     device_type: str
+    timeout_s: float
+
+    def __attrs_post_init__(self) -> None:
+        set_timeout(self.timeout_s)
 
     @property
     def distributed(self) -> bool:
@@ -161,5 +208,6 @@ def broadcast_tensors(tensors: list[Any], src: int) -> None:
     shapes and dtypes (one collective per tensor, no pickling)."""
     import torch.distributed as dist
 
-    for tensor in tensors:
-        dist.broadcast(tensor, src=src)
+    with collective(f"a broadcast from worker {src}"):
+        for tensor in tensors:
+            dist.broadcast(tensor, src=src)
