@@ -77,3 +77,57 @@ def test_out_under_a_file_is_refused_before_the_run(cli, tmp_path):
     err = one_error(cli("run", "--model", "demo:digits-mlp-small", "--out", "afile/run",
                         "--metric", "latency:min_seconds=60,min_runs=100000000"))
     assert "is a file" in err and "afile" in err
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz", ".npy"])
+def test_a_truncated_data_file_names_the_file(cli, tmp_path, suffix):
+    import torch
+    from safetensors.torch import save_file
+
+    x = np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32)
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".safetensors":
+        save_file({"x": torch.from_numpy(x)}, str(path))
+    elif suffix == ".npz":
+        np.savez(path, x=x)
+    else:
+        np.save(path, x)
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    err = one_error(cli("run", "--model", "demo:digits-mlp-small", "--data", path.name,
+                        "--metric", "size"))
+    assert path.name in err and "complete" in err
+
+
+def test_synthetic_data_larger_than_memory_is_refused(cli):
+    err = one_error(cli("run", "--model", "demo:digits-mlp-small", "--data",
+                        "synthetic:shape=100000x100000x64", "--metric", "size"))
+    assert "synthetic:shape=100000x100000x64" in err and "memory" in err
+
+
+def test_torch_log_records_reach_the_user_without_tracebacks():
+    """torch.export's loader logs warnings with exc_info; the user sees the line, not the
+    traceback (unless --log-level debug)."""
+    import io
+    import logging
+
+    from inferopt._logging import configure
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)  # stands for the handler torch installs
+    torch_logger = logging.getLogger("torch")
+    torch_logger.addHandler(handler)
+    try:
+        for level in ("info", "debug"):
+            configure("console", level)
+            try:
+                raise RuntimeError("deep inside torch")
+            except RuntimeError:
+                logging.getLogger("torch.export").warning("Ran into an error (%s)", level,
+                                                          exc_info=True)
+    finally:
+        torch_logger.removeHandler(handler)
+        configure("console", "info")
+    shown = stream.getvalue()
+    quiet, loud = shown.split("Ran into an error (debug)")
+    assert "Ran into an error (info)" in quiet and "Traceback" not in quiet
+    assert "Traceback" in loud

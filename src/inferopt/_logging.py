@@ -39,6 +39,43 @@ def configure(fmt: str = "console", level: str = "info", stream: Any = None) -> 
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
+    _quiet_library_tracebacks(level)
+
+
+class _NoTracebacks(std_logging.Filter):
+    """Keeps the line of a library's log record and drops its traceback: torch logs warnings
+    with ``exc_info`` (torch.export's loader does), which would reach the user as a traceback
+    although inferopt reports the failure itself. ``--log-level debug`` keeps them."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+
+_FILTER = _NoTracebacks()
+_quiet = True
+
+
+def _quiet_library_tracebacks(level: str) -> None:
+    global _quiet
+    _quiet = level != "debug"
+    quiet_library_tracebacks()
+
+
+def quiet_library_tracebacks() -> None:
+    """Apply the traceback filter to the handlers torch's logger has now (torch adds its own
+    handler when it is imported, so the pipeline calls this again once torch is loaded).
+    Handler filters are used because a logger's own filters do not see its children's
+    records (``torch.export`` logs through ``torch``'s handlers)."""
+    handlers = [*std_logging.getLogger("torch").handlers]
+    if std_logging.lastResort is not None:
+        handlers.append(std_logging.lastResort)
+    for handler in handlers:
+        if not _quiet:
+            handler.removeFilter(_FILTER)
+        elif _FILTER not in handler.filters:
+            handler.addFilter(_FILTER)
 
 
 def get_logger(**bound: Any) -> Any:

@@ -312,6 +312,9 @@ def _run_resolved(ctx: RunContext, model: Any, data: Any, registry: Registry,
 
     import torch
 
+    from inferopt._logging import quiet_library_tracebacks
+
+    quiet_library_tracebacks()  # torch added its log handler on import
     torch.manual_seed(recipe.seed)
     source_ctx = SourceContext(log=log, batch_size=recipe.batch_size, seed=recipe.seed,
                                trust_model=recipe.trust_model)

@@ -57,6 +57,7 @@ class SyntheticData(DataSource):
         dims = opts.dims()
         gen = torch.Generator().manual_seed(opts.seed)
         dtype = getattr(torch, opts.dtype)
+        _check_fits(spec, dims, dtype.itemsize, 2 * opts.batches)
 
         def one() -> Batch:
             if dtype.is_floating_point:
@@ -77,6 +78,24 @@ class SyntheticData(DataSource):
             calibration=calibration,
             description=f"synthetic {opts.dtype} batches of shape {dims}",
         )
+
+
+def _check_fits(spec: str, dims: tuple[int, ...], itemsize: int, count: int) -> None:
+    """Refuse, naming the spec, data that cannot fit in this machine's memory (rather than a
+    bare allocation error, or the machine swapping itself to a halt)."""
+    import math
+    import os
+
+    needed = math.prod(dims) * itemsize * count
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if needed > total // 2:
+        raise UsageError(
+            f"--data {spec!r}: {count} batches of shape {'x'.join(map(str, dims))} take "
+            f"{needed / 2**30:.1f} GiB, more than half of this machine's memory "
+            f"({total / 2**30:.1f} GiB); use a smaller shape or fewer batches")
 
 
 @hookimpl

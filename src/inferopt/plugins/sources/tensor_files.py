@@ -75,21 +75,32 @@ def _read_entries(path: Path, spec: str) -> Any:
     import torch
 
     what = f"--data {spec!r}"
+    unreadable = (f"{what}: {str(path)!r} could not be read as a {path.suffix} file; is it "
+                  "complete (a download or copy cut short gives this)?")
     if path.suffix == ".npy":
         try:
             return _as_tensor(np.load(path, allow_pickle=False), what)
-        except ValueError as exc:
-            raise UsageError(f"{what}: {exc}") from None
+        except UsageError:
+            raise
+        except Exception as exc:  # truncated or not an array file at all
+            raise UsageError(f"{unreadable} ({type(exc).__name__}: {exc})") from None
     if path.suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as archive:
                 return {k: _as_tensor(archive[k], f"{what} entry {k!r}") for k in archive.files}
+        except UsageError:
+            raise
         except ValueError as exc:
             raise UsageError(f"{what}: {exc}") from None
+        except Exception as exc:
+            raise UsageError(f"{unreadable} ({type(exc).__name__}: {exc})") from None
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return dict(load_file(str(path)))
+        try:
+            return dict(load_file(str(path)))
+        except Exception as exc:
+            raise UsageError(f"{unreadable} ({type(exc).__name__}: {exc})") from None
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as exc:
