@@ -175,3 +175,32 @@ def test_ctrl_c_in_a_command_exits_130_not_aborted(cli, plugin_env):
                      {"wait_plugin": INTERRUPTED_COMMAND})
     result = cli("wait", env=env)
     assert result.returncode == 130 and "Aborted" not in result.stderr
+
+
+def test_a_run_records_how_busy_the_machine_was_and_warns_when_others_compete(tmp_path):
+    """A busy process competes for the cores while the run measures latency."""
+    import multiprocessing
+
+    quiet = inferopt.run(save=False, **SMALL)
+    load = quiet.environment["machine_load"]
+    assert load["cores"] >= 1 and "load_average_after" in load
+    if "other_processes_cores" not in load:
+        pytest.skip("no /proc/stat here: only the load average is recorded")
+    stop = multiprocessing.Event()
+    spinners = [multiprocessing.Process(target=_spin, args=(stop,))]
+    for spinner in spinners:
+        spinner.start()
+    try:
+        busy = inferopt.run(save=False, model="demo:digits-mlp-small",
+                            metrics=["latency:min_seconds=0.5,min_runs=5,warmup=1"])
+    finally:
+        stop.set()
+        for spinner in spinners:
+            spinner.join(timeout=10)
+    assert busy.environment["machine_load"]["other_processes_cores"] >= 0.5
+    assert any("other processes kept" in w for w in busy.warnings)
+
+
+def _spin(stop) -> None:
+    while not stop.is_set():
+        pass

@@ -394,6 +394,9 @@ def _run_resolved(ctx: RunContext, model: Any, data: Any, registry: Registry,
         ) from exc
     ctx.phase = "measuring the baseline"
     log.info("measuring baseline", metrics=[m.spec.name for m in ctx.metrics])
+    from inferopt._machine_load import LoadMonitor
+
+    load = LoadMonitor()
     # interleaved A/B needs both models in one process; several workers measure each on its own
     paired = ({m.spec.name for m in ctx.metrics if m.instance.paired}
               if backend.world_size == 1 else set())
@@ -418,6 +421,10 @@ def _run_resolved(ctx: RunContext, model: Any, data: Any, registry: Registry,
         baseline = {k: baseline[k] for k in order if k in baseline}
         optimized = {k: optimized[k] for k in order if k in optimized}
     environment_facts = environment(backend)  # after the run: facts such as peak GPU memory
+    environment_facts["machine_load"], busy = load.stop()
+    if busy is not None:
+        ctx.warnings.append(busy)
+        log.warning(busy)
     report = Report(
         run_id=run_id,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
