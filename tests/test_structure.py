@@ -108,6 +108,16 @@ def test_code_in_the_docs_imports_no_private_module():
     assert not bad
 
 
+def test_every_public_helper_is_documented():
+    import inferopt.utils
+
+    page = (ROOT / "docs" / "utilities.md").read_text()
+    missing = [name for name in inferopt.utils.__all__ if f"### `{name}`" not in page]
+    assert not missing, f"docs/utilities.md does not document {missing}"
+    for name in inferopt.utils.__all__:  # and each resolves
+        assert getattr(inferopt.utils, name) is not None
+
+
 def test_there_are_no_import_cycles():
     modules = {_module_name(p): p for p in (SRC / "inferopt").rglob("*.py")}
     graph: dict[str, set[str]] = {}
