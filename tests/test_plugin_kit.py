@@ -3,6 +3,7 @@ pip install, the example's own test suite (on inferopt.testing), and uninstallin
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from inferopt.plugins.commands.new_plugin import plan, render
+import inferopt
+from inferopt.plugins.commands.new_plugin import KINDS, plan, render
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "docs" / "examples" / "inferopt-example-plugin"
@@ -75,7 +77,7 @@ def test_example_installs_lists_runs_passes_its_tests_and_uninstalls(tmp_path):
     suite = sh(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", cwd=EXAMPLE,
                pythonpath=target)
     assert suite.returncode == 0, suite.stdout + suite.stderr
-    assert "4 passed" in suite.stdout
+    assert "5 passed" in suite.stdout
 
     shutil.rmtree(target)
     gone = sh(sys.executable, "-m", "inferopt", "plugins", "--json", pythonpath=target)
@@ -92,7 +94,7 @@ def test_a_new_plugin_from_the_scaffold_works_out_of_the_box(tmp_path, cli):
     suite = sh(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", cwd=package,
                pythonpath=target)
     assert suite.returncode == 0, suite.stdout + suite.stderr
-    assert "4 passed" in suite.stdout
+    assert "5 passed" in suite.stdout
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -129,3 +131,67 @@ def test_testing_fixtures_are_available_to_any_test_suite(inferopt_registry, inf
 def test_scaffold_refuses_names_that_would_break(cli, args, message):
     result = cli(*args)
     assert result.returncode == 2 and message in result.stderr
+
+
+OTHER_KINDS = {  # kind -> (base class, discovery hook)
+    "backend": (inferopt.Backend, "inferopt_register_backends"),
+    "metric": (inferopt.Metric, "inferopt_register_metrics"),
+    "source": (inferopt.ModelSource, "inferopt_register_models"),
+    "command": (None, "inferopt_register_commands"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(OTHER_KINDS))
+def test_each_kind_writes_a_package_whose_module_imports_and_registers_one_plugin(
+        cli, tmp_path, monkeypatch, kind):
+    assert set(KINDS) == {"optimizer", *OTHER_KINDS}
+    package = tmp_path / f"pkg-{kind}"
+    result = cli("new-plugin", f"my-{kind}", "--kind", kind, "--dir", str(package))
+    assert result.returncode == 0, result.stderr
+    module = f"inferopt_my_{kind}"
+    assert sorted(str(p.relative_to(package)) for p in package.rglob("*") if p.is_file()) == [
+        "README.md", f"{module}/__init__.py", "pyproject.toml", f"tests/test_{module}.py"]
+    assert f'my-{kind} = "{module}"' in (package / "pyproject.toml").read_text()
+    monkeypatch.syspath_prepend(str(package))
+    mod = importlib.import_module(module)
+    base, hook = OTHER_KINDS[kind]
+    registered = []
+    if kind == "command":
+        getattr(mod, hook)(type("Cli", (), {"add_command": staticmethod(registered.append)}))
+        assert registered[0].name == f"my-{kind}"
+    else:
+        getattr(mod, hook)(registered.append)
+        assert issubclass(registered[0], base)
+        assert getattr(registered[0], "scheme", getattr(registered[0], "name", None)) == \
+            f"my-{kind}"
+    compile((package / "tests" / f"test_{module}.py").read_text(), "test", "exec")
+
+
+def test_metric_option_belongs_to_optimizer_plugins(cli, tmp_path):
+    result = cli("new-plugin", "x", "--kind", "backend", "--metric", "y",
+                 "--dir", str(tmp_path / "x"))
+    assert result.returncode == 2 and "--metric names the metric of an optimizer" in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_every_kind_installs_and_passes_its_own_tests(tmp_path, cli):
+    # one pip install and one pytest session for all kinds (about 40 s on 2 cores)
+    packages = []
+    for kind in sorted(OTHER_KINDS):
+        package = tmp_path / f"inferopt-my-{kind}"
+        assert cli("new-plugin", f"my-{kind}", "--kind", kind,
+                   "--dir", str(package)).returncode == 0
+        packages.append(package)
+    target = tmp_path / "site"
+    sources = []
+    for package in packages:
+        source = tmp_path / f"src-{package.name}"
+        shutil.copytree(package, source)
+        sources.append(str(source))
+    result = sh(sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                "--no-build-isolation", "--target", str(target), *sources)
+    assert result.returncode == 0, result.stderr
+    suite = sh(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+               *[str(p / "tests") for p in packages], cwd=tmp_path, pythonpath=target)
+    assert suite.returncode == 0, suite.stdout + suite.stderr
+    assert "13 passed" in suite.stdout

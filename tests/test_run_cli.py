@@ -168,7 +168,8 @@ def test_gate_without_its_metric_is_a_usage_error(cli):
 
 
 def test_same_recipe_twice_gives_same_accuracy(cli, tmp_path):
-    # separate caches: the demo model is trained from scratch both times
+    # separate caches: the result does not depend on what a cache holds (training itself is
+    # seeded: tests/plugins/sources/test_demo.py)
     reports = []
     for i in range(2):
         env = {"INFEROPT_CACHE_DIR": str(tmp_path / f"cache{i}")}

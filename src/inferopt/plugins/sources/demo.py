@@ -3,19 +3,27 @@ arguments does something useful within a minute and offline.
 
 The dataset is the UCI optical-recognition 8x8 handwritten digits (1,797 images, 10 classes), as
 bundled with scikit-learn; no download is needed. ``demo:digits-mlp`` is a 64-1024-1024-10 MLP,
-wide enough for optimizations to show on a CPU, trained in a few seconds on a fixed 80/20 split
-and cached (``$INFEROPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/inferopt``, else
-``~/.cache/inferopt``). ``demo:digits`` is the held-out 20% for evaluation, with the training
-80% as calibration data.
+wide enough for optimizations to show on a CPU, trained on a fixed 80/20 split.
+``demo:digits`` is the held-out 20% for evaluation, with the training 80% as calibration data.
+
+The trained weights ship inside the package (``demo_weights/NAME-vN.safetensors``, written by
+``scripts/train_demo_weights.py`` with :func:`train_demo_model`, the recipe below), so a user's
+machine never trains them. Where those files are missing, or with ``demo:NAME:retrain=true``,
+the model is trained here and cached (``$INFEROPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/inferopt``,
+else ``~/.cache/inferopt``).
 """
 
 from __future__ import annotations
 
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from inferopt import Data, DataSource, ModelSource, UsageError, hookimpl
+import attrs
+
+from inferopt import Data, DataSource, ModelSource, UsageError, hookimpl, option
+from inferopt.utils import build_options, parse_target_spec
 
 MODELS = {
     # name: (hidden widths, epochs, cache version)
@@ -24,6 +32,27 @@ MODELS = {
 }
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2
+WEIGHTS_PACKAGE = "inferopt.plugins.sources"  # package data: demo_weights/*.safetensors
+
+
+@attrs.frozen
+class DemoSpec:
+    """Options of a ``demo:`` model spec."""
+
+    retrain: bool = option(False, help="train the model here (a few minutes on 2 cores) "
+                                        "instead of loading the weights shipped with inferopt")
+
+
+def weights_file(name: str) -> str:
+    """File name of a demo model's weights, shipped or cached (the version changes with the
+    recipe)."""
+    return f"{name}-v{MODELS[name][2]}.safetensors"
+
+
+def shipped_weights(name: str) -> Path | None:
+    """The trained weights shipped inside the package, or None when they are not installed."""
+    path = resources.files(WEIGHTS_PACKAGE) / "demo_weights" / weights_file(name)
+    return Path(str(path)) if path.is_file() else None
 
 
 def cache_dir() -> Path:
@@ -81,6 +110,21 @@ def train_classifier(model: Any, x: Any, y: Any, epochs: int, seed: int = 0) -> 
     return model.eval()
 
 
+def train_demo_model(name: str) -> Any:
+    """Build and train demo model ``name`` with its fixed recipe (seeded: the same weights on
+    every run of the same torch build). The shipped weights are this function's output."""
+    import torch
+
+    hidden, epochs, _version = MODELS[name]
+    torch.manual_seed(SPLIT_SEED)
+    model = build_mlp(hidden)
+    x_train, y_train, _x, _y = digits_split()
+    threads = torch.get_num_threads()
+    train_classifier(model, x_train, y_train, epochs)
+    torch.set_num_threads(threads)
+    return model
+
+
 class DemoModels(ModelSource):
     """Demo models trained on the bundled digits dataset: ``demo:digits-mlp`` (default) and
     ``demo:digits-mlp-small``."""
@@ -93,30 +137,31 @@ class DemoModels(ModelSource):
         import torch
         from safetensors.torch import load_file, save_file
 
-        name = spec.partition(":")[2]
+        name, raw = parse_target_spec(spec, "demo", "--model")
         if name not in MODELS:
             raise UsageError(
                 f"--model {spec!r}: unknown demo model; available: "
                 + ", ".join(f"demo:{n}" for n in MODELS)
             )
-        hidden, epochs, version = MODELS[name]
+        opts = build_options(DemoSpec, raw, f"--model {spec!r}")
+        hidden, _epochs, _version = MODELS[name]
         torch.manual_seed(SPLIT_SEED)
         model = build_mlp(hidden)
         if ctx.restoring:  # the saved weights are loaded over these
             return model.eval()
-        path = cache_dir() / f"{name}-v{version}.safetensors"
-        if path.is_file():
-            model.load_state_dict(load_file(str(path)))
-            return model.eval()
-        ctx.log.info("training demo model (once; cached)", model=name, path=str(path))
-        x_train, y_train, _x, _y = digits_split()
-        threads = torch.get_num_threads()
-        train_classifier(model, x_train, y_train, epochs)
-        torch.set_num_threads(threads)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        shipped = None if opts.retrain else shipped_weights(name)
+        cached = cache_dir() / weights_file(name)
+        for path in (shipped, None if opts.retrain else cached):
+            if path is not None and path.is_file():
+                model.load_state_dict(load_file(str(path)))
+                return model.eval()
+        ctx.log.info("training demo model (cached for next time)", model=name,
+                     path=str(cached), retrain=opts.retrain)
+        model = train_demo_model(name)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".tmp{os.getpid()}")
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-        tmp.replace(path)
+        tmp.replace(cached)
         return model.eval()
 
     def default_data(self, spec: str) -> str | None:
