@@ -147,14 +147,14 @@ def test_what_cannot_be_followed_is_named():
         inferopt.apply(Branchy(), "prune-l1", structured=True)
 
 
-def test_unstructured_sparsity_is_exact_and_leaves_no_hooks(tiny_model_factory):
-    model = inferopt.apply(tiny_model_factory(), "prune-l1", sparsity=0.5)
+def test_unstructured_sparsity_is_exact_and_leaves_no_hooks(inferopt_tiny_model_factory):
+    model = inferopt.apply(inferopt_tiny_model_factory(), "prune-l1", sparsity=0.5)
     layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
     for layer in layers:
         zeros = int((layer.weight == 0).sum())
         assert zeros == round(0.5 * layer.weight.numel())
         assert not layer._forward_pre_hooks and not hasattr(layer, "weight_orig")
-    model = inferopt.apply(tiny_model_factory(), "prune-l1", sparsity=0.3, scope="global")
+    model = inferopt.apply(inferopt_tiny_model_factory(), "prune-l1", sparsity=0.3, scope="global")
     weights = torch.cat([m.weight.reshape(-1) for m in model.modules()
                          if isinstance(m, nn.Linear)])
     assert int((weights == 0).sum()) == round(0.3 * weights.numel())
@@ -211,11 +211,11 @@ def test_activation_pruning_removes_dead_and_constant_neurons_without_changing_o
     assert not torch.allclose(no_fold(x), expected, atol=1e-3)
 
 
-def test_finetuning_keeps_pruned_weights_at_zero_and_lowers_the_loss(tiny_model_factory,
-                                                                     tiny_data):
+def test_finetuning_keeps_pruned_weights_at_zero_and_lowers_the_loss(inferopt_tiny_model_factory,
+                                                                     inferopt_tiny_data):
     step_ctx = {}
 
-    report = inferopt.run(model=tiny_model_factory(), data=tiny_data, save=False,
+    report = inferopt.run(model=inferopt_tiny_model_factory(), data=inferopt_tiny_data, save=False,
                           optimize=["prune-l1:sparsity=0.6,finetune_steps=60,lr=0.01"],
                           metrics=["accuracy"])
     details = report.steps[0].details
@@ -225,11 +225,11 @@ def test_finetuning_keeps_pruned_weights_at_zero_and_lowers_the_loss(tiny_model_
     assert "no speedup expected" in details["summary"]
 
 
-def test_iterative_structured_pruning_reaches_the_target(tiny_model_factory, tiny_data):
-    model = inferopt.apply(tiny_model_factory(), "prune-l1", data=tiny_data, structured=True,
+def test_iterative_structured_pruning_reaches_the_target(inferopt_tiny_model_factory, inferopt_tiny_data):
+    model = inferopt.apply(inferopt_tiny_model_factory(), "prune-l1", data=inferopt_tiny_data, structured=True,
                            sparsity=0.5, iterations=3, finetune_steps=5, round_to=4)
     hidden = [m.out_features for m in model.modules() if isinstance(m, nn.Linear)][:-1]
-    originals = [m.out_features for m in tiny_model_factory().modules()
+    originals = [m.out_features for m in inferopt_tiny_model_factory().modules()
                  if isinstance(m, nn.Linear)][:-1]
     assert hidden == [max(4, round(o / 2 / 4) * 4) for o in originals]
 
