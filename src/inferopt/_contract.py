@@ -377,6 +377,10 @@ class ModelSource(abc.ABC):
     #: saved file never grants trust by itself. True unless a source says otherwise, so a
     #: source is treated as data-only (``demo:``, ``hf:DIR``) only when it declares it.
     runs_code: ClassVar[bool] = True
+    #: the attrs class (fields made with :func:`inferopt.option`) that the spec's ``key=value``
+    #: options are built into with :func:`inferopt.utils.build_options`, so that
+    #: ``inferopt plugins`` lists them; None: the spec takes no such options
+    spec_options: ClassVar[type | None] = None
 
     def claims(self, spec: str) -> bool:
         """Whether this source reads ``spec`` although it has no ``scheme:`` prefix."""
@@ -401,6 +405,8 @@ class DataSource(abc.ABC):
 
     scheme: ClassVar[str]
     summary: ClassVar[str] = ""
+    #: as :attr:`ModelSource.spec_options`: the attrs class of the spec's ``key=value`` options
+    spec_options: ClassVar[type | None] = None
 
     def claims(self, spec: str) -> bool:
         return False
