@@ -1,4 +1,5 @@
-"""The worked examples in docs/model-sources.md run as written.
+"""The worked examples in docs/model-sources.md (and the Python one in user-guide.md) run as
+written.
 
 Each ``<!-- example: NAME -->`` block is run line by line in a copy of the repository's docs/
 folder, in process (``python SCRIPT ARGS`` as ``runpy`` with those arguments, ``inferopt ...``
@@ -72,3 +73,15 @@ def test_transformers_example_runs(cli, tmp_path, monkeypatch):
     (report,) = run_example("transformers-encoder", cli, tmp_path, monkeypatch)
     assert report["optimized"]["metrics"]["fidelity"]["cosine"] > 0.99
     assert "speedup" in report["verdict"]
+
+
+def test_user_guide_configs_as_values_example_runs(capsys):
+    text = (DOCS / "user-guide.md").read_text()
+    match = re.search(r"<!-- example: configs-as-values -->\s*```python\n(.*?)```", text, re.S)
+    assert match, "docs/user-guide.md has no example block 'configs-as-values'"
+    namespace: dict = {}
+    exec(compile(match[1], "docs/user-guide.md", "exec"), namespace)
+    assert "Int8Quantizer(mode='static', skip=('2',)" in capsys.readouterr().out
+    for model in (namespace["fast"], namespace["dynamic"]):
+        assert type(model[0]).__name__ == "Int8Linear"
+        assert isinstance(model[2], namespace["torch"].nn.Linear)  # skip=("2",)

@@ -96,3 +96,30 @@ def test_unresolvable_annotations_do_not_break_listing():
         "@attrs.frozen\nclass Odd:\n    thing: Missing | None = option(None)\n", namespace)
     assert describe(namespace["Odd"])[0]["name"] == "thing"
     assert build(namespace["Odd"], {"thing": "x"}, "s").thing == "x"
+
+
+def _even(value: int) -> str | None:
+    return None if value % 2 == 0 else "must be even"
+
+
+def _known_layer(value: str) -> None:
+    if not value.startswith("layer"):
+        raise ValueError("not a layer name; names start with 'layer'")
+
+
+@attrs.frozen
+class Validated:
+    groups: int = option(2, min=1, validator=_even)
+    target: str = option("layer1", validator=_known_layer)
+
+
+def test_a_validator_checks_the_converted_value_and_names_step_option_value():
+    assert build(Validated, {"groups": "4", "target": "layer3"}, "step 1 'x'") == \
+        Validated(4, "layer3")
+    with pytest.raises(UsageError, match=r"step 1 'x': option 'groups' got '3': must be even"):
+        build(Validated, {"groups": "3"}, "step 1 'x'")
+    with pytest.raises(UsageError, match=r"option 'target' got 'head': not a layer name"):
+        build(Validated, {"target": "head"}, "step 1 'x'")
+    # the declared range is checked before the validator sees the value
+    with pytest.raises(UsageError, match=r"option 'groups' got 0; allowed: int >= 1"):
+        build(Validated, {"groups": 0}, "step 1 'x'")

@@ -67,6 +67,19 @@ def test_entry_point_plugin_is_listed_with_distribution_and_hooks(cli_subprocess
     assert {"cpu", "int8", "latency", "demo"} <= {p["name"] for p in listing["plugins"]}
 
 
+def test_plugins_lists_the_options_of_sources_too(cli):
+    result = cli("plugins", "--json")
+    assert result.returncode == 0, result.stderr
+    by_name = {(kind, item["name"]): item
+               for p in json.loads(result.stdout)["plugins"]
+               for kind, items in p["provides"].items() for item in items}
+    synthetic = {o["name"]: o for o in by_name[("data source", "synthetic")]["options"]}
+    assert synthetic["dtype"]["default"] == "float32" and synthetic["dtype"]["choices"]
+    assert synthetic["batches"]["min"] == 1
+    assert "label" in {o["name"] for o in by_name[("data source", "csv")]["options"]}
+    assert by_name[("model source", "demo")]["options"] == []  # a spec without options
+
+
 def test_third_party_optimizer_runs_beside_builtins(cli, plugin_env):
     env = plugin_env("inferopt-scale-bias", {"scale_bias": "scale_bias_plugin"},
                      {"scale_bias_plugin": GOOD_PLUGIN})

@@ -1,4 +1,5 @@
-"""The Python API: :func:`run`, :func:`apply`, :func:`load`."""
+"""The Python API: :func:`run`, :func:`apply`, :func:`load`, :func:`optimizer` and
+:func:`optimizer_class`, each a call on the default :class:`~inferopt._session.Session`."""
 
 from __future__ import annotations
 
@@ -6,19 +7,13 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from inferopt._artifacts import load as _load
-from inferopt._contract import Data, StepContext
-from inferopt._logging import get_logger
-from inferopt._pipeline import as_data
-from inferopt._recipe import make_recipe
-from inferopt._registry import load_plugins
-from inferopt._report import Report
-from inferopt._sources import model_loader
-
-from . import _options as options
+from inferopt._contract import Data, Optimizer
+from inferopt._session import default_session
 
 if TYPE_CHECKING:
     import torch
+
+    from inferopt._report import Report
 
 
 def run(
@@ -50,39 +45,16 @@ def run(
     unpickling a model file (only for files you trust); ``keep_going=True`` records a failed
     step in the report, undoes it and runs the rest (check ``report.failed_steps``).
     """
-    _ensure_logging()
-    model_spec = model if isinstance(model, str) else None
-    data_spec = data if isinstance(data, str) else None
-    rec = make_recipe(
-        recipe,
-        model=model_spec,
-        data=data_spec,
-        backend=backend,
-        optimize=optimize,
-        metrics=metrics,
-        batch_size=batch_size,
-        seed=seed,
-        out=str(out) if out is not None else None,
-        gates=gates,
-        output=output,
-        split=split,
-        trust_model=trust_model,
-        keep_going=keep_going,
-    )
-    from inferopt._pipeline import run as run_pipeline
-
-    return run_pipeline(
-        rec,
-        model=None if isinstance(model, str) else model,
-        data=None if isinstance(data, str) else data,
-        overwrite=overwrite,
-        save=save,
+    return default_session().run(
+        recipe, model=model, data=data, optimize=optimize, backend=backend, metrics=metrics,
+        batch_size=batch_size, seed=seed, out=out, gates=gates, output=output, split=split,
+        trust_model=trust_model, keep_going=keep_going, overwrite=overwrite, save=save,
     )
 
 
 def apply(
     model: torch.nn.Module,
-    name: str,
+    config: str | Optimizer,
     *,
     data: Data | Iterable[Any] | None = None,
     batch_size: int = 64,
@@ -91,31 +63,25 @@ def apply(
 ) -> torch.nn.Module:
     """Apply one optimizer to ``model`` and return the result (the torchao ``quantize_`` feel).
 
-    ``opts`` are the optimizer's options as typed values (``mode="static"``) or strings.
-    ``data`` is needed by optimizers that calibrate or train. The module may be changed in
-    place; pass a copy to keep the original.
+    ``config`` is an optimizer's name, with its options as keyword arguments (typed values
+    like ``mode="static"`` or strings), or an optimizer object that carries its options
+    (``inferopt.optimizer("int8", mode="static")``). ``data`` is needed by optimizers that
+    calibrate or train. The module may be changed in place; pass a copy to keep the original.
     """
-    _ensure_logging()
-    _manager, registry = load_plugins()
-    entry = registry.get("optimizer", name)
-    optimizer = options.build(entry.obj, opts, f"optimizer {name!r}")
-    ctx = StepContext(
-        log=get_logger(optimizer=name, plugin=entry.plugin),
-        data=as_data(data, batch_size) if data is not None else None,
-        seed=seed,
-        model_loader=model_loader(registry, get_logger(optimizer=name), seed, trust_model=False),
-    )
-    return optimizer.apply(model, ctx)
+    return default_session().apply(model, config, data=data, batch_size=batch_size, seed=seed,
+                                   **opts)
 
 
-def _ensure_logging() -> None:
-    """Library use: logs go to stderr like the CLI's unless the application set up structlog."""
-    import structlog
+def optimizer(name: str, /, **opts: Any) -> Optimizer:
+    """The installed optimizer ``name`` configured with ``opts``, checked like ``--optimize``
+    options: a value to pass to :func:`apply`, keep, compare or print."""
+    return default_session().optimizer(name, **opts)
 
-    from inferopt._logging import configure
 
-    if not structlog.is_configured():
-        configure()
+def optimizer_class(name: str) -> type[Optimizer]:
+    """The class of the installed optimizer ``name``; instantiating it gives a config for
+    :func:`apply` (``Int8 = inferopt.optimizer_class("int8"); Int8(mode="static")``)."""
+    return default_session().optimizer_class(name)
 
 
 def load(
@@ -123,4 +89,4 @@ def load(
 ) -> torch.nn.Module:
     """Rebuild a model saved by ``inferopt run``. Nothing is unpickled unless ``trust_model`` is
     True (needed only when the run started from a pickled model file)."""
-    return _load(path, model=model, trust_model=trust_model)
+    return default_session().load(path, model=model, trust_model=trust_model)

@@ -3,9 +3,10 @@
 A run directory holds:
 
 * ``model.safetensors``: the optimized model's weights and buffers;
-* ``inferopt.json``: the manifest: model spec, steps with their options and saved state,
-  plugin versions; :func:`load` rebuilds the module from it (load the original model source,
-  re-apply each step's structural transform, load the weights);
+* ``inferopt.json``: the manifest: model spec, steps with their options and saved state
+  (with the ``Optimizer.version`` that wrote it), plugin versions; :func:`load` rebuilds the
+  module from it (load the original model source, re-apply each step's structural transform,
+  load the weights);
 * ``report.json``, ``report.md``: the report; ``recipe.json``: the resolved recipe.
 
 The directory is written under a temporary name and renamed into place, so an interrupted run
@@ -28,6 +29,7 @@ from . import _options as options
 if TYPE_CHECKING:
     import torch
 
+    from inferopt._registry import Registry
     from inferopt._report import Report
 
 class SavingRun(Protocol):
@@ -88,7 +90,8 @@ def save_run(
             "batch_size": ctx.recipe.batch_size,
             "seed": ctx.recipe.seed,
             "steps": [
-                {"name": r.name, "options": r.options, "state": r.state, "plugin": r.plugin,
+                {"name": r.name, "options": r.options, "state": r.state,
+                 "optimizer_version": r.optimizer_version, "plugin": r.plugin,
                  "distribution": r.distribution, "version": r.version}
                 for r in report.steps if not r.failed  # undone by --keep-going
             ],
@@ -148,7 +151,8 @@ def _plot_into(tmp: Path, out_dir: Path, report: Report, ctx: SavingRun) -> None
 
 
 def load(
-    path: str | Path, model: torch.nn.Module | None = None, *, trust_model: bool = False
+    path: str | Path, model: torch.nn.Module | None = None, *, trust_model: bool = False,
+    registry: Registry | None = None,
 ) -> torch.nn.Module:
     """Rebuild an optimized model saved by ``inferopt run`` (or :func:`save`) without pickle.
 
@@ -161,6 +165,9 @@ def load(
     Everything read from the directory is checked before it is used: the manifest's fields and
     types, that ``inferopt.json`` and ``model.safetensors`` are regular files inside the
     directory, and that every saved tensor has the dtype and shape of the rebuilt model's.
+    ``registry`` holds the plugins to rebuild with (a Session's); default: the installed ones.
+    A step saved by another ``Optimizer.version`` is restored with ``ctx.saved_version`` set, or
+    refused when the optimizer does not read that version (:func:`unreadable_version`).
     """
     import copy
 
@@ -178,7 +185,8 @@ def load(
     manifest = read_manifest(manifest_path)
     where = str(root / MANIFEST)
     log = get_logger(load=str(root))
-    _manager, registry = load_plugins()
+    if registry is None:
+        _manager, registry = load_plugins()
     if model is None:
         spec = manifest["model"]
         if spec.startswith("<"):
@@ -199,10 +207,13 @@ def load(
             entry = registry.get("optimizer", step["name"])
         except UsageError as exc:
             raise UsageError(f"{what}: {exc}") from exc
+        refused = unreadable_version(entry.obj, step["optimizer_version"])
+        if refused:
+            raise UsageError(f"{what}: {refused}")
         optimizer = options.build(entry.obj, step["options"], f"{what} options")
         ctx = StepContext(log=log.bind(step=i, optimizer=step["name"]), restoring=True,
                           state=copy.deepcopy(step["state"]), seed=manifest["seed"],
-                          trust_model=trust_model,
+                          trust_model=trust_model, saved_version=step["optimizer_version"],
                           model_loader=model_loader(registry, log, manifest["seed"], trust_model,
                                                     saved_run=""))  # "what" above names the file
         try:
@@ -227,6 +238,22 @@ def load(
             "saved it upgraded or removed?"
         )
     return model.eval()
+
+
+def unreadable_version(cls: Any, saved: int) -> str | None:
+    """Why optimizer class ``cls`` cannot restore a state saved by its version ``saved``, or
+    None when it can: ``cls.reads_versions`` lists what it reads (None: 1 to ``cls.version``;
+    a version newer than the installed optimizer is never one it can know)."""
+    current = getattr(cls, "version", 1)
+    readable = getattr(cls, "reads_versions", None)
+    if saved in (readable if readable is not None else range(1, current + 1)):
+        return None
+    reads = (", ".join(str(v) for v in sorted(readable)) if readable is not None
+             else f"1 to {current}")
+    advice = ("install the plugin version that saved the run" if saved > current
+              else "run the optimization again, or load it with the plugin version that saved it")
+    return (f"saved by version {saved} of optimizer {getattr(cls, 'name', cls.__name__)!r}, but "
+            f"the installed optimizer is version {current} and reads versions {reads}; {advice}")
 
 
 def _inside_run(root: Path, name: str) -> Path:
@@ -294,6 +321,10 @@ def read_manifest(path: Path) -> dict[str, Any]:
                 step[key] = {}
             elif not isinstance(step[key], dict):
                 raise bad(f"{field}.{key}", f"must be an object, not {type(step[key]).__name__}")
+        # runs saved before optimizers had versions hold version 1's state
+        version = step.setdefault("optimizer_version", 1)
+        if not _is_int(version) or version < 1:
+            raise bad(f"{field}.optimizer_version", f"must be an integer >= 1, not {version!r}")
     return doc
 
 

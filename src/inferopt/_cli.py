@@ -31,8 +31,9 @@ def _plugin_listing(strict: bool | None = None) -> dict[str, Any]:
     provides: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for entry in registry.entries():
         item: dict[str, Any] = {"name": entry.name, "summary": entry.summary}
-        if entry.kind in ("optimizer", "backend", "metric"):
-            item["options"] = describe(entry.obj)
+        # one option model for every kind: a source lists the options of its spec
+        option_class = entry.option_class
+        item["options"] = describe(option_class) if option_class is not None else []
         provides.setdefault(entry.plugin, {}).setdefault(entry.kind, []).append(item)
     return {
         "inferopt": __version__,

@@ -7,7 +7,7 @@ must stay cheap to list. Torch is imported inside the methods that do the work.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
@@ -102,6 +102,9 @@ class StepContext:
     #: loads another model from a spec through the run's own model sources and plugins (what
     #: distillation's ``student=`` uses); None where no sources are at hand
     model_loader: Callable[[str], Any] | None = None
+    #: when restoring: the ``Optimizer.version`` that saved ``state`` (runs saved before
+    #: versions existed: 1); None otherwise
+    saved_version: int | None = None
 
     def load_model(self, spec: str, what: str = "a model spec") -> torch.nn.Module:
         """Another model, from a model spec (``python:pkg.mod:build``, ``hf:DIR``...), built by
@@ -172,6 +175,13 @@ class Optimizer(abc.ABC):
     #: else; the report's verdict uses it to say "quantized but not smaller", "pruned but not
     #: faster"
     kind: ClassVar[str] = ""
+    #: the version of what this optimizer saves (``ctx.state`` and the structure ``restore``
+    #: rebuilds), stored with it in the run's ``inferopt.json``; raise it when that changes
+    version: ClassVar[int] = 1
+    #: the saved versions ``restore`` can read (``ctx.saved_version`` says which one it got);
+    #: None means every version from 1 to :attr:`version`. ``inferopt.load`` refuses others
+    #: with a message naming the step and both versions
+    reads_versions: ClassVar[Collection[int] | None] = None
 
     @abc.abstractmethod
     def apply(self, model: torch.nn.Module, ctx: StepContext) -> torch.nn.Module:
@@ -377,6 +387,10 @@ class ModelSource(abc.ABC):
     #: saved file never grants trust by itself. True unless a source says otherwise, so a
     #: source is treated as data-only (``demo:``, ``hf:DIR``) only when it declares it.
     runs_code: ClassVar[bool] = True
+    #: the attrs class (fields made with :func:`inferopt.option`) that the spec's ``key=value``
+    #: options are built into with :func:`inferopt.utils.build_options`, so that
+    #: ``inferopt plugins`` lists them; None: the spec takes no such options
+    spec_options: ClassVar[type | None] = None
 
     def claims(self, spec: str) -> bool:
         """Whether this source reads ``spec`` although it has no ``scheme:`` prefix."""
@@ -401,6 +415,8 @@ class DataSource(abc.ABC):
 
     scheme: ClassVar[str]
     summary: ClassVar[str] = ""
+    #: as :attr:`ModelSource.spec_options`: the attrs class of the spec's ``key=value`` options
+    spec_options: ClassVar[type | None] = None
 
     def claims(self, spec: str) -> bool:
         return False

@@ -185,6 +185,13 @@ class PluginManager:
         self.plugins[name] = info
         return info
 
+    def unregister(self, name: str) -> None:
+        """Remove the plugin registered as ``name`` (a plugin added in code that failed)."""
+        plugin = self._pm.get_plugin(name)
+        if plugin is not None:
+            self._pm.unregister(plugin)
+        self.plugins.pop(name, None)
+
     def _fail(
         self, name: str, distribution: str, version: str, error: str, detail: str = ""
     ) -> None:

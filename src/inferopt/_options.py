@@ -1,9 +1,10 @@
-"""Typed options for plugin classes (optimizers, backends, metrics).
+"""Typed options for plugin classes (optimizers, backends, metrics, and sources' specs).
 
 A plugin declares its options as attrs fields made with :func:`option`. Values arrive as
 strings from the CLI (``--optimize int8:mode=static,skip=head``) or as typed values from a TOML
 recipe; :func:`build` converts them by the field's type, checks the declared choices and range,
-and reports a bad value with the step, the option, the value and what is allowed.
+and reports a bad value with the step, the option, the value and what is allowed. An option's
+``validator`` adds a check of its own, reported the same way.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import enum
 import math
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -33,12 +34,15 @@ def option(
     min: float | None = None,
     max: float | None = None,
     searchable: Sequence[Any] | None = None,
+    validator: Callable[[Any], str | None] | None = None,
 ) -> Any:
     """Declare one option of a plugin class (an attrs field with metadata).
 
     ``choices`` restricts the value to a set, ``min``/``max`` to a closed range. ``searchable``
     lists values worth trying when searching for a recipe. ``help`` is shown by
-    ``inferopt plugins`` and in errors.
+    ``inferopt plugins`` and in errors. ``validator(value)`` checks a converted value further:
+    it raises ValueError/TypeError or returns an error message (None or "" when the value is
+    fine), and the message becomes a UsageError naming the step, the option and the value.
     """
     metadata = {
         "help": help,
@@ -46,6 +50,7 @@ def option(
         "min": min,
         "max": max,
         "searchable": tuple(searchable) if searchable is not None else None,
+        "validator": validator,
     }
     return attrs.field(default=default, metadata={"inferopt": metadata})
 
@@ -166,6 +171,14 @@ def _convert(value: Any, tp: Any, field: attrs.Attribute, where: str) -> Any:
             raise bad("not a finite number")
         if (low is not None and converted < low) or (high is not None and converted > high):
             raise bad()
+    validator = meta.get("validator")
+    if validator is not None:
+        try:
+            problem = validator(converted)
+        except (ValueError, TypeError) as exc:
+            problem = str(exc) or type(exc).__name__
+        if problem:
+            raise UsageError(f"{where}: option {field.name!r} got {value!r}: {problem}")
     return converted
 
 

@@ -243,6 +243,7 @@ def run(
     model: Any = None,
     data: Data | Iterable[Any] | None = None,
     manager: PluginManager | None = None,
+    registry: Registry | None = None,
     overwrite: bool = False,
     save: bool = True,
 ) -> Report:
@@ -250,8 +251,10 @@ def run(
 
     ``model`` (an ``nn.Module``) and ``data`` (a :class:`Data` or an iterable of batches) replace
     the recipe's specs when given; the module passed in is copied, never modified.
+    ``registry`` is the one ``manager`` built already (a Session's), else it is built here.
     """
-    manager, registry = load_plugins(manager)
+    if manager is None or registry is None:
+        manager, registry = load_plugins(manager)
     run_id = new_run_id()
     ctx = resolve(recipe, manager, registry, run_id) if model is None else _resolve_in_memory(
         recipe, manager, registry, run_id, data
@@ -768,6 +771,7 @@ def _apply_step(ctx: RunContext, step: Resolved, model: Any) -> tuple[Any, StepR
         warnings=list(sctx.warnings),
         state=sctx.state,
         kind=str(getattr(optimizer, "kind", "") or ""),
+        optimizer_version=getattr(optimizer, "version", 1),
     )
     return new_model, record
 

@@ -41,6 +41,14 @@ class Entry:
         doc = (self.obj.__doc__ or "").strip().split("\n")[0]
         return str(getattr(self.obj, "summary", "") or doc)
 
+    @property
+    def option_class(self) -> Any:
+        """The attrs class whose fields are this entry's options: the class itself for
+        optimizers, backends and metrics; a source's ``spec_options`` (None: no options)."""
+        if self.kind in ("model source", "data source"):
+            return getattr(self.obj, "spec_options", None)
+        return self.obj
+
 
 class Registry:
     """Registered optimizers, backends, metrics and model/data sources."""

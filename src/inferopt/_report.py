@@ -34,6 +34,7 @@ class StepRecord:
     state: dict[str, Any] = attrs.field(factory=dict)
     kind: str = ""
     failed: str | None = None  # why the step failed (--keep-going undid it and went on)
+    optimizer_version: int = 1  # Optimizer.version, saved with the state (inferopt.json)
 
     def to_dict(self) -> dict[str, Any]:
         return {

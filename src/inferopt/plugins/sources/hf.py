@@ -62,6 +62,7 @@ class HuggingFaceModels(ModelSource):
     """A transformers model from a local directory (offline) or a hub id."""
 
     scheme = "hf"
+    spec_options = HfSpec
     # config.json and safetensors weights, read with trust_remote_code=False: a checkpoint's
     # own modelling code (auto_map) is never imported
     runs_code = False

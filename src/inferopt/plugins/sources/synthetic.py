@@ -45,6 +45,7 @@ class SyntheticData(DataSource):
     """Random batches of a given shape and dtype."""
 
     scheme = "synthetic"
+    spec_options = SyntheticSpec
     summary = "random batches: synthetic:shape=64x1024[,dtype=...,batches=8,seed=0,classes=N]"
 
     def load(self, spec: str, ctx: Any) -> Data:

@@ -155,6 +155,7 @@ class TensorFiles(DataSource):
     """Inputs (and optional labels) from ``.pt``/``.npy``/``.npz``/``.safetensors`` files."""
 
     scheme = "tensors"
+    spec_options = TensorFileSpec
     summary = "PATH.pt/.npy/.npz/.safetensors[:inputs=NAME,labels=NAME]: tensors on disk"
 
     def claims(self, spec: str) -> bool:
@@ -198,6 +199,7 @@ class CsvData(DataSource):
     """Rows of a CSV file: float feature columns and an optional label column."""
 
     scheme = "csv"
+    spec_options = CsvSpec
     summary = "PATH.csv[:label=COLUMN,features=a|b]: feature columns and a label column"
 
     def claims(self, spec: str) -> bool:

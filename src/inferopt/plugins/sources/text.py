@@ -30,6 +30,7 @@ class TextLines(DataSource):
     """Lines of a text file, tokenized into ``input_ids``/``attention_mask`` batches."""
 
     scheme = "text"
+    spec_options = TextSpec
     summary = "text:FILE[:max_length=128,tokenizer=DIR]: one example per line, tokenized"
 
     def load(self, spec: str, ctx: Any) -> Data:
