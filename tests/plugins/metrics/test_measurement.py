@@ -67,7 +67,8 @@ def test_latency_presets_and_interleaved_pairs():
                                                         ctx()) is None
 
 
-def test_the_run_report_carries_the_interleaved_speedup(inferopt_tiny_model_factory, inferopt_tiny_data):
+def test_the_run_report_carries_the_interleaved_speedup(inferopt_tiny_model_factory,
+                                                        inferopt_tiny_data):
     report = inferopt.run(model=inferopt_tiny_model_factory(), data=inferopt_tiny_data, save=False,
                           optimize=["prune-l1:structured=true"],
                           metrics=["latency:min_runs=20,min_seconds=0,warmup=1"])
@@ -208,7 +209,8 @@ def test_a_relative_budget_with_a_baseline_at_zero_accuracy():
     assert report.verdict["accuracy_drop_percent"] == 0.0
 
 
-def test_plotting_leaves_the_matplotlib_backend_alone(tmp_path, inferopt_tiny_model_factory, inferopt_tiny_data):
+def test_plotting_leaves_the_matplotlib_backend_alone(tmp_path, inferopt_tiny_model_factory,
+                                                      inferopt_tiny_data):
     matplotlib = pytest.importorskip("matplotlib")
     original = matplotlib.get_backend()
     matplotlib.use("svg")

@@ -225,9 +225,11 @@ def test_finetuning_keeps_pruned_weights_at_zero_and_lowers_the_loss(inferopt_ti
     assert "no speedup expected" in details["summary"]
 
 
-def test_iterative_structured_pruning_reaches_the_target(inferopt_tiny_model_factory, inferopt_tiny_data):
-    model = inferopt.apply(inferopt_tiny_model_factory(), "prune-l1", data=inferopt_tiny_data, structured=True,
-                           sparsity=0.5, iterations=3, finetune_steps=5, round_to=4)
+def test_iterative_structured_pruning_reaches_the_target(inferopt_tiny_model_factory,
+                                                        inferopt_tiny_data):
+    model = inferopt.apply(inferopt_tiny_model_factory(), "prune-l1", data=inferopt_tiny_data,
+                           structured=True, sparsity=0.5, iterations=3, finetune_steps=5,
+                           round_to=4)
     hidden = [m.out_features for m in model.modules() if isinstance(m, nn.Linear)][:-1]
     originals = [m.out_features for m in inferopt_tiny_model_factory().modules()
                  if isinstance(m, nn.Linear)][:-1]
