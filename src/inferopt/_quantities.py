@@ -106,7 +106,8 @@ def fallback_description(metric: str, result: dict[str, Any]) -> dict[str, Any]:
 
 def metric_rows(metric: str, description: dict[str, Any], base: dict[str, Any],
                 opt: dict[str, Any], shown_only: bool = True) -> list[dict[str, str]]:
-    """One row per (shown) quantity: label, baseline, optimized, change, better (or "")."""
+    """One row per (shown) quantity: label (``name`` with a mark when it rests on few runs),
+    baseline, optimized, change, better (or "")."""
     rows = []
     unreliable = set(base.get("unreliable", ())) | set(opt.get("unreliable", ()))
     for key, q, label in quantities_of({"name": metric, **description}, base, opt):
@@ -115,13 +116,14 @@ def metric_rows(metric: str, description: dict[str, Any], base: dict[str, Any],
         b, o = base.get(key), opt.get(key)
         if not is_number(o):
             continue
+        name = label
         if key in unreliable or key.rsplit("_", 1)[0] in unreliable:
             label += " (few runs)"  # a tail percentile that rests on too few runs
         if not is_number(b):  # e.g. the baseline's SNR against itself is infinite
-            rows.append({"label": label, "baseline": "-", "optimized": format_value(o, q.unit),
-                         "change": "-", "better": ""})
+            rows.append({"label": label, "name": name, "baseline": "-",
+                         "optimized": format_value(o, q.unit), "change": "-", "better": ""})
             continue
-        rows.append({"label": label, "baseline": format_value(b, q.unit),
+        rows.append({"label": label, "name": name, "baseline": format_value(b, q.unit),
                      "optimized": format_value(o, q.unit), "change": format_change(q.change, b, o),
                      "better": judge(q.better, b, o)})
     return rows
@@ -218,3 +220,24 @@ def evaluate_gates(thresholds: dict[str, float], descriptions: dict[str, dict[st
                         "passed": passed, "metric": metric, "quantity": gate.quantity,
                         "kind": gate.kind})
     return records
+
+
+def report_rows(docs: list[dict[str, Any]]) -> list[list[dict[str, str]]]:
+    """For each ``inferopt.report/1`` document, its rows (:func:`metric_rows`, with a
+    ``metric`` key), from the descriptions the reports store; a report from before metrics
+    described themselves borrows another report's description of the same metric."""
+    known: dict[str, dict[str, Any]] = {}
+    for doc in docs:
+        for metric, description in (doc.get("metrics") or {}).items():
+            known.setdefault(metric, description)
+    out = []
+    for doc in docs:
+        base, opt = doc["baseline"]["metrics"], doc["optimized"]["metrics"]
+        rows = []
+        for metric in base:
+            description = ((doc.get("metrics") or {}).get(metric) or known.get(metric)
+                           or fallback_description(metric, opt.get(metric, {})))
+            rows += [{"metric": metric, **r} for r in metric_rows(
+                metric, description, base[metric], opt.get(metric, {}))]
+        out.append(rows)
+    return out
