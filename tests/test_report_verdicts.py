@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 
 from inferopt._report import Report, StepRecord
+from inferopt.plugins.metrics.fidelity import FidelityMetric
+from inferopt.plugins.metrics.latency import LatencyMetric
+from inferopt.plugins.metrics.throughput import ThroughputMetric
 from tests.helpers import SMALL
 
 
@@ -114,8 +117,12 @@ def test_the_table_shows_the_sweep_and_marks_thin_tail_percentiles():
     opt = {"throughput": {"samples_per_s": 50000.0, "samples_per_s_batch1": 4000.0},
            "latency": {"p50_ms": 1.0, "p99_ms": 2.0, "unreliable": ["p99"]},
            "fidelity": {"snr_db": 42.5, "cosine": 0.99}}
-    rows = {r[0]: r[1:] for r in _report(base, opt, []).rows()}
-    assert rows["throughput (samples/s)"] == ("30,000", "50,000", "x1.67")
-    assert rows["throughput at batch 1"] == ("6,000", "4,000", "x0.67")
-    assert rows["latency p99 (few runs)"][2] == "x1.50 faster"
-    assert rows["output SNR vs baseline (dB)"] == ("-", "42.5", "-")
+    report = _report(base, opt, [])
+    # the report renders what the metrics describe of themselves, stored in it
+    report.descriptions = {m.name: m.describe() for m in (ThroughputMetric, LatencyMetric,
+                                                          FidelityMetric)}
+    rows = {r[0]: r[1:] for r in report.rows()}
+    assert rows["throughput (samples/s)"] == ("30,000", "50,000", "x1.67", "better")
+    assert rows["throughput at batch 1"] == ("6,000", "4,000", "x0.67", "worse")
+    assert rows["latency p99 (few runs)"][2:] == ("x1.50 faster", "better")
+    assert rows["output SNR vs baseline"] == ("-", "42.5 dB", "-", "")

@@ -34,6 +34,10 @@ def _plugin_listing(strict: bool | None = None) -> dict[str, Any]:
         # one option model for every kind: a source lists the options of its spec
         option_class = entry.option_class
         item["options"] = describe(option_class) if option_class is not None else []
+        if entry.kind == "metric":
+            described = entry.obj.describe()
+            item["quantities"] = described["quantities"]
+            item["gates"] = described["gates"]
         provides.setdefault(entry.plugin, {}).setdefault(entry.kind, []).append(item)
     return {
         "inferopt": __version__,
@@ -246,6 +250,9 @@ def logging_options(default_level: str) -> Callable[[Any], Any]:
               help="Gate: exit 1 if p50 latency speedup is below X.")
 @click.option("--max-size-ratio", type=float, metavar="R",
               help="Gate: exit 1 if optimized size / baseline size is above R.")
+@click.option("--gate", "gate_flags", multiple=True, metavar="NAME=VALUE",
+              help="Gate: exit 1 if the threshold is not met; any gate an installed metric "
+                   "offers (inferopt plugins lists them). Repeat for several.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print only the report JSON on stdout (logs go to stderr).")
 @logging_options(default_level="info")
@@ -267,6 +274,7 @@ def run(
     max_accuracy_drop: str | None,
     min_speedup: float | None,
     max_size_ratio: float | None,
+    gate_flags: tuple[str, ...],
     as_json: bool,
     log_format: str,
     log_level: str,
@@ -306,6 +314,7 @@ def run(
                 **accuracy_gate(max_accuracy_drop),
                 "min_speedup": min_speedup,
                 "max_size_ratio": max_size_ratio,
+                **parse_gates(gate_flags),
             },
         )
         manager = PluginManager(strict=True if strict_plugins else None).load_entrypoints()
@@ -380,12 +389,35 @@ def plugins(as_json: bool, strict_plugins: bool) -> None:
         table.add_row(p["name"], f"{p['distribution']} {p['version']}", provides, hooks)
     console = Console()
     console.print(table)
+    gates = [(i["name"], name, g) for p in listing["plugins"]
+             for i in p["provides"].get("metric", []) for name, g in i.get("gates", {}).items()]
+    if gates:
+        console.print("gates (--gate NAME=VALUE):")
+        for metric, name, g in gates:
+            console.print(f"  {name} ({metric}, {g['kind']} of {g['quantity']}): {g['help']}",
+                          highlight=False, soft_wrap=True)
     for f in listing["failed"]:
         console.print(f"[red]failed:[/] {f['name']} ({f['distribution']} {f['version']}): "
                       f"{f['error']}", markup=True, highlight=False, soft_wrap=True)
     if listing["skipped"]:
         console.print(f"skipped by INFEROPT_PLUGINS / INFEROPT_BLOCK_PLUGINS: "
                       f"{', '.join(listing['skipped'])}")
+
+
+def parse_gates(flags: tuple[str, ...]) -> dict[str, float]:
+    """``--gate NAME=VALUE`` flags as a dict; names are checked against the installed
+    metrics' gates when the run's plugins are resolved."""
+    gates = {}
+    for flag in flags:
+        name, eq, value = flag.partition("=")
+        try:
+            if not eq or not name.strip():
+                raise ValueError
+            gates[name.strip()] = float(value)
+        except ValueError:
+            raise UsageError(f"--gate {flag!r}: write NAME=NUMBER, for example "
+                             "--gate min_speedup=1.2") from None
+    return gates
 
 
 def accuracy_gate(value: str | None) -> dict[str, float | None]:

@@ -159,6 +159,91 @@ class BatchFailed(Exception):
         self.cause = cause
 
 
+# --- how a metric describes its numbers ------------------------------------------------------
+
+#: how a change from baseline to optimized is shown: ``speedup`` baseline/optimized ("x1.52
+#: faster"), ``ratio`` optimized/baseline ("x1.20"), ``percent`` optimized as a share of the
+#: baseline ("25.0%"), ``points`` (optimized - baseline) x 100 for fractions ("-0.40 pts"),
+#: ``difference`` optimized - baseline
+CHANGES = ("speedup", "ratio", "percent", "points", "difference")
+#: what a gate bounds: ``min_``/``max_`` on the ``change`` (in the quantity's change kind), the
+#: optimized ``value``, the ``drop`` (how much worse, in the change's units: points for a
+#: fraction), or the ``relative_drop`` (how much worse, in percent of the baseline)
+GATE_KINDS = tuple(f"{bound}_{on}" for bound in ("min", "max")
+                   for on in ("change", "value", "drop", "relative_drop"))
+
+
+@attrs.frozen
+class Quantity:
+    """What one number of a metric's result means, for the report, ``compare``, gates and
+    ``tune --objective``.
+
+    ``unit`` is how values are shown (``ms``, ``bytes``, ``fraction`` shown as a percentage,
+    ``samples/s``, ``count``, ``dB``, or any other text written after the number); ``better``
+    says which way is good (``"lower"``, ``"higher"`` or None when neither is); ``change`` how
+    a change is shown (one of :data:`CHANGES`, None: not compared); ``label`` the row's name in
+    tables (default: ``"METRIC FIELD"``); ``show`` whether the terminal table and Markdown show
+    it (it is in report.json either way). A field name ending in ``*`` describes every field
+    it prefixes (``samples_per_s_batch*``); ``{}`` in the label is replaced by the rest.
+    """
+
+    unit: str = ""
+    better: str | None = attrs.field(default=None)
+    change: str | None = attrs.field(default=None)
+    label: str = ""
+    show: bool = True
+
+    @better.validator
+    def _check_better(self, _attr: Any, value: str | None) -> None:
+        if value not in (None, "lower", "higher"):
+            raise ValueError(f"Quantity(better={value!r}): give 'lower', 'higher' or None")
+
+    @change.validator
+    def _check_change(self, _attr: Any, value: str | None) -> None:
+        if value is not None and value not in CHANGES:
+            raise ValueError(f"Quantity(change={value!r}): give one of {', '.join(CHANGES)} "
+                             "or None")
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> Quantity:
+        known = {f.name for f in attrs.fields(cls)}
+        return cls(**{k: v for k, v in doc.items() if k in known})
+
+
+@attrs.frozen
+class Gate:
+    """A threshold a metric offers (``--gate NAME=VALUE``): the run exits 1 when the number
+    ``kind`` names, computed from ``quantity`` (a field of the metric's result), is past it.
+
+    ``kind`` is one of :data:`GATE_KINDS` (``min_change``: at least this change, as
+    ``min_speedup``; ``max_drop``: at most this much worse, as ``max_accuracy_drop``);
+    ``comparison`` names a key of the metric's paired comparison (:meth:`Metric.measure_pair`)
+    that measures the same number more fairly, used when present (latency's interleaved
+    ``speedup``); ``help`` says what the threshold means, for ``inferopt plugins``.
+    """
+
+    quantity: str
+    kind: str = attrs.field()
+    help: str = ""
+    comparison: str | None = None
+
+    @kind.validator
+    def _check_kind(self, _attr: Any, value: str) -> None:
+        if value not in GATE_KINDS:
+            raise ValueError(f"Gate(kind={value!r}): give one of {', '.join(GATE_KINDS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> Gate:
+        known = {f.name for f in attrs.fields(cls)}
+        return cls(**{k: v for k, v in doc.items() if k in known})
+
+
 # --- plugin classes --------------------------------------------------------------------------
 
 
@@ -313,8 +398,12 @@ class Backend(abc.ABC):
 class Metric(abc.ABC):
     """Something measured on the baseline and on the optimized model alike.
 
-    ``measure`` returns a flat dict of numbers; ``primary`` names the field the verdict and the
-    summary table use, ``higher_is_better`` says which way is good.
+    ``measure`` returns a flat dict of numbers; ``primary`` names the main field,
+    ``higher_is_better`` says which way is good. ``quantities`` describes the fields the report
+    shows (field name -> :class:`Quantity`); a metric that declares none is shown by its
+    ``primary`` field, with ``unit`` and ``higher_is_better``. ``gates`` are the thresholds it
+    offers (gate name -> :class:`Gate`), for ``--gate NAME=VALUE``; gate names are unique
+    among installed metrics.
     """
 
     name: ClassVar[str]
@@ -323,6 +412,21 @@ class Metric(abc.ABC):
     primary: ClassVar[str] = ""
     higher_is_better: ClassVar[bool] = True
     needs_labels: ClassVar[bool] = False
+    quantities: ClassVar[dict[str, Quantity]] = {}
+    gates: ClassVar[dict[str, Gate]] = {}
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        """This metric's self-description, as the report stores it: its quantities (the
+        declared ones, or its primary field) and gates, as plain data."""
+        quantities = dict(cls.quantities)
+        if not quantities and cls.primary:
+            quantities = {cls.primary: Quantity(
+                unit=cls.unit, better="higher" if cls.higher_is_better else "lower",
+                change="difference")}
+        return {"primary": cls.primary,
+                "quantities": {k: q.to_dict() for k, q in quantities.items()},
+                "gates": {k: g.to_dict() for k, g in cls.gates.items()}}
 
     @abc.abstractmethod
     def measure(

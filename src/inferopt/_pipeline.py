@@ -131,11 +131,11 @@ def resolve_plugins(
         seen.add(spec.name)
         entry = registry.get("metric", spec.name)
         metrics.append(Resolved(spec, entry, _build(entry, spec, f"metric {spec.name!r}")))
-    needed = {"max_accuracy_drop": "accuracy", "max_relative_accuracy_drop": "accuracy",
-              "min_speedup": "latency", "max_size_ratio": "size"}
-    for gate, metric in needed.items():
-        if gate in recipe.gates.to_dict() and metric not in seen:
-            raise UsageError(f"gate {gate} needs the {metric!r} metric; add --metric {metric}")
+    if recipe.gates.to_dict():
+        from inferopt._quantities import check_gates, offered_gates
+
+        installed = {e.name: e.obj for e in registry.entries("metric")}
+        check_gates(recipe.gates.to_dict(), offered_gates(installed), seen)
     return backend, steps, metrics
 
 
@@ -440,9 +440,7 @@ def _run_resolved(ctx: RunContext, model: Any, data: Any, registry: Registry,
         environment=environment_facts,
         skipped_metrics=skipped,
         warnings=ctx.warnings + [w for r in records for w in r.warnings],
-        primary={
-            m.spec.name: (m.entry.obj.primary, m.entry.obj.higher_is_better) for m in ctx.metrics
-        },
+        descriptions={m.spec.name: m.entry.obj.describe() for m in ctx.metrics},
         main_worker=backend.is_main,
     )
     report.gates = _evaluate_gates(recipe, report)
@@ -704,9 +702,9 @@ def _check_accuracy_budget(ctx: RunContext, name: str, model: Any, prepared: Any
     """With an accuracy budget, a step that takes accuracy past it stops the run there
     (``BudgetExceeded``, exit 1) instead of going on to measure and save a broken model."""
     gates = ctx.recipe.gates
+    max_drop, max_relative = gates.get("max_accuracy_drop"), gates.get("max_relative_accuracy_drop")
     base = baseline.get("accuracy", {}).get("top1")
-    if (gates.max_accuracy_drop is None and gates.max_relative_accuracy_drop is None) or \
-            not isinstance(base, int | float):
+    if (max_drop is None and max_relative is None) or not isinstance(base, int | float):
         return
     results, _ = _measure(ctx, model, prepared, "guard", baseline_outputs, only={"accuracy"})
     top1 = results.get("accuracy", {}).get("top1")
@@ -715,12 +713,10 @@ def _check_accuracy_budget(ctx: RunContext, name: str, model: Any, prepared: Any
     drop = (base - top1) * 100
     relative = drop / (base * 100) * 100 if base > 0 else 0.0
     over = []
-    if gates.max_accuracy_drop is not None and drop > gates.max_accuracy_drop:
-        over.append(f"{drop:.2f} points (budget {gates.max_accuracy_drop})")
-    if gates.max_relative_accuracy_drop is not None and relative > \
-            gates.max_relative_accuracy_drop:
-        over.append(f"{relative:.2f}% of the baseline (budget "
-                    f"{gates.max_relative_accuracy_drop}%)")
+    if max_drop is not None and drop > max_drop:
+        over.append(f"{drop:.2f} points (budget {max_drop})")
+    if max_relative is not None and relative > max_relative:
+        over.append(f"{relative:.2f}% of the baseline (budget {max_relative}%)")
     if over:
         raise BudgetExceeded(
             f"{name} dropped top-1 accuracy from {base:.2%} to {top1:.2%}: "
@@ -816,34 +812,8 @@ def _plugins_used(ctx: RunContext) -> dict[str, dict[str, str]]:
 
 
 def _evaluate_gates(recipe: Recipe, report: Report) -> list[dict[str, Any]]:
-    gates = []
-    v = report.verdict
-    g = recipe.gates
-    if g.max_accuracy_drop is not None:
-        drop = v.get("accuracy_drop_points")
-        if drop is None:
-            raise UsageError("gate max_accuracy_drop needs the accuracy metric and labelled data")
-        gates.append({"name": "max_accuracy_drop", "threshold": g.max_accuracy_drop,
-                      "value": drop, "passed": drop <= g.max_accuracy_drop})
-    if g.max_relative_accuracy_drop is not None:
-        drop = v.get("accuracy_drop_percent")
-        if drop is None:
-            raise UsageError("gate max_relative_accuracy_drop needs the accuracy metric and "
-                             "labelled data")
-        gates.append({"name": "max_relative_accuracy_drop",
-                      "threshold": g.max_relative_accuracy_drop, "value": drop,
-                      "passed": drop <= g.max_relative_accuracy_drop})
-    if g.min_speedup is not None:
-        speedup = v.get("speedup")
-        if speedup is None:
-            raise UsageError("gate min_speedup needs the latency metric")
-        gates.append({"name": "min_speedup", "threshold": g.min_speedup,
-                      "value": speedup, "passed": speedup >= g.min_speedup})
-    if g.max_size_ratio is not None:
-        ratio = v.get("size_ratio")
-        if ratio is None:
-            raise UsageError("gate max_size_ratio needs the size metric")
-        gates.append({"name": "max_size_ratio", "threshold": g.max_size_ratio,
-                      "value": ratio, "passed": ratio <= g.max_size_ratio})
-    return gates
+    from inferopt._quantities import evaluate_gates
+
+    return evaluate_gates(recipe.gates.to_dict(), report.descriptions, report.baseline,
+                          report.optimized, report.comparisons)
 

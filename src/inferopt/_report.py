@@ -69,7 +69,9 @@ class Report:
     skipped_metrics: dict[str, str] = attrs.field(factory=dict)
     warnings: list[str] = attrs.field(factory=list)
     gates: list[dict[str, Any]] = attrs.field(factory=list)
-    primary: dict[str, tuple[str, bool]] = attrs.field(factory=dict)
+    #: each metric's self-description (:meth:`inferopt.Metric.describe`): its quantities and
+    #: gates, stored so that the report renders without the metric's plugin installed
+    descriptions: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     # False in the other workers of a torchrun launch: only the main one prints and saves
     main_worker: bool = True
 
@@ -141,6 +143,7 @@ class Report:
             "optimized": {"metrics": self.optimized},
             "steps": [s.to_dict() for s in self.steps],
             "comparison": self.comparison,
+            "metrics": self.descriptions,
             "paired": self.comparisons,
             "verdict": self.verdict,
             "gates": self.gates,
@@ -152,50 +155,44 @@ class Report:
 
     # -- rendering ----------------------------------------------------------------------------
 
-    def rows(self) -> list[tuple[str, str, str, str]]:
-        """(quantity, baseline, optimized, change) rows for the summary table."""
+    def rows(self) -> list[tuple[str, str, str, str, str]]:
+        """(quantity, baseline, optimized, change, better) rows for the summary table: every
+        shown quantity of every metric, as the metric describes it (a metric without a
+        description: its numbers, unitless)."""
+        from inferopt._quantities import fallback_description, metric_rows
+
         rows = []
         for metric in self.comparison:
-            shown = _SHOWN.get(metric)
-            if shown is None and metric in self.primary:  # a third-party metric
-                key = self.primary[metric][0]
-                shown = {key: (f"{metric} {key}", _num)}
-            if metric == "throughput":  # the batch-size sweep, when measured
-                shown = {**(shown or {}), **{
-                    k: (f"throughput at batch {k.removeprefix('samples_per_s_batch')}", _rate)
-                    for k in self.optimized.get(metric, {}) if k.startswith("samples_per_s_batch")}}
-            for key, (label, fmt) in (shown or {}).items():
-                b = self.baseline.get(metric, {}).get(key)
-                o = self.optimized.get(metric, {}).get(key)
-                if not _is_number(o):
-                    continue
-                label = _flag_few_samples(label, metric, key, self.baseline.get(metric, {}),
-                                          self.optimized.get(metric, {}))
-                if not _is_number(b):  # e.g. the baseline's SNR against itself is infinite
-                    rows.append((label, "-", fmt(o), "-"))
-                    continue
-                rows.append((label, fmt(b), fmt(o), _change(metric, key, b, o)))
+            base = self.baseline.get(metric, {})
+            opt = self.optimized.get(metric, {})
+            description = self.descriptions.get(metric) or fallback_description(metric, opt)
+            rows += [(r["label"], r["baseline"], r["optimized"], r["change"], r["better"])
+                     for r in metric_rows(metric, description, base, opt)]
         return rows
 
     def verdict_lines(self) -> list[str]:
+        from inferopt._quantities import metric_rows, paired_line
+
         v = self.verdict
         lines = []
-        if "latency" in v and "speedup_ci" in v:
-            low, high = v["speedup_ci"]
-            level = round((v.get("speedup_confidence") or 0.95) * 100)
-            lines.append(f"latency: {v['latency']} (p50 speedup x{v['speedup']:.2f}, {level}% "
-                         f"CI x{low:.2f}-x{high:.2f}, interleaved A/B)")
-        elif "latency" in v:
-            lines.append(f"latency: {v['latency']} (p50 speedup x{v['speedup']:.2f})")
-        if "size" in v:
-            lines.append(f"size: {v['size']} ({v['size_ratio'] * 100:.1f}% of baseline)")
-        if "accuracy_drop_points" in v:
-            lines.append(f"accuracy: {-v['accuracy_drop_points'] + 0.0:+.2f} points")
+        for metric in self.baseline:
+            line = paired_line(metric, self.comparisons.get(metric, {}))
+            if line is None:  # not measured in pairs: its primary quantity's judgement
+                description = self.descriptions.get(metric, {})
+                primary = description.get("primary")
+                rows = [r for r in metric_rows(metric, {**description, "quantities": {
+                    k: q for k, q in description.get("quantities", {}).items() if k == primary}},
+                    self.baseline[metric], self.optimized.get(metric, {}), shown_only=False)
+                    if r["better"]]
+                if rows:
+                    line = f"{metric}: {rows[0]['better']} ({rows[0]['label']} {rows[0]['change']})"
+            if line:
+                lines.append(line)
         for finding in v["findings"]:
             lines.append(f"{finding['finding']}: {finding['cause']}")
         for g in self.gates:
             state = "passed" if g["passed"] else "FAILED"
-            op = ">=" if g["name"].startswith("min_") else "<="
+            op = ">=" if g.get("kind", g["name"]).startswith("min_") else "<="
             lines.append(f"gate {g['name']} {op} {g['threshold']}: {state} (got {g['value']})")
         return lines
 
@@ -207,6 +204,7 @@ class Report:
         table.add_column("baseline", justify="right")
         table.add_column("optimized", justify="right")
         table.add_column("change", justify="right")
+        table.add_column("better?")
         for row in self.rows():
             table.add_row(*row)
         console.print(table)
@@ -233,10 +231,10 @@ class Report:
             f"Model `{self.recipe.get('model')}`, data `{self.recipe.get('data')}`, "
             f"backend `{self.recipe.get('backend')}`, created {self.created}.",
             "",
-            "| metric | baseline | optimized | change |",
-            "|---|---:|---:|---:|",
+            "| metric | baseline | optimized | change | better? |",
+            "|---|---:|---:|---:|---|",
         ]
-        lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in self.rows()]
+        lines += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in self.rows()]
         lines += ["", "## Steps", ""]
         for s in self.steps:
             lines.append(f"- `{s.name}` {s.options or ''} — "
@@ -297,16 +295,6 @@ def _findings(report: Report, v: dict[str, Any]) -> list[dict[str, str]]:
     return out
 
 
-def _flag_few_samples(label: str, metric: str, key: str, base: dict[str, Any],
-                      opt: dict[str, Any]) -> str:
-    """Mark a tail percentile that rests on fewer runs than it needs to mean much."""
-    name = key.removesuffix("_ms")
-    if metric == "latency" and (name in base.get("unreliable", ()) or
-                                name in opt.get("unreliable", ())):
-        return f"{label} (few runs)"
-    return label
-
-
 def finite_json(obj: Any) -> Any:
     """``obj`` with non-finite floats as None (JSON has no NaN or infinity)."""
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -324,71 +312,3 @@ def _is_number(x: Any) -> TypeGuard[float]:
 
 def _ratio(o: float, b: float) -> float | None:
     return round(o / b, 4) if b else None
-
-
-def _ms(x: float) -> str:
-    return f"{x:.3f} ms"
-
-
-def _pct(x: float) -> str:
-    return f"{x * 100:.2f}%"
-
-
-def _bytes(x: float) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if x >= size:
-            return f"{x / size:.2f} {unit}"
-    return f"{int(x)} B"
-
-
-def _num(x: float) -> str:
-    return f"{x:.4g}"
-
-
-def _rate(x: float) -> str:
-    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
-
-
-def _count(x: float) -> str:
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= size:
-            return f"{x / size:.2f}{unit}"
-    return f"{x:.0f}"
-
-
-def _change(metric: str, key: str, b: float, o: float) -> str:
-    if metric == "latency":
-        if not o or not b:
-            return "-"
-        return f"x{b / o:.2f} faster" if o <= b else f"x{o / b:.2f} slower"
-    if metric == "throughput":
-        return f"x{o / b:.2f}" if b else "-"
-    if metric in ("size", "memory") or key in ("macs_per_sample", "parameters"):
-        return f"{o / b * 100:.1f}%" if b else "-"
-    if key == "weight_sparsity":
-        return f"{(o - b) * 100 + 0.0:+.2f} pts"
-    if key in ("top1", "top5", "agreement"):
-        return f"{(o - b) * 100 + 0.0:+.2f} pts"
-    if key == "cosine":
-        return f"{o - b + 0.0:+.5f}"
-    return f"{o - b:+.3g}"
-
-
-_SHOWN: dict[str, dict[str, tuple[str, Any]]] = {
-    "latency": {
-        "p50_ms": ("latency p50", _ms),
-        "p90_ms": ("latency p90", _ms),
-        "p95_ms": ("latency p95", _ms),
-        "p99_ms": ("latency p99", _ms),
-    },
-    "throughput": {"samples_per_s": ("throughput (samples/s)", _rate)},
-    "accuracy": {"top1": ("accuracy top-1", _pct), "top5": ("accuracy top-5", _pct)},
-    "fidelity": {"agreement": ("top-1 agreement with baseline", _pct), "cosine": ("cosine", _num),
-                 "snr_db": ("output SNR vs baseline (dB)", _num)},
-    "size": {"bytes": ("size (saved weights)", _bytes)},
-    "memory": {"peak_increase_bytes": ("peak memory during inference", _bytes),
-               "weight_bytes": ("weights in memory", _bytes)},
-    "compute": {"macs_per_sample": ("MACs per sample", _count),
-                "parameters": ("parameters", _count),
-                "weight_sparsity": ("zero weights", _pct)},
-}

@@ -28,7 +28,8 @@ The machine, progress, logs
     :func:`configure_logging`,
     :func:`finite_json`
 Reports
-    :data:`REPORT_SCHEMA`, :func:`plot_reports`, :func:`plot_available`
+    :data:`REPORT_SCHEMA`, :func:`plot_reports`, :func:`plot_available`,
+    :func:`report_rows` (each report's quantities as its metrics describe them)
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ _WHERE = {
     "configure_logging": "_logging",
     "cli_logging_options": "_cli", "cli_fail": "_cli", "parse_accuracy_budget": "_cli",
     "finite_json": "_report", "REPORT_SCHEMA": "_report",
-    "plot_reports": "_plotting", "plot_available": "_plotting",
+    "plot_reports": "_plotting", "plot_available": "_plotting", "report_rows": "_quantities",
 }
 _RENAMED = {"build_options": "build", "configure_logging": "configure",
             "cli_logging_options": "logging_options", "cli_fail": "fail",

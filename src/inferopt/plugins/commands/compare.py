@@ -1,4 +1,5 @@
-"""``inferopt compare``: several runs side by side, from their ``report.json`` files."""
+"""``inferopt compare``: several runs side by side, from their ``report.json`` files: the
+columns are the quantities the reports' metrics describe, so no plugin needs to be installed."""
 
 from __future__ import annotations
 
@@ -10,10 +11,7 @@ import click
 
 from inferopt import InferoptError, UsageError, hookimpl
 from inferopt.utils import REPORT_SCHEMA as SCHEMA
-from inferopt.utils import cli_fail
-
-COLUMNS = ("run", "steps", "p50 ms (base -> opt)", "speedup [CI]", "latency verdict",
-           "top-1 (change)", "size ratio")
+from inferopt.utils import cli_fail, report_rows
 
 
 def load_report(path: str | Path) -> dict[str, Any]:
@@ -34,40 +32,49 @@ def load_report(path: str | Path) -> dict[str, Any]:
     return doc
 
 
-def _fmt(x: Any, spec: str) -> str:
-    return format(x, spec) if isinstance(x, int | float) else "-"
+FIXED = ("run", "steps")
 
 
-def row(doc: dict[str, Any]) -> dict[str, str]:
-    """One run as the table's cells."""
-    base, opt = doc["baseline"]["metrics"], doc["optimized"]["metrics"]
-    verdict = doc.get("verdict", {})
-    steps = " + ".join(
+def _steps(doc: dict[str, Any]) -> str:
+    return " + ".join(
         s["name"] + (":" + ",".join(f"{k}={v}" for k, v in s["options"].items() if v not in
                                     (None, [], ""))[:60] if s.get("options") else "")
         for s in doc["steps"]) or "none"
-    lb, lo = base.get("latency", {}).get("p50_ms"), opt.get("latency", {}).get("p50_ms")
-    ci = verdict.get("speedup_ci")
-    speed = _fmt(verdict.get("speedup"), ".2f") + "x"
-    if ci:
-        speed += f" [{ci[0]:.2f}-{ci[1]:.2f}]"
-    ab, ao = base.get("accuracy", {}).get("top1"), opt.get("accuracy", {}).get("top1")
-    acc = "-" if ao is None else f"{ao * 100:.2f}%" + (
-        f" ({(ao - ab) * 100:+.2f})" if isinstance(ab, int | float) else "")
-    return {
-        "run": doc["run_id"],
-        "steps": steps,
-        "p50 ms (base -> opt)": f"{_fmt(lb, '.3f')} -> {_fmt(lo, '.3f')}",
-        "speedup [CI]": speed if verdict.get("speedup") is not None else "-",
-        "latency verdict": verdict.get("latency", "-"),
-        "top-1 (change)": acc,
-        "size ratio": _fmt(verdict.get("size_ratio"), ".3f"),
-    }
 
 
-def to_markdown(rows: list[dict[str, str]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(r[c] for c in COLUMNS) + " |" for r in rows]
+def table(docs: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, str]]]:
+    """The columns and one row per run: run, steps, then one column per quantity of the
+    metrics present, as the reports describe them (no fixed columns: a third-party metric gets
+    its own), and a verdict column per metric measured in pairs (latency's A/B verdict)."""
+    columns = list(FIXED)
+    rows = []
+    for doc, quantities in zip(docs, report_rows(docs), strict=True):
+        row = {"run": doc["run_id"], "steps": _steps(doc)}
+        for q in quantities:
+            col = q["name"]
+            better = f", {q['better']}" if q["better"] else ""
+            better += ", few runs" if q["label"] != q["name"] else ""
+            change = f" ({q['change']}{better})" if q["change"] != "-" else ""
+            row[col] = f"{q['baseline']} -> {q['optimized']}{change}"
+            if col not in columns:
+                columns.append(col)
+        for metric, comparison in (doc.get("paired") or {}).items():
+            if comparison.get("verdict"):
+                col = f"{metric} verdict"
+                row[col] = str(comparison["verdict"])
+                low, high = comparison.get("ci_low"), comparison.get("ci_high")
+                if isinstance(low, int | float) and isinstance(high, int | float):
+                    row[f"{metric} CI"] = f"x{low:.2f}-x{high:.2f}"
+                for c in (col, f"{metric} CI"):
+                    if c in row and c not in columns:
+                        columns.append(c)
+        rows.append(row)
+    return columns, [{c: r.get(c, "-") for c in columns} for r in rows]
+
+
+def to_markdown(columns: list[str], rows: list[dict[str, str]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(r[c] for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -101,21 +108,21 @@ def compare_command(runs: tuple[str, ...], markdown: bool, as_json: bool,
             plot_reports(docs, Path(plot_path), "inferopt compare")
     except InferoptError as exc:
         cli_fail(exc, False)
-    rows = [row(d) for d in docs]
+    columns, rows = table(docs)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     elif markdown:
-        click.echo(to_markdown(rows), nl=False)
+        click.echo(to_markdown(columns, rows), nl=False)
     else:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=f"inferopt compare: {len(rows)} run(s)")
-        for col in COLUMNS:
-            table.add_column(col)
+        shown = Table(title=f"inferopt compare: {len(rows)} run(s)")
+        for col in columns:
+            shown.add_column(col)
         for r in rows:
-            table.add_row(*(r[c] for c in COLUMNS))
-        Console().print(table)
+            shown.add_row(*(r[c] for c in columns))
+        Console().print(shown)
     if plot_path:
         click.echo(f"plot: {plot_path}", err=True)
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import attrs
 
-from inferopt import Metric, hookimpl
+from inferopt import Gate, Metric, Quantity, hookimpl
 
 IGNORE_INDEX = -100
 
@@ -46,6 +46,16 @@ class AccuracyMetric(Metric):
     unit = "fraction"
     primary = "top1"
     higher_is_better = True
+    quantities = {
+        "top1": Quantity("fraction", "higher", "points", "accuracy top-1"),
+        "top5": Quantity("fraction", "higher", "points", "accuracy top-5"),
+    }
+    gates = {
+        "max_accuracy_drop": Gate("top1", "max_drop", help=(
+            "exit 1 if top-1 accuracy drops by more than this many points")),
+        "max_relative_accuracy_drop": Gate("top1", "max_relative_drop", help=(
+            "exit 1 if top-1 accuracy drops by more than this percent of the baseline's")),
+    }
     needs_labels = True
 
     def measure(self, model: Any, backend: Any, data: Any, ctx: Any) -> dict[str, Any]:

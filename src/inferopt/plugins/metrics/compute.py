@@ -7,7 +7,7 @@ from typing import Any
 
 import attrs
 
-from inferopt import Metric, hookimpl
+from inferopt import Metric, Quantity, hookimpl
 
 
 @attrs.frozen
@@ -22,6 +22,11 @@ class ComputeMetric(Metric):
     unit = "MACs"
     primary = "macs_per_sample"
     higher_is_better = False
+    quantities = {
+        "macs_per_sample": Quantity("count", "lower", "percent", "MACs per sample"),
+        "parameters": Quantity("count", "lower", "percent", "parameters"),
+        "weight_sparsity": Quantity("fraction", None, "points", "zero weights"),
+    }
 
     def measure(self, model: Any, backend: Any, data: Any, ctx: Any) -> dict[str, Any]:
         from inferopt.utils import count_macs, parameter_count, weight_sparsity

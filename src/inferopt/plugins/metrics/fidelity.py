@@ -8,7 +8,7 @@ from typing import Any
 
 import attrs
 
-from inferopt import Metric, hookimpl
+from inferopt import Metric, Quantity, hookimpl
 
 
 @attrs.frozen
@@ -22,6 +22,11 @@ class FidelityMetric(Metric):
     unit = ""
     primary = "cosine"
     higher_is_better = True
+    quantities = {
+        "agreement": Quantity("fraction", "higher", "points", "top-1 agreement with baseline"),
+        "cosine": Quantity("", "higher", "difference", "cosine"),
+        "snr_db": Quantity("dB", "higher", "difference", "output SNR vs baseline"),
+    }
 
     def measure(self, model: Any, backend: Any, data: Any, ctx: Any) -> dict[str, Any]:
         import torch

@@ -7,7 +7,7 @@ from typing import Any
 
 import attrs
 
-from inferopt import Metric, hookimpl, option
+from inferopt import Gate, Metric, Quantity, hookimpl, option
 from inferopt.plugins.metrics.timing_stats import percentiles_ms, speed_verdict, speedup_ci
 
 # precision presets: (min_runs, min_seconds). quick reaches the MLPerf minimum for p90,
@@ -27,6 +27,15 @@ class LatencyMetric(Metric):
     unit = "ms"
     primary = "p50_ms"
     higher_is_better = False
+    quantities = {
+        "p50_ms": Quantity("ms", "lower", "speedup", "latency p50"),
+        "p90_ms": Quantity("ms", "lower", "speedup", "latency p90"),
+        "p95_ms": Quantity("ms", "lower", "speedup", "latency p95"),
+        "p99_ms": Quantity("ms", "lower", "speedup", "latency p99"),
+    }
+    gates = {"min_speedup": Gate("p50_ms", "min_change", comparison="speedup", help=(
+        "exit 1 if the p50 latency speedup (baseline / optimized; the interleaved A/B "
+        "estimate when measured so) is below this"))}
 
     precision: str = option("quick", choices=tuple(PRESETS),
                             help="quick: >= 64 runs and 0.5 s (p90 meaningful); thorough: "

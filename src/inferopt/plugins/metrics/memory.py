@@ -9,7 +9,7 @@ from typing import Any
 
 import attrs
 
-from inferopt import Metric, hookimpl, option
+from inferopt import Metric, Quantity, hookimpl, option
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -119,6 +119,11 @@ class MemoryMetric(Metric):
     unit = "bytes"
     primary = "peak_increase_bytes"
     higher_is_better = False
+    quantities = {
+        "peak_increase_bytes": Quantity("bytes", "lower", "percent",
+                                        "peak memory during inference"),
+        "weight_bytes": Quantity("bytes", "lower", "percent", "weights in memory"),
+    }
 
     passes: int = option(1, min=1, help="passes over the eval data while memory is watched")
 

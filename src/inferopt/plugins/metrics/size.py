@@ -6,7 +6,7 @@ from typing import Any
 
 import attrs
 
-from inferopt import Metric, hookimpl
+from inferopt import Gate, Metric, Quantity, hookimpl
 
 
 @attrs.frozen
@@ -19,6 +19,9 @@ class SizeMetric(Metric):
     unit = "bytes"
     primary = "bytes"
     higher_is_better = False
+    quantities = {"bytes": Quantity("bytes", "lower", "percent", "size (saved weights)")}
+    gates = {"max_size_ratio": Gate("bytes", "max_change", help=(
+        "exit 1 if optimized size / baseline size (saved weights) is above this"))}
 
     def measure(self, model: Any, backend: Any, data: Any, ctx: Any) -> dict[str, Any]:
         from inferopt.utils import state_dict_for_saving

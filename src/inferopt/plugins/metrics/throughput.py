@@ -6,7 +6,7 @@ from typing import Any
 
 import attrs
 
-from inferopt import Metric, UsageError, hookimpl, option
+from inferopt import Metric, Quantity, UsageError, hookimpl, option
 
 
 @attrs.frozen
@@ -19,6 +19,11 @@ class ThroughputMetric(Metric):
     unit = "samples/s"
     primary = "samples_per_s"
     higher_is_better = True
+    quantities = {
+        "samples_per_s": Quantity("samples/s", "higher", "ratio", "throughput (samples/s)"),
+        "samples_per_s_batch*": Quantity("samples/s", "higher", "ratio",
+                                         "throughput at batch {}"),
+    }
 
     min_passes: int = option(2, min=1, help="at least this many full passes")
     min_seconds: float = option(0.5, min=0.0, help="and at least this much time")

@@ -32,9 +32,11 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 @click.option("--max-accuracy-drop", default="1.0", show_default=True, metavar="POINTS|PCT%",
               help="The accuracy budget: points of top-1 accuracy (1.0) or a share of the "
                    "baseline's accuracy (2%).")
-@click.option("--objective", type=click.Choice(["latency", "size", "throughput"]),
-              default="latency", show_default=True,
-              help="What the chosen candidate is best at, among those within the budget.")
+@click.option("--objective", default="latency", show_default=True,
+              metavar="latency|size|throughput|METRIC.FIELD",
+              help="What the chosen candidate is best at, among those within the budget: "
+                   "latency, size, throughput, or any quantity a metric declares with a "
+                   "direction (METRIC.FIELD; inferopt plugins --json lists them).")
 @click.option("--budget-minutes", type=click.FloatRange(min=0, min_open=True), default=10.0,
               show_default=True, help="Stop starting trials when this much time is spent "
                                       "(the time of this invocation; logged trials are free).")

@@ -256,9 +256,7 @@ class _Tuner:
     # -- set-up -------------------------------------------------------------------------------
 
     def run(self) -> TuneResult:
-        if self.s.objective not in OBJECTIVES:
-            raise UsageError(f"--objective {self.s.objective!r}: use one of "
-                             f"{', '.join(OBJECTIVES)}")
+        self._check_objective()
         self.space, notes = search_space(self.registry, self.s.techniques)
         for note in notes:
             self.log.warning(note)
@@ -273,6 +271,24 @@ class _Tuner:
             self.stopped = str(stop)
         return self._finish()
 
+    def _generic(self) -> tuple[str, str] | None:
+        """(metric, field) of an objective given as METRIC.FIELD; None for the named ones."""
+        if self.s.objective in OBJECTIVES:
+            return None
+        metric, _dot, field = self.s.objective.partition(".")
+        return metric, field
+
+    def _check_objective(self) -> None:
+        generic = self._generic()
+        if generic is None:
+            return
+        directed = {f"{e.name}.{k}": q for e in self.registry.entries("metric")
+                    for k, q in e.obj.quantities.items() if q.better and not k.endswith("*")}
+        if self.s.objective not in directed:
+            raise UsageError(f"--objective {self.s.objective!r}: use one of "
+                             f"{', '.join(OBJECTIVES + tuple(sorted(directed)))}")
+        self.objective_better = directed[self.s.objective].better
+
     def _trial_recipe(self) -> Recipe:
         from inferopt._pipeline import resolve_plugins
 
@@ -282,6 +298,9 @@ class _Tuner:
         needed = ["latency", "accuracy", "size"]
         if self.s.objective == "throughput":
             needed.append("throughput")
+        generic = self._generic()
+        if generic is not None and generic[0] not in needed:
+            needed.append(generic[0])
         metrics += [Spec(n) for n in needed if n not in names]
         recipe = attrs.evolve(recipe, optimize=(), metrics=tuple(metrics), metrics_explicit=True,
                               gates=Gates(), out=None)
@@ -653,6 +672,7 @@ class _Tuner:
                 accuracy_drop_percent=v.get("accuracy_drop_percent"),
                 size_ratio=v.get("size_ratio"),
                 throughput_ratio=(thr_o / thr_b if thr_b and thr_o else None),
+                objective_ratio=self._improvement(report),
                 accuracy=report.optimized.get("accuracy", {}).get("top1"),
                 step_seconds=sum(s.seconds for s in report.steps),
                 summaries=[s.details.get("summary", "") for s in report.steps],
@@ -671,8 +691,23 @@ class _Tuner:
         drop = self.s.budget.drop(t)
         return math.inf if drop is None else max(0.0, drop - self.s.budget.value)
 
+    def _improvement(self, report: Any) -> float | None:
+        """METRIC.FIELD objectives: how many times better the optimized value is (baseline /
+        optimized when lower is better, optimized / baseline when higher is)."""
+        generic = self._generic()
+        if generic is None:
+            return None
+        metric, field = generic
+        b = report.baseline.get(metric, {}).get(field)
+        o = report.optimized.get(metric, {}).get(field)
+        if not all(isinstance(x, int | float) and x > 0 for x in (b, o)):
+            return None
+        return b / o if getattr(self, "objective_better", "lower") == "lower" else o / b
+
     def _objective(self, t: dict[str, Any]) -> float | None:
-        if self.s.objective == "latency":
+        if self._generic() is not None:
+            value = t.get("objective_ratio")
+        elif self.s.objective == "latency":
             value = t.get("speedup")
         elif self.s.objective == "size":
             ratio = t.get("size_ratio")
@@ -688,7 +723,7 @@ class _Tuner:
             return bool(t.get("latency_verdict") == "faster")
         if self.s.objective == "size":
             return isinstance(t.get("size_ratio"), int | float) and t["size_ratio"] < 1.0
-        ratio = t.get("throughput_ratio")
+        ratio = t.get("objective_ratio" if self._generic() else "throughput_ratio")
         return isinstance(ratio, int | float) and ratio > 1.0 + MIN_THROUGHPUT_GAIN
 
     def _meets(self, t: dict[str, Any]) -> bool:
@@ -698,6 +733,8 @@ class _Tuner:
         better = {"latency": "measurably faster than the baseline (interleaved A/B, CI above "
                              "x1)", "size": "smaller than the baseline",
                   "throughput": f"at least {MIN_THROUGHPUT_GAIN:.0%} more throughput"}
+        better.setdefault(self.s.objective, f"at least {MIN_THROUGHPUT_GAIN:.0%} better "
+                                            f"{self.s.objective} (no confidence interval)")
         return f"accuracy drop <= {self.s.budget.text()} and {better[self.s.objective]}"
 
     # -- results ------------------------------------------------------------------------------
