@@ -113,8 +113,8 @@ def test_torch_log_records_reach_the_user_without_tracebacks():
     from inferopt._logging import configure
 
     stream = io.StringIO()
-    handler = logging.StreamHandler(stream)  # stands for the handler torch installs
-    torch_logger = logging.getLogger("torch")
+    handler = logging.StreamHandler(stream)  # stands for the handlers torch installs
+    torch_logger = logging.getLogger("torch.export")
     torch_logger.addHandler(handler)
     try:
         for level in ("info", "debug"):

@@ -68,7 +68,10 @@ def quiet_library_tracebacks() -> None:
     handler when it is imported, so the pipeline calls this again once torch is loaded).
     Handler filters are used because a logger's own filters do not see its children's
     records (``torch.export`` logs through ``torch``'s handlers)."""
-    handlers = [*std_logging.getLogger("torch").handlers]
+    names = ["torch"] + [n for n in std_logging.root.manager.loggerDict
+                         if n.startswith("torch.")]
+    # torch gives some of its loggers (torch.export, torch._dynamo) handlers of their own
+    handlers = [h for n in names for h in std_logging.getLogger(n).handlers]
     if std_logging.lastResort is not None:
         handlers.append(std_logging.lastResort)
     for handler in handlers:
