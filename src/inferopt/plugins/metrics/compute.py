@@ -22,6 +22,7 @@ class ComputeMetric(Metric):
     unit = "MACs"
     primary = "macs_per_sample"
     higher_is_better = False
+    needs_modules = True  # runs the modules under torch's flop counter and reads their weights
 
     def measure(self, model: Any, backend: Any, data: Any, ctx: Any) -> dict[str, Any]:
         from inferopt.utils import count_macs, parameter_count, weight_sparsity

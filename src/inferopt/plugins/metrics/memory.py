@@ -119,6 +119,7 @@ class MemoryMetric(Metric):
     unit = "bytes"
     primary = "peak_increase_bytes"
     higher_is_better = False
+    needs_modules = True  # counts the weights' bytes from the modules' tensors
 
     passes: int = option(1, min=1, help="passes over the eval data while memory is watched")
 
