@@ -84,7 +84,8 @@ class Preparer:
         if cached is not None and cached[0] is model:
             return cached[1]
         folder = self.staging / role
-        shutil.rmtree(folder, ignore_errors=True)  # only the last prepare of a role is kept
+        if folder.exists():  # only the last prepare of a role is kept
+            shutil.rmtree(folder, ignore_errors=True)
         log = self.log.bind(role=role, backend=self.backend.name)
         ctx = PrepareContext(example_inputs=self.example_inputs, role=role, log=log,
                              artifact_dir=folder)
