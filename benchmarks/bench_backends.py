@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from inferopt._contract import Batch
+from inferopt._contract import Batch, PrepareContext
 
 
 def build_model(width: int, depth: int) -> torch.nn.Module:
@@ -57,7 +57,7 @@ def timed_passes(run_pass: Any, barrier: Any, repeats: int) -> float:
 
 
 def single_process(backend: Any, batches: list[Batch], repeats: int) -> float:
-    prepared = backend.prepare(build_model(ARGS.width, ARGS.depth))
+    prepared = backend.prepare(build_model(ARGS.width, ARGS.depth), PrepareContext())
     inputs = [backend.to_device(b.inputs) for b in batches]
 
     def run_pass() -> None:
@@ -81,7 +81,7 @@ def worker(mode: str, out: Path) -> None:
         backend = DataParallelBackend(threads=1)
     else:
         backend = ModelParallelBackend(microbatches=ARGS.microbatches if mode == "mp" else 1)
-    prepared = backend.prepare(build_model(ARGS.width, ARGS.depth))
+    prepared = backend.prepare(build_model(ARGS.width, ARGS.depth), PrepareContext())
     share = backend.shard_indices(len(batches))
 
     def run_pass() -> None:
@@ -184,7 +184,7 @@ def cuda_table() -> None:
     for name, backend in [("eager fp32", CudaBackend()),
                           ("fp16 autocast", CudaBackend(autocast="fp16")),
                           ("CUDA graphs fp32", CudaBackend(cuda_graphs=True))]:
-        prepared = backend.prepare(build_model(ARGS.width, ARGS.depth))
+        prepared = backend.prepare(build_model(ARGS.width, ARGS.depth), PrepareContext())
         xs = backend.to_device(x)
         with torch.inference_mode():
             for _ in range(10):

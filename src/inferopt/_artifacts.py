@@ -7,7 +7,9 @@ A run directory holds:
   (with the ``Optimizer.version`` that wrote it), plugin versions; :func:`load` rebuilds the
   module from it (load the original model source, re-apply each step's structural transform,
   load the weights);
-* ``report.json``, ``report.md``: the report; ``recipe.json``: the resolved recipe.
+* ``report.json``, ``report.md``: the report; ``recipe.json``: the resolved recipe;
+* ``backend/<role>/...``: what the backend saved while preparing each role's model
+  (``PrepareContext.artifact_path``), listed in the report's ``artifacts["backend"]``.
 
 The directory is written under a temporary name and renamed into place, so an interrupted run
 never leaves a half-written model that :func:`load` would accept.
@@ -29,6 +31,7 @@ from . import _options as options
 if TYPE_CHECKING:
     import torch
 
+    from inferopt._prepare import Preparer
     from inferopt._registry import Registry
     from inferopt._report import Report
 
@@ -74,7 +77,8 @@ def save_model(model: torch.nn.Module, path: Path) -> None:
 
 
 def save_run(
-    out_dir: Path, model: torch.nn.Module, report: Report, ctx: SavingRun, overwrite: bool
+    out_dir: Path, model: torch.nn.Module, report: Report, ctx: SavingRun, overwrite: bool,
+    backend_artifacts: Preparer | None = None,
 ) -> None:
     from inferopt._run_dir import put_in_place, staging_dir
 
@@ -93,7 +97,8 @@ def save_run(
                 {"name": r.name, "options": r.options, "state": r.state,
                  "optimizer_version": r.optimizer_version, "plugin": r.plugin,
                  "distribution": r.distribution, "version": r.version}
-                for r in report.steps if not r.failed  # undone by --keep-going
+                # undone by --keep-going, or skipped because the backend cannot run them
+                for r in report.steps if not r.failed and not r.refused
             ],
         }
         report.artifacts = {
@@ -104,6 +109,10 @@ def save_run(
             "markdown": str(out_dir / "report.md"),
             "recipe": str(out_dir / "recipe.json"),
         }
+        if backend_artifacts is not None:
+            listing = backend_artifacts.move_into(tmp, out_dir)
+            if listing:
+                report.artifacts["backend"] = listing
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         (tmp / "recipe.json").write_text(
             json.dumps({"recipe": report.recipe, "plugins": report.plugins}, indent=2) + "\n"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Collection
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
@@ -150,6 +151,60 @@ class RunInfo:
     warn: Callable[[str], None]
 
 
+def _default_log() -> FilteringBoundLogger:
+    from inferopt._logging import get_logger
+
+    return get_logger()
+
+
+@attrs.define
+class PrepareContext:
+    """What :meth:`Backend.prepare` gets besides the model.
+
+    ``example_inputs`` are the inputs of the run's first eval batch, already on the backend's
+    device (trace, export or warm up with them); ``role`` is ``"baseline"`` or ``"optimized"``
+    (the model the steps produced); ``log`` is a logger bound to the run and role;
+    :meth:`warn` adds a warning to the report. :meth:`artifact_path` gives a path where the
+    backend may write what it built (``model.onnx``, an engine); the run moves these files
+    into its directory as ``backend/<role>/<name>`` and lists them in the report.
+
+    Every field has a default so that a plugin's own tests can build one:
+    ``PrepareContext(example_inputs=x)``; artifacts then go to a temporary folder.
+    """
+
+    example_inputs: Any = None
+    role: str = "baseline"
+    log: FilteringBoundLogger = attrs.field(factory=_default_log)
+    #: where this prepare's artifacts are staged (None: a temporary folder, made on first use)
+    artifact_dir: Path | None = None
+    warnings: list[str] = attrs.field(factory=list)
+
+    def warn(self, message: str) -> None:
+        """Record a warning that the report shows (and log it)."""
+        self.warnings.append(message)
+        self.log.warning(message)
+
+    def artifact_path(self, name: str) -> Path:
+        """A path for the artifact ``name`` (``"model.onnx"``, ``"engine/plan.bin"``): write
+        the file there during ``prepare``. A run that saves moves it into its directory at
+        ``backend/<role>/<name>``; a run that does not save (``save=False``) deletes it at the
+        end. Only the last prepare of each role is kept: the one whose model was measured."""
+        from inferopt._errors import PluginError
+
+        parts = PurePosixPath(name).parts
+        if not name or name.startswith("/") or "\\" in name or any(
+                p in ("", ".", "..") or ":" in p for p in parts):
+            raise PluginError(f"artifact name {name!r} must be a relative path such as "
+                              "'model.onnx' or 'engine/plan.bin', without '..'")
+        if self.artifact_dir is None:
+            import tempfile
+
+            self.artifact_dir = Path(tempfile.mkdtemp(prefix="inferopt-artifacts-"))
+        path = self.artifact_dir.joinpath(*parts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+
 class BatchFailed(Exception):
     """The model raised on eval batch ``index`` (``cause``) in :meth:`Backend.run_all`."""
 
@@ -283,13 +338,29 @@ class Optimizer(abc.ABC):
 
 
 class Backend(abc.ABC):
-    """Where a model runs. Subclasses are attrs classes; their fields are options."""
+    """Where a model runs. Subclasses are attrs classes; their fields are options.
+
+    :meth:`prepare` turns the torch model into whatever the backend runs (the module itself,
+    a compiled module, a runtime session); the pipeline and the metrics only hand that object
+    back to :meth:`forward`. Preparing is not timed, so compile, export and warm up there.
+    """
 
     name: ClassVar[str]
     summary: ClassVar[str] = ""
+    #: True when the prepared object is the torch module (or offers its ``parameters()``,
+    #: ``buffers()`` and ``state_dict()``), so metrics that look inside it can run; a backend
+    #: whose prepared object is something else (a runtime session) sets it False, and metrics
+    #: with ``needs_modules`` are skipped with that reason instead of reporting 0
+    exposes_modules: ClassVar[bool] = True
 
     def available(self) -> str | None:
         """None when this backend can run here; otherwise the reason it cannot."""
+        return None
+
+    def refuses(self, optimizer: Optimizer) -> str | None:
+        """None when this backend can run a model that ``optimizer`` produced; otherwise the
+        reason it cannot (say what to do instead). The run skips such a step before applying
+        it, and the report blames the backend, not the step. The default refuses nothing."""
         return None
 
     @property
@@ -297,16 +368,20 @@ class Backend(abc.ABC):
         return "cpu"
 
     @abc.abstractmethod
-    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Move the model where it runs and put it in inference mode."""
+    def prepare(self, model: torch.nn.Module, ctx: PrepareContext) -> Any:
+        """Make ``model`` ready to run here (move it, put it in inference mode, compile or
+        export it) and return what :meth:`forward` runs. Called once per model and role
+        (``ctx.role``), outside every timing. ``prepare(self, model)`` without ``ctx`` still
+        works but is deprecated."""
 
     def to_device(self, obj: Any) -> Any:
         from inferopt._model_io import move_to
 
         return move_to(obj, self.device)
 
-    def forward(self, prepared: torch.nn.Module, inputs: Any) -> Any:
-        """Run one batch of inputs (already on the device) and return the model's outputs."""
+    def forward(self, prepared: Any, inputs: Any) -> Any:
+        """Run one batch of inputs (already on the device) through what :meth:`prepare`
+        returned and return the model's outputs."""
         import torch
 
         from inferopt._model_io import call_model
@@ -362,7 +437,7 @@ class Backend(abc.ABC):
         same order, and it returns once all have (so it also lines them up)."""
         return [obj]
 
-    def run_all(self, prepared: torch.nn.Module, batches: list[Batch]) -> list[Any]:
+    def run_all(self, prepared: Any, batches: list[Batch]) -> list[Any]:
         """Outputs of every batch, on the CPU and in the order given: each worker runs its
         :meth:`shard_indices` and the outputs are gathered, so every worker gets them all."""
         from inferopt._model_io import move_to
@@ -412,6 +487,11 @@ class Metric(abc.ABC):
     primary: ClassVar[str] = ""
     higher_is_better: ClassVar[bool] = True
     needs_labels: ClassVar[bool] = False
+    #: True when ``measure`` looks inside the prepared model (its parameters, buffers or
+    #: modules) instead of only running it through ``backend.forward``: the metric is then
+    #: skipped, with the reason in the report, on a backend that does not expose modules
+    needs_modules: ClassVar[bool] = False
+
     quantities: ClassVar[dict[str, Quantity]] = {}
     gates: ClassVar[dict[str, Gate]] = {}
 

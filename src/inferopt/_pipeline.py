@@ -41,6 +41,7 @@ from inferopt._errors import (
 )
 from inferopt._logging import get_logger
 from inferopt._manager import PluginManager
+from inferopt._prepare import Preparer, backend_refuses
 from inferopt._recipe import Recipe, Spec
 from inferopt._registry import Entry, Registry, load_plugins
 from inferopt._report import Report, StepRecord
@@ -82,6 +83,7 @@ class RunContext:
     out_dir_existed: bool = False
     out_dir: Path | None = None
     warnings: list[str] = attrs.field(factory=list)
+    preparer: Preparer | None = None  # set once the data is loaded
 
 
 def run_info(ctx: RunContext) -> RunInfo:
@@ -276,6 +278,9 @@ def run(
         raise StepFailed(
             f"{_describe(exc)} was raised during {ctx.phase} (by the model's code or a "
             f"plugin, not by inferopt); {_interrupted(ctx).split(': ', 1)[1]}") from exc
+    finally:
+        if ctx.preparer is not None:  # artifacts a saved run kept were moved out already
+            ctx.preparer.close()
 
 
 def _describe(exc: BaseException) -> str:
@@ -354,8 +359,13 @@ def _run_resolved(ctx: RunContext, model: Any, data: Any, registry: Registry,
     _check_metrics_applicable(ctx)
     manager.notify("inferopt_run_start", _observer_error(ctx), run=run_info(ctx))
 
+    probe = backend.to_device(ctx.data.eval[0].inputs)
+    ctx.phase = "preparing the model on the backend"
+    ctx.preparer = Preparer(backend, probe, log, ctx.warnings,
+                            f" (plugin {ctx.backend.entry.plugin!r} from "
+                            f"{_provider(ctx.backend.entry)})")
     try:
-        prepared = backend.prepare(model)
+        prepared = ctx.preparer.prepare(model, "baseline")
     except InferoptError:
         raise
     except Exception as exc:  # a broken backend plugin is named, not a bare traceback
@@ -363,7 +373,6 @@ def _run_resolved(ctx: RunContext, model: Any, data: Any, registry: Registry,
             f"backend {backend.name!r} (plugin {ctx.backend.entry.plugin!r} from "
             f"{_provider(ctx.backend.entry)}) failed to prepare the model: "
             f"{type(exc).__name__}: {exc}") from exc
-    probe = backend.to_device(ctx.data.eval[0].inputs)
     try:
         probe_out = backend.forward(prepared, probe)
     except Exception as exc:
@@ -408,9 +417,15 @@ def _run_resolved(ctx: RunContext, model: Any, data: Any, registry: Registry,
         paired = set()
     baseline, skipped = _measure(ctx, model, prepared, "baseline", baseline_outputs,
                                  skip=paired)
+    baseline_prepared = prepared
+    if baseline_model is not None:
+        # the steps change the copy, so the prepared baseline stays as it was measured and
+        # is not prepared again for the interleaved metrics
+        model, baseline_model = baseline_model, model
 
     model, prepared, records = _run_steps(ctx, model, prepared, probe, signature, baseline,
                                           baseline_outputs)
+    prepared = _prepare_optimized(ctx, model)
 
     ctx.phase = "measuring the optimized model"
     log.info("measuring optimized model")
@@ -418,7 +433,7 @@ def _run_resolved(ctx: RunContext, model: Any, data: Any, registry: Registry,
     comparisons: dict[str, dict[str, Any]] = {}
     if paired:
         assert baseline_model is not None
-        _measure_pairs(ctx, backend.prepare(baseline_model), prepared, paired, baseline,
+        _measure_pairs(ctx, baseline_prepared, prepared, paired, baseline,
                        optimized, comparisons, skipped, baseline_outputs)
         order = [m.spec.name for m in ctx.metrics]
         baseline = {k: baseline[k] for k in order if k in baseline}
@@ -442,13 +457,15 @@ def _run_resolved(ctx: RunContext, model: Any, data: Any, registry: Registry,
         warnings=ctx.warnings + [w for r in records for w in r.warnings],
         descriptions={m.spec.name: m.entry.obj.describe() for m in ctx.metrics},
         main_worker=backend.is_main,
+        prepare_seconds=dict(ctx.preparer.seconds),
     )
     report.gates = _evaluate_gates(recipe, report)
     if out_dir is not None:
         from inferopt._artifacts import save_run
 
         ctx.phase = "saving"
-        save_run(out_dir, model, report, ctx, overwrite=overwrite)
+        save_run(out_dir, model, report, ctx, overwrite=overwrite,
+                 backend_artifacts=ctx.preparer)
         log.info("saved", dir=str(out_dir))
     manager.notify("inferopt_run_end", _observer_error(ctx), run=run_info(ctx),
                    report=report)
@@ -551,6 +568,8 @@ def _measure(
         if metric.needs_labels and not ctx.data.has_labels:
             skipped[m.spec.name] = f"the data {ctx.data_spec!r} has no labels"
             continue
+        if _needs_modules(ctx, m, skipped):
+            continue
         mctx = _metric_context(ctx, m, role, model, outputs)
         backend.gather(None)  # workers start each metric together (throughput runs concurrently)
         with _metric_errors(ctx, m, role, skipped):
@@ -572,6 +591,8 @@ def _measure_pairs(ctx: RunContext, base_prepared: Any, prepared: Any, names: se
         if m.instance.needs_labels and not ctx.data.has_labels:
             skipped[m.spec.name] = f"the data {ctx.data_spec!r} has no labels"
             continue
+        if _needs_modules(ctx, m, skipped):
+            continue
         mctx = _metric_context(ctx, m, "pair", prepared, baseline_outputs)
         with _metric_errors(ctx, m, "pair", skipped):
             result = m.instance.measure_pair(base_prepared, prepared, backend, ctx.data, mctx)
@@ -583,6 +604,19 @@ def _measure_pairs(ctx: RunContext, base_prepared: Any, prepared: Any, names: se
                         _metric_context(ctx, m, role, model, baseline_outputs))
             else:
                 baseline[m.spec.name], optimized[m.spec.name], comparisons[m.spec.name] = result
+
+
+def _needs_modules(ctx: RunContext, m: Resolved, skipped: dict[str, str]) -> bool:
+    """A metric that looks inside the torch model cannot measure what a backend runs when the
+    backend does not expose it: skip it with the reason, rather than report zeros."""
+    backend: Backend = ctx.backend.instance
+    if not getattr(m.instance, "needs_modules", False) or getattr(backend, "exposes_modules",
+                                                                   True):
+        return False
+    skipped[m.spec.name] = (f"not measurable on backend {backend.name!r}: it runs the model "
+                            "as something other than torch modules, and this metric looks "
+                            "inside the modules")
+    return True
 
 
 @contextlib.contextmanager
@@ -614,9 +648,21 @@ def _run_steps(ctx: RunContext, model: Any, prepared: Any, probe: Any, signature
     records: list[StepRecord] = []
     for step in ctx.steps:
         ctx.phase = f"step {step.index} {step.spec.name!r}"
+        refused = backend_refuses(backend, step.instance)
+        if refused:  # skipped before it runs: the backend's limit, not the step's failure
+            ctx.log.warning("step skipped: the backend cannot run its result",
+                            step=step.index, optimizer=step.spec.name, reason=refused)
+            records.append(StepRecord(
+                index=step.index, name=step.spec.name, options=_options_of(step.instance),
+                plugin=step.entry.plugin, distribution=step.entry.distribution,
+                version=step.entry.version, kind=str(getattr(step.instance, "kind", "") or ""),
+                refused=refused))
+            continue
         before = _copy_for_undo(ctx, step, model) if ctx.recipe.keep_going else None
         try:
             new_model, rec = _apply_step(ctx, step, model)
+            assert ctx.preparer is not None
+            ctx.preparer.changed(model)  # the step may have changed it in place
             new_prepared = _prepare_stepped(ctx, step, new_model)
             _check_step(ctx, step, new_model, new_prepared, probe, signature, baseline,
                         baseline_outputs)
@@ -630,7 +676,7 @@ def _run_steps(ctx: RunContext, model: Any, prepared: Any, probe: Any, signature
                 plugin=step.entry.plugin, distribution=step.entry.distribution,
                 version=step.entry.version, kind=str(getattr(step.instance, "kind", "") or ""),
                 failed=str(exc)))
-            model, prepared = before, backend.prepare(before)
+            model, prepared = before, _prepare_optimized(ctx, before)
             continue
         model, prepared = new_model, new_prepared
         records.append(rec)
@@ -639,9 +685,24 @@ def _run_steps(ctx: RunContext, model: Any, prepared: Any, probe: Any, signature
     return model, prepared, records
 
 
-def _prepare_stepped(ctx: RunContext, step: Resolved, model: Any) -> Any:
+def _prepare_optimized(ctx: RunContext, model: Any) -> Any:
+    """The optimized model, prepared (from the cache when the last step's check prepared it)."""
+    assert ctx.preparer is not None
     try:
-        return ctx.backend.instance.prepare(model)
+        return ctx.preparer.prepare(model, "optimized")
+    except InferoptError:
+        raise
+    except Exception as exc:
+        raise PluginError(
+            f"backend {ctx.backend.spec.name!r} (plugin {ctx.backend.entry.plugin!r} from "
+            f"{_provider(ctx.backend.entry)}) failed to prepare the optimized model: "
+            f"{type(exc).__name__}: {exc}") from exc
+
+
+def _prepare_stepped(ctx: RunContext, step: Resolved, model: Any) -> Any:
+    assert ctx.preparer is not None
+    try:
+        return ctx.preparer.prepare(model, "optimized")
     except InferoptError:
         raise
     except Exception as exc:  # the step left something the backend cannot take

@@ -35,6 +35,8 @@ class StepRecord:
     kind: str = ""
     failed: str | None = None  # why the step failed (--keep-going undid it and went on)
     optimizer_version: int = 1  # Optimizer.version, saved with the state (inferopt.json)
+    # why the backend cannot run what this step produces (the step was skipped, not run)
+    refused: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -47,6 +49,7 @@ class StepRecord:
             "seconds": round(self.seconds, 4),
             "kind": self.kind,
             "failed": self.failed,
+            "refused": self.refused,
             "details": self.details,
             "warnings": self.warnings,
         }
@@ -65,7 +68,8 @@ class Report:
     steps: list[StepRecord]
     environment: dict[str, Any]
     comparisons: dict[str, dict[str, Any]] = attrs.field(factory=dict)
-    artifacts: dict[str, str] = attrs.field(factory=dict)
+    # file paths by name; "backend" holds the backend's own: role -> name -> path
+    artifacts: dict[str, Any] = attrs.field(factory=dict)
     skipped_metrics: dict[str, str] = attrs.field(factory=dict)
     warnings: list[str] = attrs.field(factory=list)
     gates: list[dict[str, Any]] = attrs.field(factory=list)
@@ -74,6 +78,8 @@ class Report:
     descriptions: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     # False in the other workers of a torchrun launch: only the main one prints and saves
     main_worker: bool = True
+    # seconds the backend took to prepare (compile, export) each role's measured model, untimed
+    prepare_seconds: dict[str, float] = attrs.field(factory=dict)
 
     @property
     def failed_steps(self) -> list[StepRecord]:
@@ -150,6 +156,7 @@ class Report:
             "skipped_metrics": self.skipped_metrics,
             "warnings": self.warnings,
             "environment": self.environment,
+            "prepare_seconds": {k: round(v, 4) for k, v in self.prepare_seconds.items()},
             "artifacts": self.artifacts,
         })
 
@@ -208,8 +215,7 @@ class Report:
         for row in self.rows():
             table.add_row(*row)
         console.print(table)
-        steps = ", ".join(f"{s.name} ({'FAILED, undone' if s.failed else f'{s.seconds:.2f}s'})"
-                          for s in self.steps) or "none"
+        steps = ", ".join(f"{s.name} ({_step_state(s)})" for s in self.steps) or "none"
         console.print(f"steps: {steps}")
         for s in self.steps:
             if s.details.get("summary"):
@@ -239,6 +245,7 @@ class Report:
         for s in self.steps:
             lines.append(f"- `{s.name}` {s.options or ''} — "
                          + (f"FAILED and undone: {s.failed}" if s.failed
+                            else f"skipped: {s.refused}" if s.refused
                             else f"{s.seconds:.2f} s"))
             if s.details.get("summary"):
                 lines.append(f"  - {s.details['summary']}")
@@ -263,7 +270,9 @@ def _findings(report: Report, v: dict[str, Any]) -> list[dict[str, str]]:
     out: list[dict[str, str]] = [
         {"finding": f"step {s.index} {s.name!r} failed and was undone", "cause": s.failed}
         for s in report.steps if s.failed]
-    kinds = {s.kind for s in report.steps if not s.failed}
+    out += [{"finding": f"step {s.index} {s.name!r} skipped: the backend cannot run it",
+             "cause": s.refused} for s in report.steps if s.refused]
+    kinds = {s.kind for s in report.steps if not s.failed and not s.refused}
     not_faster = v.get("latency") in ("no measurable change", "slower")
     if v.get("latency") == "slower":
         slow_warnings = [w for s in report.steps for w in s.warnings
@@ -293,6 +302,14 @@ def _findings(report: Report, v: dict[str, Any]) -> list[dict[str, str]]:
                 "options (skip sensitive layers, lower sparsity, more calibration data) or "
                 "fine-tuning")})
     return out
+
+
+def _step_state(step: StepRecord) -> str:
+    if step.failed:
+        return "FAILED, undone"
+    if step.refused:
+        return "skipped: the backend cannot run it"
+    return f"{step.seconds:.2f}s"
 
 
 def finite_json(obj: Any) -> Any:

@@ -261,10 +261,22 @@ class _EagerBackend:
         class EagerCpu(inferopt.Backend):
             name = "inferopt-testing-eager"
 
-            def prepare(self, model: Any) -> Any:
+            def prepare(self, model: Any, ctx: Any) -> Any:
                 return model.to("cpu").eval()
 
         return EagerCpu()
+
+
+def _prepare(backend: Any, model: Any, inputs: Any, role: str) -> Any:
+    """``backend.prepare`` as a run calls it: with a PrepareContext (example inputs on the
+    backend's device, the role), or the deprecated one-argument form."""
+    import inferopt
+    from inferopt._prepare import takes_context
+
+    if not takes_context(backend):
+        return backend.prepare(model)
+    ctx = inferopt.PrepareContext(example_inputs=backend.to_device(inputs), role=role)
+    return backend.prepare(model, ctx)
 
 
 def _instance(obj: Any, kind: str, fixture: str) -> Any:
@@ -322,7 +334,7 @@ def inferopt_backend_contract() -> Callable[..., BackendContractResult]:
         reference = build().eval()
         with torch.inference_mode():
             expected = [call_model(reference, b.inputs) for b in batches.eval]
-        prepared = instance.prepare(build())
+        prepared = _prepare(instance, build(), batches.eval[0].inputs, "baseline")
         outputs = []
         for i, batch in enumerate(batches.eval):
             out = instance.forward(prepared, instance.to_device(batch.inputs))
@@ -396,9 +408,9 @@ def inferopt_metric_contract() -> Callable[..., dict[str, Any]]:
         baseline_model = build()
         optimized_model = (_perturbed(baseline_model) if optimized is None
                            else _factory(optimized, "inferopt_metric_contract")())
-        base_prepared = runner.prepare(baseline_model)
+        base_prepared = _prepare(runner, baseline_model, batches.eval[0].inputs, "baseline")
         baseline_outputs = runner.run_all(base_prepared, batches.eval)
-        opt_prepared = runner.prepare(optimized_model)
+        opt_prepared = _prepare(runner, optimized_model, batches.eval[0].inputs, "optimized")
 
         def context(role: str, model: Any) -> Any:
             return inferopt.MetricContext(

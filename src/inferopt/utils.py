@@ -15,6 +15,8 @@ Rewriting models
     :func:`set_submodule`, :func:`device_of`, :func:`require_swappable`
 Observing layers on calibration data
     :class:`InputObserver`, :func:`run_with_input_hooks`, :func:`observe_inputs`
+Backends
+    :func:`backend_refuses` (whether a backend can run what an optimizer produces, and why not)
 Cost of a model
     :func:`count_macs`, :func:`macs_per_sample`, :func:`parameter_count`,
     :func:`weight_sparsity`, :class:`MacCount`, :func:`no_fast_path`,
@@ -47,6 +49,7 @@ _WHERE = {
     "require_swappable": "_model_surgery",
     "InputObserver": "_calibration", "run_with_input_hooks": "_calibration",
     "observe_inputs": "_calibration",
+    "backend_refuses": "_prepare",
     "count_macs": "_model_cost", "macs_per_sample": "_model_cost",
     "parameter_count": "_model_cost", "weight_sparsity": "_model_cost",
     "MacCount": "_model_cost", "no_fast_path": "_model_cost",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from inferopt._contract import Batch
+from inferopt._contract import Batch, PrepareContext
 from inferopt.plugins.backends.data_parallel import DataParallelBackend
 from inferopt.plugins.backends.model_parallel import ModelParallelBackend
 
@@ -62,17 +62,17 @@ def main(out: Path) -> None:
     dp = DataParallelBackend()
     recorder = IdRecorder()
     model = torch.nn.Sequential(recorder, small_model())
-    outputs = dp.run_all(dp.prepare(model), data)
+    outputs = dp.run_all(dp.prepare(model, PrepareContext()), data)
     seen = dp.gather(recorder.seen)
     result = {"rank": dp.rank, "world": dp.world_size, "seen": seen}
     mp_auto = ModelParallelBackend(microbatches=4)
-    auto_prepared = mp_auto.prepare(small_model())
+    auto_prepared = mp_auto.prepare(small_model(), PrepareContext())
     auto_out = mp_auto.run_all(auto_prepared, data)
     mp_named = ModelParallelBackend(split=("4",), microbatches=2)
-    named_prepared = mp_named.prepare(small_model())
+    named_prepared = mp_named.prepare(small_model(), PrepareContext())
     named_out = mp_named.run_all(named_prepared, data)
     mp_pair = ModelParallelBackend(split=("head",), microbatches=2)
-    pair_out = mp_pair.run_all(mp_pair.prepare(TwoOutputs()), data)
+    pair_out = mp_pair.run_all(mp_pair.prepare(TwoOutputs(), PrepareContext()), data)
     result["auto_split"] = auto_prepared.split_points
     result["named_split"] = named_prepared.split_points
     if dp.is_main:

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from inferopt._contract import Batch
+from inferopt._contract import Batch, PrepareContext
 from inferopt._errors import UsageError
 from inferopt.plugins.backends import stage_split
 from inferopt.plugins.backends.cpu import CpuBackend
@@ -31,7 +31,7 @@ def reference() -> torch.Tensor:
 
 def test_cpu_bf16_autocast_runs_in_bfloat16_close_to_fp32() -> None:
     backend = CpuBackend(autocast="bf16")
-    out = torch.cat(backend.run_all(backend.prepare(small_model()), batches()))
+    out = torch.cat(backend.run_all(backend.prepare(small_model(), PrepareContext()), batches()))
     assert out.dtype == torch.bfloat16
     assert (out.float() - reference()).abs().max() < 0.05
     facts = backend.describe()
@@ -69,7 +69,7 @@ def test_single_process_backend_under_torchrun_is_refused(cli) -> None:
 
 def test_data_parallel_over_devices_matches_one_device() -> None:
     backend = DataParallelBackend(devices=("cpu", "cpu"))
-    out = backend.run_all(backend.prepare(small_model()), batches())
+    out = backend.run_all(backend.prepare(small_model(), PrepareContext()), batches())
     assert (torch.cat(out) - reference()).abs().max() <= 1e-5
     assert [o.shape[0] for o in out] == [b.size for b in batches()]
 
@@ -86,7 +86,7 @@ def test_data_parallel_run_reports_every_sample(cli) -> None:
 @pytest.mark.parametrize("microbatches", [1, 4])
 def test_model_parallel_over_devices_matches_unsplit(microbatches: int) -> None:
     backend = ModelParallelBackend(devices=("cpu", "cpu"), microbatches=microbatches)
-    prepared = backend.prepare(small_model())
+    prepared = backend.prepare(small_model(), PrepareContext())
     out = backend.run_all(prepared, batches())
     assert (torch.cat(out) - reference()).abs().max() <= 1e-5
     assert len(prepared.split_points) == 1
@@ -105,7 +105,7 @@ def test_model_parallel_keeps_the_models_output_structure() -> None:
     model = DictOut().eval()
     backend = ModelParallelBackend(devices=("cpu", "cpu"), microbatches=2)
     x = torch.randn(4, 4)
-    out = backend.forward(backend.prepare(model), x)
+    out = backend.forward(backend.prepare(model, PrepareContext()), x)
     assert isinstance(out, dict) and list(out) == ["logits", "hidden"]
     with torch.no_grad():
         ref = model(x)
@@ -115,7 +115,7 @@ def test_model_parallel_keeps_the_models_output_structure() -> None:
 
 def test_model_parallel_split_given_by_name() -> None:
     backend = ModelParallelBackend(devices=("cpu", "cpu", "cpu"), split=("4", "2"))
-    prepared = backend.prepare(small_model())
+    prepared = backend.prepare(small_model(), PrepareContext())
     out = backend.forward(prepared, batches()[0].inputs)
     assert (out - reference()[:8]).abs().max() <= 1e-5
     assert prepared.split_points == ["2", "4"]  # put in the order they run
@@ -124,19 +124,19 @@ def test_model_parallel_split_given_by_name() -> None:
 def test_bad_split_point_names_the_modules() -> None:
     backend = ModelParallelBackend(devices=("cpu", "cpu"), split=("layer9",))
     with pytest.raises(UsageError, match=r"'layer9' is not a module name.*0, 1, 2"):
-        backend.forward(backend.prepare(small_model()), batches()[0].inputs)
+        backend.forward(backend.prepare(small_model(), PrepareContext()), batches()[0].inputs)
 
 
 def test_split_count_must_match_stages() -> None:
     backend = ModelParallelBackend(devices=("cpu", "cpu"), split=("2", "4"))
     with pytest.raises(UsageError, match="make 3 stages, but devices= lists 2"):
-        backend.forward(backend.prepare(small_model()), batches()[0].inputs)
+        backend.forward(backend.prepare(small_model(), PrepareContext()), batches()[0].inputs)
 
 
 def test_more_stages_than_layers_is_a_clear_error() -> None:
     backend = ModelParallelBackend(devices=("cpu",) * 9)
     with pytest.raises(UsageError, match="cannot be cut into 9 stages"):
-        backend.forward(backend.prepare(small_model()), batches()[0].inputs)
+        backend.forward(backend.prepare(small_model(), PrepareContext()), batches()[0].inputs)
 
 
 def test_automatic_split_balances_parameters() -> None:
@@ -193,7 +193,7 @@ def test_batches_fewer_than_workers_is_a_clear_error() -> None:
 def test_default_run_all_keeps_order() -> None:
     backend = CpuBackend()
     data = [Batch(torch.full((2, 16), float(i))) for i in range(3)]
-    out = backend.run_all(backend.prepare(small_model()), data)
+    out = backend.run_all(backend.prepare(small_model(), PrepareContext()), data)
     with torch.inference_mode():
         for b, o in zip(data, out, strict=True):
             assert torch.equal(o, small_model()(b.inputs))
@@ -209,7 +209,7 @@ def test_cuda_matches_cpu(options: dict) -> None:
     from inferopt.plugins.backends.cuda import CudaBackend
 
     backend = CudaBackend(**options)
-    out = backend.run_all(backend.prepare(small_model()), batches())
+    out = backend.run_all(backend.prepare(small_model(), PrepareContext()), batches())
     tolerance = 2e-2 if options.get("autocast") else 1e-3
     assert (torch.cat(out).float() - reference()).abs().max() <= tolerance
     facts = backend.describe()
@@ -243,8 +243,8 @@ def test_cuda_event_timing_waits_for_the_gpu() -> None:
 @needs_gpu
 def test_parallel_backends_in_process_on_cuda() -> None:
     dp = DataParallelBackend(devices=("cuda:0", "cuda:0"))
-    out = dp.run_all(dp.prepare(small_model()), batches())
+    out = dp.run_all(dp.prepare(small_model(), PrepareContext()), batches())
     assert (torch.cat(out) - reference()).abs().max() <= 1e-3
     mp = ModelParallelBackend(devices=("cpu", "cuda:0"))
-    out = mp.run_all(mp.prepare(small_model()), batches())
+    out = mp.run_all(mp.prepare(small_model(), PrepareContext()), batches())
     assert (torch.cat(out) - reference()).abs().max() <= 1e-3

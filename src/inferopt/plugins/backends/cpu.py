@@ -8,7 +8,7 @@ from typing import Any
 
 import attrs
 
-from inferopt import Backend, hookimpl, option
+from inferopt import Backend, PrepareContext, hookimpl, option
 from inferopt.utils import cpu_flags
 
 
@@ -36,7 +36,7 @@ class CpuBackend(Backend):
         help="run matmuls and convolutions in bfloat16 (torch.autocast); fast only on CPUs "
              "with AVX512-BF16 or AMX")
 
-    def prepare(self, model: Any) -> Any:
+    def prepare(self, model: Any, ctx: PrepareContext) -> Any:
         import torch
 
         if self.threads:

@@ -8,7 +8,7 @@ from typing import Any
 
 import attrs
 
-from inferopt import Backend, hookimpl, option
+from inferopt import Backend, PrepareContext, hookimpl, option
 
 
 def cuda_unavailable_reason(index: int = 0) -> str | None:
@@ -74,7 +74,7 @@ class CudaBackend(Backend):
     def device(self) -> str:
         return f"cuda:{self.index}"
 
-    def prepare(self, model: Any) -> Any:
+    def prepare(self, model: Any, ctx: PrepareContext) -> Any:
         import torch
 
         torch.cuda.set_device(self.index)

@@ -20,7 +20,7 @@ from typing import Any
 
 import attrs
 
-from inferopt import Backend, UsageError, hookimpl, option
+from inferopt import Backend, PrepareContext, UsageError, hookimpl, option
 from inferopt.plugins.backends import process_group
 
 MODES_HELP = (
@@ -101,7 +101,7 @@ class DataParallelBackend(process_group.SeveralWorkers, Backend):
             "each process uses device_type=cpu or device_type=cuda (GPU LOCAL_RANK)",
             f"it needs at least two workers: {MODES_HELP}")
 
-    def prepare(self, model: Any) -> Any:
+    def prepare(self, model: Any, ctx: PrepareContext) -> Any:
         import torch
 
         if self.threads:

@@ -24,7 +24,7 @@ from typing import Any
 
 import attrs
 
-from inferopt import Backend, UsageError, hookimpl, option
+from inferopt import Backend, PrepareContext, UsageError, hookimpl, option
 from inferopt.plugins.backends import process_group
 
 MODES_HELP = (
@@ -243,7 +243,7 @@ class ModelParallelBackend(process_group.SeveralWorkers, Backend):
             return dict(process_group.broadcast_object(result, src=0))
         return result
 
-    def prepare(self, model: Any) -> Any:
+    def prepare(self, model: Any, ctx: PrepareContext) -> Any:
         self.rank  # noqa: B018 (joins the process group now, before any tracing)
         return StagedModel(model.to("cpu").eval(), self)  # stages move when traced
 

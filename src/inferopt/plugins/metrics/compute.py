@@ -27,6 +27,7 @@ class ComputeMetric(Metric):
         "parameters": Quantity("count", "lower", "percent", "parameters"),
         "weight_sparsity": Quantity("fraction", None, "points", "zero weights"),
     }
+    needs_modules = True  # runs the modules under torch's flop counter and reads their weights
 
     def measure(self, model: Any, backend: Any, data: Any, ctx: Any) -> dict[str, Any]:
         from inferopt.utils import count_macs, parameter_count, weight_sparsity

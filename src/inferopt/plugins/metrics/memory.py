@@ -124,6 +124,7 @@ class MemoryMetric(Metric):
                                         "peak memory during inference"),
         "weight_bytes": Quantity("bytes", "lower", "percent", "weights in memory"),
     }
+    needs_modules = True  # counts the weights' bytes from the modules' tensors
 
     passes: int = option(1, min=1, help="passes over the eval data while memory is watched")
 

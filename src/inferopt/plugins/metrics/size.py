@@ -24,12 +24,14 @@ class SizeMetric(Metric):
         "exit 1 if optimized size / baseline size (saved weights) is above this"))}
 
     def measure(self, model: Any, backend: Any, data: Any, ctx: Any) -> dict[str, Any]:
-        from inferopt.utils import state_dict_for_saving
+        from safetensors.torch import load
 
         blob = ctx.saved_weights()
+        # what was saved, read back: the torch model's weights whatever the backend runs
+        tensors = list(load(blob).values())
         by_dtype: dict[str, int] = {}
         tensor_bytes = 0
-        for tensor in state_dict_for_saving(model).values():
+        for tensor in tensors:
             key = str(tensor.dtype).replace("torch.", "")
             nbytes = tensor.numel() * tensor.element_size()
             by_dtype[key] = by_dtype.get(key, 0) + nbytes
@@ -38,7 +40,7 @@ class SizeMetric(Metric):
             "bytes": len(blob),
             "tensor_bytes": tensor_bytes,
             # stored values of every tensor (an int8 weight counts once, like a float one)
-            "elements": sum(t.numel() for t in state_dict_for_saving(model).values()),
+            "elements": sum(t.numel() for t in tensors),
         }
         result.update({f"bytes_{k}": v for k, v in sorted(by_dtype.items())})
         ctx.log.info("size", bytes=result["bytes"])

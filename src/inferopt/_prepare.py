@@ -1,0 +1,137 @@
+"""Preparing models on the run's backend: once per model and role, untimed, with the backend's
+artifacts staged for the run directory; and what a backend refuses to run.
+
+The pipeline asks a :class:`Preparer` for every prepared model. It hands the backend a
+:class:`~inferopt._contract.PrepareContext`, times the call (outside every measurement), keeps
+the prepared object per model and role so that an unchanged model is never prepared twice, and
+stages the files the backend writes with ``ctx.artifact_path`` until the run is saved.
+"""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from inferopt._contract import Backend, Optimizer, PrepareContext
+
+ROLES = ("baseline", "optimized")
+#: where a saved run keeps the backend's artifacts: ``backend/<role>/<name>``
+ARTIFACTS_DIR = "backend"
+
+
+def takes_context(backend: Backend) -> bool:
+    """Whether ``backend.prepare`` accepts ``(model, ctx)``; False for the deprecated
+    one-argument form ``prepare(self, model)`` of backends written before the context."""
+    try:
+        signature = inspect.signature(backend.prepare)
+    except (TypeError, ValueError):  # a builtin or C callable: assume the current form
+        return True
+    positional = 0
+    for p in signature.parameters.values():
+        if p.kind is p.VAR_POSITIONAL:
+            return True
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            positional += 1
+    return positional >= 2 or "ctx" in signature.parameters
+
+
+def backend_refuses(backend: Backend, optimizer: Optimizer) -> str | None:
+    """None when ``backend`` can run a model that ``optimizer`` produced; otherwise a sentence
+    that names the backend and gives its reason (what the report and ``tune`` show)."""
+    try:
+        reason = backend.refuses(optimizer)
+    except Exception as exc:  # a broken refuses() must not stop the run: take it as a refusal
+        reason = f"its refuses() raised {type(exc).__name__}: {exc}"
+    if not reason:
+        return None
+    return (f"backend {backend.name!r} cannot run models that {optimizer.name!r} produces: "
+            f"{reason}")
+
+
+class Preparer:
+    """Prepares models on one run's backend.
+
+    ``prepare(model, role)`` returns the backend's prepared object, from the cache when this
+    model object was already prepared for this role and has not changed since (a step that
+    may have changed it in place calls :meth:`changed`). ``seconds[role]`` is how long the last
+    prepare of each role took (the prepare of the model that was measured).
+    """
+
+    def __init__(self, backend: Backend, example_inputs: Any, log: Any,
+                 warnings: list[str], describe_plugin: str = "") -> None:
+        self.backend = backend
+        self.example_inputs = example_inputs
+        self.log = log
+        self.warnings = warnings
+        self.staging = Path(tempfile.mkdtemp(prefix="inferopt-backend-artifacts-"))
+        self.seconds: dict[str, float] = {}
+        self.count: dict[str, int] = {}
+        self._cache: dict[str, tuple[Any, Any]] = {}  # role -> (model, prepared)
+        self._with_context = takes_context(backend)
+        if not self._with_context:
+            message = (f"backend {backend.name!r}{describe_plugin} implements prepare(model) "
+                       "without a context; that form is deprecated: accept "
+                       "prepare(self, model, ctx) (see inferopt.PrepareContext)")
+            warnings.append(message)
+            log.warning(message)
+
+    def prepare(self, model: Any, role: str) -> Any:
+        cached = self._cache.get(role)
+        if cached is not None and cached[0] is model:
+            return cached[1]
+        folder = self.staging / role
+        if folder.exists():  # only the last prepare of a role is kept
+            shutil.rmtree(folder, ignore_errors=True)
+        log = self.log.bind(role=role, backend=self.backend.name)
+        ctx = PrepareContext(example_inputs=self.example_inputs, role=role, log=log,
+                             artifact_dir=folder)
+        start = time.perf_counter()
+        if self._with_context:
+            prepared = self.backend.prepare(model, ctx)
+        else:
+            prepared = self.backend.prepare(model)  # type: ignore[call-arg]
+        self.backend.synchronize()
+        seconds = time.perf_counter() - start
+        log.info("prepared", seconds=round(seconds, 4))
+        self.seconds[role] = seconds
+        self.count[role] = self.count.get(role, 0) + 1
+        self.warnings.extend(f"backend {self.backend.name!r} ({role}): {w}"
+                             for w in ctx.warnings)
+        self._cache[role] = (model, prepared)
+        return prepared
+
+    def changed(self, model: Any) -> None:
+        """``model`` may have changed in place (a step ran on it): prepare it afresh."""
+        for role, (cached, _) in list(self._cache.items()):
+            if cached is model:
+                del self._cache[role]
+
+    def artifacts(self) -> dict[str, list[str]]:
+        """The staged files per role, as paths relative to the role's folder."""
+        out: dict[str, list[str]] = {}
+        for role in ROLES:
+            folder = self.staging / role
+            files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                           if p.is_file()) if folder.is_dir() else []
+            if files:
+                out[role] = files
+        return out
+
+    def move_into(self, run_dir: Path, final_dir: Path) -> dict[str, dict[str, str]]:
+        """Move the staged artifacts into ``run_dir`` (a run directory being written) and
+        return their listing for the report: role -> name -> path under ``final_dir``."""
+        listing: dict[str, dict[str, str]] = {}
+        for role, names in self.artifacts().items():
+            (run_dir / ARTIFACTS_DIR).mkdir(exist_ok=True)
+            shutil.move(str(self.staging / role), str(run_dir / ARTIFACTS_DIR / role))
+            listing[role] = {name: str(final_dir / ARTIFACTS_DIR / role / name)
+                             for name in names}
+        return listing
+
+    def close(self) -> None:
+        """Delete the staging folder (a run that does not save keeps no artifact)."""
+        shutil.rmtree(self.staging, ignore_errors=True)
