@@ -574,6 +574,7 @@ def _measure(
         backend.gather(None)  # workers start each metric together (throughput runs concurrently)
         with _metric_errors(ctx, m, role, skipped):
             result = metric.measure(prepared, backend, data, mctx)
+            _checked(ctx, m, result, f"on the {role}")
             results[m.spec.name] = backend.aggregate(metric, result)
     return results, skipped
 
@@ -599,11 +600,29 @@ def _measure_pairs(ctx: RunContext, base_prepared: Any, prepared: Any, names: se
             if result is None:  # the metric chose to measure each model on its own
                 for role, model, into in (("baseline", base_prepared, baseline),
                                           ("optimized", prepared, optimized)):
-                    into[m.spec.name] = m.instance.measure(
+                    measured = m.instance.measure(
                         model, backend, ctx.data,
                         _metric_context(ctx, m, role, model, baseline_outputs))
+                    _checked(ctx, m, measured, f"on the {role}")
+                    into[m.spec.name] = measured
             else:
+                if not isinstance(result, tuple | list) or len(result) != 3:
+                    raise ValueError("measure_pair() must return (baseline, optimized, "
+                                     f"comparison) or None, not {type(result).__name__}")
+                for part, role in zip(result, ("baseline", "optimized", "comparison"),
+                                      strict=True):
+                    _checked(ctx, m, part, f"from measure_pair ({role})")
                 baseline[m.spec.name], optimized[m.spec.name], comparisons[m.spec.name] = result
+
+
+def _checked(ctx: RunContext, m: Resolved, result: Any, what: str) -> None:
+    """A metric's result is checked where it enters the report (ValueError: the metric is
+    skipped with a warning naming its plugin, see _metric_errors); NaNs are kept, and said."""
+    from inferopt._metric_values import check_result
+
+    for warning in check_result(result, f"metric {m.spec.name!r} {what}"):
+        ctx.warnings.append(warning)
+        ctx.log.warning(warning)
 
 
 def _needs_modules(ctx: RunContext, m: Resolved, skipped: dict[str, str]) -> bool:

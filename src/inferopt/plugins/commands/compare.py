@@ -29,7 +29,31 @@ def load_report(path: str | Path) -> dict[str, Any]:
         found = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
         raise UsageError(f"{file}: not an inferopt report (schema {found!r}; expected "
                          f"{SCHEMA!r})")
+    _check_shape(doc, file)
     return doc
+
+
+def _check_shape(doc: dict[str, Any], file: Path) -> None:
+    """The parts of a report compare reads, checked, so that an edited or damaged report is
+    one error naming the file and the field, not a traceback."""
+    for side in ("baseline", "optimized"):
+        part = doc.get(side)
+        if not isinstance(part, dict) or not isinstance(part.get("metrics"), dict):
+            raise UsageError(f"{file}: field {side!r} must be an object with 'metrics' (found "
+                             f"{type(part).__name__}); was the report edited or cut short?")
+        for name, values in part["metrics"].items():
+            if not isinstance(values, dict):
+                raise UsageError(f"{file}: field {side}.metrics.{name} must be an object, not "
+                                 f"{type(values).__name__}")
+    steps = doc.get("steps", [])
+    if not isinstance(steps, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("name"), str)
+            and isinstance(s.get("options", {}), dict) for s in steps):
+        raise UsageError(f"{file}: field 'steps' must be a list of objects with a 'name'")
+    for key in ("comparisons", "metrics", "verdict"):
+        if doc.get(key) is not None and not isinstance(doc[key], dict):
+            raise UsageError(f"{file}: field {key!r} must be an object, not "
+                             f"{type(doc[key]).__name__}")
 
 
 FIXED = ("run", "steps")
