@@ -84,3 +84,25 @@ def test_bad_demo_options_are_usage_errors():
         load("demo:digits-mlp:retrain=maybe")
     with pytest.raises(UsageError, match="unknown demo model"):
         load("demo:digits-cnn")
+
+
+def test_a_truncated_cache_is_trained_again_not_a_broken_demo(tmp_path, monkeypatch):
+    """A copy or a run killed while writing the cache left half a file: the next load trains
+    again instead of failing every demo run from then on."""
+    monkeypatch.setenv("INFEROPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(demo.MODELS, "digits-mlp-small", ((128,), 1, 1))
+    monkeypatch.setattr(demo, "shipped_weights", lambda name: None)
+    load("demo:digits-mlp-small")
+    cached = tmp_path / "digits-mlp-small-v1.safetensors"
+    cached.write_bytes(cached.read_bytes()[:100])
+    model = load("demo:digits-mlp-small")
+    assert dict(model.named_parameters())["0.weight"].shape == (128, 64)
+    assert cached.stat().st_size > 1000  # and the cache is whole again
+
+
+def test_damaged_shipped_weights_say_how_to_recover(tmp_path, monkeypatch):
+    broken = tmp_path / "shipped.safetensors"
+    broken.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    monkeypatch.setattr(demo, "shipped_weights", lambda name: broken)
+    with pytest.raises(UsageError, match="reinstall inferopt"):
+        load("demo:digits-mlp-small")

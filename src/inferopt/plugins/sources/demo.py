@@ -153,8 +153,17 @@ class DemoModels(ModelSource):
         cached = cache_dir() / weights_file(name)
         for path in (shipped, None if opts.retrain else cached):
             if path is not None and path.is_file():
-                model.load_state_dict(load_file(str(path)))
-                return model.eval()
+                try:
+                    model.load_state_dict(load_file(str(path)))
+                    return model.eval()
+                except Exception as exc:  # a file cut short (a killed copy, a full disk)
+                    if path == shipped:
+                        raise UsageError(
+                            f"--model {spec!r}: the demo weights shipped with inferopt "
+                            f"({path}) cannot be read ({type(exc).__name__}); reinstall "
+                            "inferopt, or add :retrain=true") from None
+                    ctx.log.warning("the cached demo weights cannot be read; training again",
+                                    path=str(path), error=f"{type(exc).__name__}: {exc}")
         ctx.log.info("training demo model (cached for next time)", model=name,
                      path=str(cached), retrain=opts.retrain)
         model = train_demo_model(name)
