@@ -204,3 +204,30 @@ def test_a_run_records_how_busy_the_machine_was_and_warns_when_others_compete(tm
 def _spin(stop) -> None:
     while not stop.is_set():
         pass
+
+
+OOM = '''
+import torch
+
+
+class Hungry(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't "
+                           "allocate memory: you tried to allocate 1099511627776 bytes")
+
+
+def build():
+    return Hungry()
+'''
+
+
+def test_out_of_memory_is_an_error_that_says_what_to_do(cli, tmp_path):
+    (tmp_path / "hungry.py").write_text(OOM)
+    result = cli("run", "--model", "hungry.py:build", "--data", "synthetic:shape=4x8",
+                 "--metric", "size")
+    assert result.returncode == 2
+    assert "out of memory during" in result.stderr and "--batch-size" in result.stderr

@@ -272,6 +272,13 @@ def run(
         return _run_resolved(ctx, model, data, registry, manager, overwrite)
     except KeyboardInterrupt:
         raise Interrupted(_interrupted(ctx)) from None
+    except (MemoryError, RuntimeError) as exc:
+        if not isinstance(exc, MemoryError) and not _out_of_memory(exc):
+            raise
+        raise UsageError(
+            f"out of memory during {ctx.phase} ({type(exc).__name__}: {str(exc)[:160]}); "
+            "use a smaller --batch-size or less data, or a machine with more memory; "
+            f"{_interrupted(ctx).split(': ', 1)[1]}") from exc
     except SystemExit as exc:
         # code of the user's or a plugin's called sys.exit(): a run that silently "succeeds"
         # with nothing printed or saved would be worse than an error saying who stopped it
@@ -281,6 +288,11 @@ def run(
     finally:
         if ctx.preparer is not None:  # artifacts a saved run kept were moved out already
             ctx.preparer.close()
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "can't allocate memory" in text or "out of memory" in text
 
 
 def _describe(exc: BaseException) -> str:
@@ -376,6 +388,8 @@ def _run_resolved(ctx: RunContext, model: Any, data: Any, registry: Registry,
     try:
         probe_out = backend.forward(prepared, probe)
     except Exception as exc:
+        if _out_of_memory(exc):
+            raise  # said as such by run(), not as a shape problem
         raise UsageError(
             f"the model {recipe.model!r} failed on the first batch of {ctx.data_spec!r}: "
             f"{type(exc).__name__}: {exc}. Check that the data's shape and dtype fit the model"
@@ -397,7 +411,7 @@ def _run_resolved(ctx: RunContext, model: Any, data: Any, registry: Registry,
     try:
         baseline_outputs = backend.run_all(prepared, ctx.data.eval)
     except BatchFailed as exc:
-        if isinstance(exc.cause, InferoptError):
+        if isinstance(exc.cause, InferoptError) or _out_of_memory(exc.cause):
             raise exc.cause from None
         raise UsageError(
             f"the model {recipe.model!r} failed on batch {exc.index} of {ctx.data_spec!r}: "
