@@ -50,7 +50,8 @@ def test_roundtrip_with_a_model_but_no_data_says_what_to_pass(inferopt_roundtrip
 @pytest.mark.parametrize("backend", [CpuBackend, CpuBackend(threads=1), "cpu"])
 def test_builtin_cpu_backend_keeps_the_contract(inferopt_backend_contract, backend):
     result = inferopt_backend_contract(backend)
-    assert len(result.outputs) == 4 and result.seconds > 0
+    # the 4 tiny batches plus a short last one (5 rows), as a real run often has
+    assert len(result.outputs) == 5 and result.outputs[-1].shape[0] == 5 and result.seconds > 0
     assert result.description["backend"] == "cpu"
 
 
