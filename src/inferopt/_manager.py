@@ -96,11 +96,20 @@ class PluginManager:
         seen: set[str] = set()
         # inferopt's own plugins first: a third-party entry point reusing a built-in's name is
         # the one reported as failed, never the built-in
-        ordered = sorted(_entry_points(), key=lambda e: getattr(e.dist, "name", "") != "inferopt")
-        for ep in ordered:
+        provenance: dict[str, tuple[str, str]] = {}  # each METADATA file read once
+
+        def dist_of(ep: Any) -> tuple[str, str]:
             dist = getattr(ep, "dist", None)
-            dist_name = dist.metadata["Name"] if dist is not None else "?"
-            version = dist.version if dist is not None else "?"
+            if dist is None:
+                return "?", "?"
+            where = str(getattr(dist, "_path", id(dist)))
+            if where not in provenance:
+                provenance[where] = (dist.metadata["Name"], dist.version)
+            return provenance[where]
+
+        ordered = sorted(_entry_points(), key=lambda e: dist_of(e)[0] != "inferopt")
+        for ep in ordered:
+            dist_name, version = dist_of(ep)
             key = f"{ep.name}\0{ep.value}"
             if key in seen:  # the same distribution seen twice on sys.path
                 continue
