@@ -62,3 +62,27 @@ def demo_correct(model: Any, batch_size: int = 64) -> int:
     with torch.inference_mode():
         return sum(int((model(x[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum())
                    for i in range(0, len(y), batch_size))
+
+
+def sh(*args: str, cwd: Path | None = None, pythonpath: Path | None = None,
+       timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    """Run a command with PYTHONPATH extended by ``pythonpath``; output captured as text."""
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def pip_install(package: Path, target: Path) -> None:
+    """A real install: pip builds the wheel and writes the dist-info with its entry points.
+    --target keeps it out of the test environment; deleting the folder uninstalls it. The
+    sources are copied first, because building writes build/ next to them."""
+    import shutil
+
+    source = target.parent / f"src-{package.name}"
+    shutil.copytree(package, source, ignore=shutil.ignore_patterns(
+        "__pycache__", "build", "*.egg-info"))
+    result = sh(sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                "--no-build-isolation", "--target", str(target), str(source))
+    assert result.returncode == 0, result.stderr

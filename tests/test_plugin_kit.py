@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,30 +13,11 @@ import pytest
 
 import inferopt
 from inferopt.plugins.commands.new_plugin import KINDS, plan, render
+from tests.helpers import pip_install, sh
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "docs" / "examples" / "inferopt-example-plugin"
 EXAMPLE_ARGS = {"name": "half", "dist": "inferopt-example-plugin", "metric": "flops"}
-
-
-def sh(*args: str, cwd: Path | None = None, pythonpath: Path | None = None,
-       timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    if pythonpath is not None:
-        env["PYTHONPATH"] = str(pythonpath) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def pip_install(package: Path, target: Path) -> None:
-    """A real install: pip builds the wheel and writes the dist-info with its entry points.
-    --target keeps it out of the test environment; deleting the folder uninstalls it. The
-    sources are copied first, because building writes build/ next to them."""
-    source = target.parent / f"src-{package.name}"
-    shutil.copytree(package, source, ignore=shutil.ignore_patterns("__pycache__", "build"))
-    result = sh(sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                "--no-build-isolation", "--target", str(target), str(source))
-    assert result.returncode == 0, result.stderr
 
 
 def test_the_example_package_is_the_scaffold_output():

@@ -6,13 +6,13 @@ only the public fixtures of inferopt.testing."""
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import pip_install, sh
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "docs" / "examples" / "inferopt-worked-examples"
@@ -21,25 +21,11 @@ ORT_MISSING = [m for m in ("onnxruntime", "onnx", "onnxscript")
                if importlib.util.find_spec(m) is None]
 
 
-def sh(*args: str, cwd: Path | None = None, pythonpath: Path | None = None,
-       timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    if pythonpath is not None:
-        env["PYTHONPATH"] = str(pythonpath) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
     """The example package pip-installed into a folder of its own (deleting it uninstalls)."""
-    base = tmp_path_factory.mktemp("worked-examples")
-    source, target = base / "src", base / "site"
-    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns(
-        "__pycache__", "build", "*.egg-info"))
-    result = sh(sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                "--no-build-isolation", "--target", str(target), str(source))
-    assert result.returncode == 0, result.stderr
+    target = tmp_path_factory.mktemp("worked-examples") / "site"
+    pip_install(EXAMPLE, target)
     return target
 
 
