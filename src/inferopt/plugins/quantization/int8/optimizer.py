@@ -25,7 +25,14 @@ from typing import Any
 import attrs
 
 from inferopt import Optimizer, UsageError, hookimpl, option
-from inferopt.plugins.quantization.layers import nothing_to_quantize
+from inferopt.plugins.quantization.layers import (
+    as_linear,
+    linear_like,
+    nothing_to_quantize,
+    unhandled_reason,
+    untie,
+    weight_owners,
+)
 from inferopt.utils import (
     device_of,
     require_swappable,
@@ -110,7 +117,7 @@ class Int8Quantizer(Optimizer):
             }
         if saved is not None:  # rebuilding a saved model: the same layers, the same structure
             targets = {n: m for n, m in targets.items() if n in saved}
-            smooth_scales = {n: torch.ones(targets[n].in_features)
+            smooth_scales = {n: torch.ones(as_linear(targets[n]).in_features)
                              for n, info in saved.items() if info.get("smooth") and n in targets}
             act_ranges = {n: (1.0, 0) for n, info in saved.items()
                           if info.get("static") and n in targets}
@@ -135,7 +142,7 @@ class Int8Quantizer(Optimizer):
                 kernel = new.active_kernel
             else:
                 new = q.Int8Linear.from_float(
-                    module, mode=self.mode, kernel=self.kernel, qmax=qmax,
+                    as_linear(module), mode=self.mode, kernel=self.kernel, qmax=qmax,
                     per_channel=per_channel, smooth_scale=smooth_scales.get(name),
                     act_range=act_ranges.get(name))
                 kernel = new.active_kernel
@@ -187,8 +194,9 @@ class Int8Quantizer(Optimizer):
         inside_attention: set[str] = set()
         for name, module in model.named_modules():
             kind = _kind(module)
-            if kind is None and isinstance(module, torch.nn.Linear) and name:
-                skipped[name] = "a Linear subclass with its own forward"
+            reason = unhandled_reason(module)
+            if reason and name:
+                skipped[name] = reason
             if kind is None or not name:
                 continue
             if name in inside_attention:
@@ -223,6 +231,7 @@ class Int8Quantizer(Optimizer):
                 skipped[name] = "read directly by its MultiheadAttention"
                 continue
             targets[name] = module
+        untie(targets, weight_owners(model), skipped)
         for name in inside_attention:  # out_proj of a skipped attention: reason above
             skipped.setdefault(name, "part of a MultiheadAttention that was left in float")
         for name in list(skipped):
@@ -237,11 +246,10 @@ class Int8Quantizer(Optimizer):
 
     def _smoothing(self, model: Any, targets: dict[str, Any], batches: list[Any],
                    device: Any) -> dict[str, Any]:
-        import torch
 
         from inferopt.utils import observe_inputs
 
-        linears = {n: m for n, m in targets.items() if isinstance(m, torch.nn.Linear)}
+        linears = {n: m for n, m in targets.items() if _kind(m) == "linear"}
         obs = observe_inputs(model, linears, batches, channel_dims=dict.fromkeys(linears, -1),
                              keep_sample=False, device=device)
         scales = {}
@@ -249,7 +257,7 @@ class Int8Quantizer(Optimizer):
             act = obs[name].channel_absmax
             if act is None:
                 continue
-            w = module.weight.detach().float().abs().amax(dim=0).cpu()
+            w = as_linear(module).weight.detach().float().abs().amax(dim=0).cpu()
             s = act.clamp(min=1e-5).pow(self.smooth) / w.clamp(min=1e-5).pow(1 - self.smooth)
             scales[name] = s.clamp(min=1e-4, max=1e4)
         return scales
@@ -257,13 +265,11 @@ class Int8Quantizer(Optimizer):
     def _calibrate(self, model: Any, targets: dict[str, Any], batches: list[Any],
                    device: Any, smooth_scales: dict[str, Any]
                    ) -> tuple[dict[str, tuple[float, int]], list[str]]:
-        import torch
 
         from inferopt.utils import observe_inputs
 
-        static = {n: m for n, m in targets.items()
-                  if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)}
-        dims = {n: (1 if isinstance(m, torch.nn.Conv2d) else -1) for n, m in static.items()}
+        static = {n: m for n, m in targets.items() if _kind(m) in ("linear", "conv")}
+        dims = {n: (1 if _kind(m) == "conv" else -1) for n, m in static.items()}
         obs = observe_inputs(model, static, batches, channel_dims=dims,
                              keep_sample=self.observer == "percentile", device=device,
                              scales={n: 1.0 / s for n, s in smooth_scales.items()})
@@ -283,8 +289,8 @@ def _kind(module: Any) -> str | None:
 
     if isinstance(module, torch.nn.MultiheadAttention):
         return "attention"
-    if isinstance(module, torch.nn.Linear) and type(module).forward is torch.nn.Linear.forward:
-        return "linear"  # a subclass with its own forward does more than a matmul: left alone
+    if linear_like(module):  # Linear, transformers' Conv1D; not a subclass with its own forward
+        return "linear"
     if type(module) is torch.nn.Conv2d:
         return "conv"
     return None
