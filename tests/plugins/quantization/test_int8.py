@@ -162,11 +162,12 @@ def test_smoothquant_reduces_error_on_activation_outliers(mode):
 
     ref = layer()(x).detach()
     errors = {}
-    for alpha in (0.0, 0.5):
+    for alpha in (0.0, 0.5, "auto"):
         qm, _ctx = apply(layer(), data=data, mode=mode, smooth=alpha)
         with torch.inference_mode():
             errors[alpha] = float((qm(x) - ref).pow(2).mean())
     assert errors[0.5] < 0.5 * errors[0.0]
+    assert errors["auto"] < 0.5 * errors[0.0]
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -427,3 +428,61 @@ def test_layers_sharing_one_weight_are_quantized_together_or_not_at_all():
     b.weight = a.weight  # two linears tied together: both can be quantized
     _qm, ctx = apply(torch.nn.Sequential(a, torch.nn.ReLU(), b))
     assert ctx.details["quantized"] == ["0", "2"]
+
+
+# --- SmoothQuant that never makes things worse ------------------------------------------------
+
+
+def test_smoothing_calibrated_on_single_samples_is_never_worse_than_plain_int8():
+    # 8 calibration batches of 1 sample: some ReLU units are never positive, and unguarded
+    # SmoothQuant multiplied their inputs by up to 40x (cosine 0.2 instead of 0.9997)
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.ReLU(),
+                                   torch.nn.Linear(4096, 1024)).eval()
+
+    g = torch.Generator().manual_seed(1)
+    batches = [inferopt.Batch(torch.randn(1, 1024, generator=g)) for _ in range(8)]
+    data = inferopt.Data(eval=batches, calibration=batches)
+    x = torch.randn(64, 1024, generator=g)
+    ref = build()(x).detach()
+    fidelity = {}
+    for smooth in (0.0, 0.5, "auto"):
+        qm, ctx = apply(build(), data=data, smooth=smooth)
+        with torch.inference_mode():
+            fidelity[smooth] = float(torch.nn.functional.cosine_similarity(
+                qm(x).flatten(), ref.flatten(), dim=0))
+    assert fidelity[0.0] > 0.999
+    assert fidelity[0.5] >= fidelity[0.0] - 1e-4
+    assert fidelity["auto"] >= fidelity[0.0] - 1e-4
+    assert "smoothing" in ctx.details and "smoothed" in ctx.details["summary"]
+
+
+def test_channels_unseen_in_calibration_get_a_typical_multiplier():
+    from inferopt.plugins.quantization.int8 import smoothing
+
+    act = torch.rand(256) + 0.5
+    act[:10] = 0.0  # never active during calibration
+    act[10] = 1e-4  # nearly never
+    scales = smoothing.guarded_scales(act, torch.rand(256) + 0.5, 0.5)
+    multiplier = 1.0 / scales
+    typical = multiplier[20:].median()
+    assert torch.allclose(multiplier[:11], typical.expand(11), rtol=0.3)
+    assert float(multiplier.max()) <= smoothing.LOW * float(typical) * 1.01
+
+
+def test_gpt2_with_outlier_channels_gains_from_smoothing():
+    model_ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(9))
+    ref = tiny_gpt2()(model_ids).detach()
+    fidelity = {}
+    for smooth in (0.0, "auto"):
+        qm, _ctx = apply(tiny_gpt2(), data=gpt2_data(), smooth=smooth)
+        with torch.inference_mode():
+            fidelity[smooth] = float(torch.nn.functional.cosine_similarity(
+                qm(model_ids).flatten(), ref.flatten(), dim=0))
+    assert fidelity["auto"] > fidelity[0.0]
+
+
+def test_smooth_takes_a_number_or_auto():
+    with pytest.raises(inferopt.UsageError, match="'auto'"):
+        inferopt.apply(mlp(), "int8", data=calib(4, 64), smooth="sometimes")

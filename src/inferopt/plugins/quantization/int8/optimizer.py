@@ -10,7 +10,10 @@ Modes:
 * ``weight-only``: int8 weights, float activations (4x smaller; speed depends on the device).
 
 ``smooth=ALPHA`` (SmoothQuant) moves activation outliers into the weights before quantizing:
-per input channel ``s = max|X|^ALPHA / max|W|^(1-ALPHA)``, ``W' = W s``, ``X' = X / s``.
+per input channel ``s = max|X|^ALPHA / max|W|^(1-ALPHA)``, ``W' = W s``, ``X' = X / s``;
+``smooth=auto`` tries several alphas. Channels unseen in calibration are guarded, and a layer
+keeps its smoothing only where it lowers the layer's int8 error on calibration inputs (see
+:mod:`inferopt.plugins.quantization.int8.smoothing`).
 
 The modules and kernels are in :mod:`inferopt.plugins.quantization.int8.modules`; this module
 stays light so
@@ -61,9 +64,10 @@ class Int8Quantizer(Optimizer):
         (), help="layer name patterns (fnmatch) to leave in float, e.g. 'head|*.classifier'")
     granularity: str = option("per-channel", choices=GRANULARITY, searchable=GRANULARITY,
                               help="weight scales per output channel or one per tensor")
-    smooth: float = option(0.0, min=0.0, max=1.0, searchable=(0.0, 0.5),
-                           help="SmoothQuant migration strength ALPHA (0 = off; 0.5 is typical); "
-                                "needs calibration data")
+    smooth: float | str = option(
+        0.0, min=0.0, max=1.0, searchable=(0.0, "auto"),
+        help="SmoothQuant migration strength ALPHA (0 = off; 0.5 is typical) or auto (try "
+             "0.25/0.5/0.75 and none per layer, keep the most faithful); needs calibration data")
     observer: str = option("minmax", choices=OBSERVERS,
                            help="static mode: activation range from min/max or a percentile")
     percentile: float = option(99.99, min=50.0, max=100.0,
@@ -71,6 +75,14 @@ class Int8Quantizer(Optimizer):
     calibration_batches: int = option(32, min=1, help="calibration batches to observe")
     kernel: str = option("auto", choices=KERNEL_CHOICES,
                          help="int8 kernel; auto picks the fastest that runs here")
+
+    def __attrs_post_init__(self) -> None:
+        if isinstance(self.smooth, str) and self.smooth != "auto":
+            raise ValueError(f"smooth must be a number from 0 to 1 or 'auto', not {self.smooth!r}")
+
+    @property
+    def smoothing(self) -> bool:
+        return self.smooth == "auto" or float(self.smooth) > 0
 
     def apply(self, model: Any, ctx: Any) -> Any:
         import torch
@@ -89,7 +101,7 @@ class Int8Quantizer(Optimizer):
         saved = _saved_layers(ctx.state) if ctx.restoring else None
         smooth_scales: dict[str, Any] = {}
         act_ranges: dict[str, tuple[float, int]] = {}
-        needs_data = self.mode == "static" or self.smooth > 0
+        needs_data = self.mode == "static" or self.smoothing
         if needs_data and not ctx.restoring:
             data = ctx.data
             if data is None or not data.calibration:
@@ -97,8 +109,8 @@ class Int8Quantizer(Optimizer):
                     f"step 'int8' with mode={self.mode}, smooth={self.smooth} needs calibration "
                     "data; give --data (the run's calibration split is used)")
             batches = data.calibration[: self.calibration_batches]
-            if self.smooth > 0:
-                smooth_scales = self._smoothing(model, targets, batches, device)
+            if self.smoothing:
+                smooth_scales = self._smoothing(model, targets, batches, device, ctx)
             if self.mode == "static":
                 act_ranges, unseen = self._calibrate(model, targets, batches, device,
                                                      smooth_scales)
@@ -165,6 +177,8 @@ class Int8Quantizer(Optimizer):
             by_kernel[info["kernel"]] = by_kernel.get(info["kernel"], 0) + 1
         summary = f"{len(layers)} layers quantized ({self.mode}; " + ", ".join(
             f"{n} on {k}" for k, n in sorted(by_kernel.items())) + ")"
+        if "smoothing" in ctx.details:
+            summary += "; " + ctx.details["smoothing"]["summary"]
         if skipped:
             summary += "; left in float: " + ", ".join(
                 f"{n} ({why})" for n, why in list(skipped.items())[:5])
@@ -245,27 +259,46 @@ class Int8Quantizer(Optimizer):
         return targets, skipped
 
     def _smoothing(self, model: Any, targets: dict[str, Any], batches: list[Any],
-                   device: Any) -> dict[str, Any]:
-
-        from inferopt.utils import observe_inputs
+                   device: Any, ctx: Any) -> dict[str, Any]:
+        """SmoothQuant scales for the layers where smoothing lowers the int8 output error on
+        calibration inputs (``smooth=auto``: the best of several alphas per layer)."""
+        from inferopt.plugins.quantization.int8 import modules as q
+        from inferopt.plugins.quantization.int8 import smoothing
 
         linears = {n: m for n, m in targets.items() if _kind(m) == "linear"}
-        obs = observe_inputs(model, linears, batches, channel_dims=dict.fromkeys(linears, -1),
-                             keep_sample=False, device=device)
-        scales = {}
-        for name, module in linears.items():
-            act = obs[name].channel_absmax
-            if act is None:
-                continue
-            w = as_linear(module).weight.detach().float().abs().amax(dim=0).cpu()
-            s = act.clamp(min=1e-5).pow(self.smooth) / w.clamp(min=1e-5).pow(1 - self.smooth)
-            scales[name] = s.clamp(min=1e-4, max=1e4)
+        seen = smoothing.collect(model, linears, batches, device)
+        qmax = q.plan_kernel(self.kernel, self.mode, "linear", device)[1]
+
+        def build(linear: Any, scales: Any, sample: Any) -> Any:
+            act_range = None
+            if self.mode == "static":
+                xs = sample if scales is None else sample / scales
+                act_range = affine_uint8(float(xs.min()), float(xs.max()))
+            return q.Int8Linear.from_float(
+                linear, mode=self.mode, kernel=self.kernel, qmax=qmax,
+                per_channel=self.granularity == "per-channel", smooth_scale=scales,
+                act_range=act_range)
+
+        alphas = smoothing.AUTO_ALPHAS if self.smooth == "auto" else (float(self.smooth),)
+        scales, chosen = {}, {}
+        for name, (absmax, fit_absmax, sample) in seen.items():
+            alpha, s = smoothing.choose(linears[name], absmax, fit_absmax, sample, alphas,
+                                        build)
+            chosen[name] = alpha
+            if s is not None:
+                scales[name] = s
+        kept = sum(1 for a in chosen.values() if a > 0)
+        ctx.details["smoothing"] = {
+            "alphas": chosen,
+            "summary": f"smoothed {kept} of {len(chosen)} layers"
+                       + (f" (the other {len(chosen) - kept} were more faithful without)"
+                          if kept < len(chosen) else ""),
+        }
         return scales
 
     def _calibrate(self, model: Any, targets: dict[str, Any], batches: list[Any],
                    device: Any, smooth_scales: dict[str, Any]
                    ) -> tuple[dict[str, tuple[float, int]], list[str]]:
-
         from inferopt.utils import observe_inputs
 
         static = {n: m for n, m in targets.items() if _kind(m) in ("linear", "conv")}
