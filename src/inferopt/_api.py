@@ -37,6 +37,7 @@ def run(
     split: str | None = None,
     trust_model: bool = False,
     keep_going: bool = False,
+    allow_collapse: bool = False,
     overwrite: bool = False,
     save: bool = True,
 ) -> Report:
@@ -48,7 +49,9 @@ def run(
     ``output`` picks the output tensor metrics compare (``"last_hidden_state"``); ``split``
     re-splits the data (``"eval=512,calibration=256,seed=0"``); ``trust_model=True`` allows
     unpickling a model file (only for files you trust); ``keep_going=True`` records a failed
-    step in the report, undoes it and runs the rest (check ``report.failed_steps``).
+    step in the report, undoes it and runs the rest (check ``report.failed_steps``);
+    ``allow_collapse=True`` lets a step whose outputs collapse (cosine < 0.9 against the
+    baseline) go on with a warning.
     """
     _ensure_logging()
     model_spec = model if isinstance(model, str) else None
@@ -68,6 +71,7 @@ def run(
         split=split,
         trust_model=trust_model,
         keep_going=keep_going,
+        allow_collapse=allow_collapse,
     )
     from inferopt._pipeline import run as run_pipeline
 

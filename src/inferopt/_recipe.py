@@ -177,6 +177,7 @@ class Recipe:
     split: Split | None = None
     trust_model: bool = False
     keep_going: bool = False  # a failed step is recorded and undone, and the run goes on
+    allow_collapse: bool = False  # a step whose outputs collapse is a warning, not an error
     batch_size_explicit: bool = False  # the user chose batch_size (checked against the data)
     source: str = "defaults"
 
@@ -200,6 +201,7 @@ class Recipe:
             "split": self.split.to_dict() if self.split else None,
             "trust_model": self.trust_model,
             "keep_going": self.keep_going,
+            "allow_collapse": self.allow_collapse,
         }
 
 
@@ -217,6 +219,7 @@ _TOP_KEYS = {
     "split",
     "trust_model",
     "keep_going",
+    "allow_collapse",
 }
 
 
@@ -249,7 +252,7 @@ def fields_from_mapping(doc: Mapping[str, Any], where: str) -> dict[str, Any]:
             if not isinstance(doc[key], int) or isinstance(doc[key], bool):
                 raise UsageError(f"{where}: {key!r} must be an integer, got {doc[key]!r}")
             fields[key] = doc[key]
-    for key in ("trust_model", "keep_going"):
+    for key in ("trust_model", "keep_going", "allow_collapse"):
         if key in doc:
             if not isinstance(doc[key], bool):
                 raise UsageError(f"{where}: {key!r} must be true or false, got {doc[key]!r}")
@@ -308,6 +311,7 @@ def make_recipe(
     split: str | Split | None = None,
     trust_model: bool | None = None,
     keep_going: bool | None = None,
+    allow_collapse: bool | None = None,
 ) -> Recipe:
     """Build a recipe from an optional TOML file and overrides (CLI flags win)."""
     fields: dict[str, Any] = {}
@@ -347,6 +351,8 @@ def make_recipe(
         fields["trust_model"] = True
     if keep_going:
         fields["keep_going"] = True
+    if allow_collapse:
+        fields["allow_collapse"] = True
     if gates:
         allowed = {f.name for f in attrs.fields(Gates)}
         unknown = sorted(set(gates) - allowed)
