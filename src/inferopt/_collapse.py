@@ -1,7 +1,8 @@
 """The collapse guard: after each step, the step's outputs on the first eval batch are compared
 with the baseline's. A step that leaves finite outputs of the right shape can still have wrecked
 the model (a quantization step on activation outliers, a buggy plugin); such a step stops the
-run, naming it, unless the user allowed it (``--allow-collapse``)."""
+run, naming it, unless the user allowed it (``--allow-collapse``). Pruning and distillation
+steps change the function on purpose and are left to the accuracy budget."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from typing import Any
 from inferopt._errors import StepFailed
 
 MIN_COSINE = 0.9  # below this, a step's outputs no longer resemble the baseline's
+#: kinds of step that change the model's function on purpose (their logits move a lot while
+#: accuracy holds); the accuracy budget judges them, not this guard
+CHANGES_FUNCTION = ("pruning", "distillation")
 
 
 def output_cosine(out: Any, baseline: Any) -> float | None:
@@ -35,6 +39,8 @@ def check_collapse(ctx: Any, step: Any, name: str, out: Any, baseline: Any,
                    stopped: str) -> None:
     """Raise :class:`StepFailed` (exit 2) if ``out`` collapsed against ``baseline``; with
     ``allow_collapse`` record a warning instead."""
+    if str(getattr(step.instance, "kind", "") or "") in CHANGES_FUNCTION:
+        return
     cos = output_cosine(out, baseline)
     if cos is None or cos >= MIN_COSINE:
         return
