@@ -86,3 +86,31 @@ def pip_install(package: Path, target: Path) -> None:
     result = sh(sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
                 "--no-build-isolation", "--target", str(target), str(source))
     assert result.returncode == 0, result.stderr
+
+
+def tiny_gpt2(layers: int = 2, outliers: bool = True) -> Any:
+    """A randomly initialised GPT-2 (transformers' ``Conv1D`` layers, lm_head tied to the token
+    embedding) returning logits; with ``outliers`` a few hidden channels of every LayerNorm are
+    scaled x50, as trained LayerNorms produce."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=layers, n_embd=64, n_head=4, vocab_size=512, n_positions=64,
+                        bos_token_id=0, eos_token_id=0)
+    lm = GPT2LMHeadModel(config).eval()
+    if outliers:
+        with torch.no_grad():
+            for block in lm.transformer.h:
+                block.ln_1.weight[:3] *= 50.0
+                block.ln_2.weight[:3] *= 50.0
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return self.lm(input_ids=input_ids).logits
+
+    return Logits().eval()

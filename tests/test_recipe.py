@@ -57,7 +57,7 @@ def test_flags_override_toml_field_by_field(tmp_path):
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ('modle = "x"', "unknown key(s) modle; allowed: backend, batch_size, data"),
+        ('modle = "x"', "unknown key(s) modle; allowed: allow_collapse, backend, batch_size, data"),
         ("batch_size = \"big\"", "'batch_size' must be an integer, got 'big'"),
         ("optimize = \"int8\"", "'optimize' must be an array"),
         ("[[optimize]]\nmode = 'x'", "a table needs a 'name' key"),

@@ -32,6 +32,7 @@ def run(
     split: str | None = None,
     trust_model: bool = False,
     keep_going: bool = False,
+    allow_collapse: bool = False,
     overwrite: bool = False,
     save: bool = True,
 ) -> Report:
@@ -43,12 +44,15 @@ def run(
     ``output`` picks the output tensor metrics compare (``"last_hidden_state"``); ``split``
     re-splits the data (``"eval=512,calibration=256,seed=0"``); ``trust_model=True`` allows
     unpickling a model file (only for files you trust); ``keep_going=True`` records a failed
-    step in the report, undoes it and runs the rest (check ``report.failed_steps``).
+    step in the report, undoes it and runs the rest (check ``report.failed_steps``);
+    ``allow_collapse=True`` lets a step whose outputs collapse (cosine < 0.9 against the
+    baseline) go on with a warning.
     """
     return default_session().run(
         recipe, model=model, data=data, optimize=optimize, backend=backend, metrics=metrics,
         batch_size=batch_size, seed=seed, out=out, gates=gates, output=output, split=split,
         trust_model=trust_model, keep_going=keep_going, overwrite=overwrite, save=save,
+        allow_collapse=allow_collapse,
     )
 
 

@@ -85,7 +85,9 @@ def run_with_input_hooks(
     batches = list(batches)
     handles = [module.register_forward_pre_hook(hook_for(fn), with_kwargs=True)
                for module, fn in watchers.values()]
-    was_training = model.training
+    # each module's own flag: a wrapper in train mode around an eval-mode model (a common way
+    # to build one) must not come back with every dropout switched on
+    was_training = {m: m.training for m in model.modules()}
     model.eval()
     try:
         with torch.inference_mode(), progress(len(batches), "calibration", 8) as advance:
@@ -96,7 +98,8 @@ def run_with_input_hooks(
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
+        for module, training in was_training.items():
+            module.training = training
 
 
 def observe_inputs(

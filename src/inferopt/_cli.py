@@ -231,6 +231,9 @@ def logging_options(default_level: str) -> Callable[[Any], Any]:
 @click.option("--keep-going", is_flag=True,
               help="If a step fails (raises, or breaks the model's outputs or the accuracy "
                    "budget), record it, undo it and run the remaining steps; exit 1 at the end.")
+@click.option("--allow-collapse", is_flag=True,
+              help="Let a step whose outputs no longer match the baseline's (cosine < 0.9 on "
+                   "the first batch) go on with a warning instead of stopping the run.")
 @click.option("--optimize", "-O", "optimize", multiple=True, metavar="NAME[:k=v,...]",
               help="An optimizer step; repeat for several, applied in order. 'none' for no "
                    "steps. Default: int8.")
@@ -264,6 +267,7 @@ def run(
     output: str | None,
     trust_model: bool,
     keep_going: bool,
+    allow_collapse: bool,
     optimize: tuple[str, ...],
     backend: str | None,
     metrics: tuple[str, ...],
@@ -310,6 +314,7 @@ def run(
             split=split,
             trust_model=trust_model,
             keep_going=keep_going,
+            allow_collapse=allow_collapse,
             gates={
                 **accuracy_gate(max_accuracy_drop),
                 "min_speedup": min_speedup,

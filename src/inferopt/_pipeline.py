@@ -780,6 +780,9 @@ def _check_step(ctx: RunContext, step: Resolved, model: Any, prepared: Any, prob
             f"{name} changed the model's output shapes/dtypes from {signature} to "
             f"{output_signature(out)}; steps must keep the interface"
         )
+    from inferopt._collapse import check_collapse
+
+    check_collapse(ctx, step, name, out, baseline_outputs[0], _stopped(ctx))
     _check_accuracy_budget(ctx, name, model, prepared, baseline, baseline_outputs)
 
 

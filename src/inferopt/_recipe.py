@@ -192,6 +192,7 @@ class Recipe:
     split: Split | None = None
     trust_model: bool = False
     keep_going: bool = False  # a failed step is recorded and undone, and the run goes on
+    allow_collapse: bool = False  # a step whose outputs collapse is a warning, not an error
     batch_size_explicit: bool = False  # the user chose batch_size (checked against the data)
     source: str = "defaults"
 
@@ -215,6 +216,7 @@ class Recipe:
             "split": self.split.to_dict() if self.split else None,
             "trust_model": self.trust_model,
             "keep_going": self.keep_going,
+            "allow_collapse": self.allow_collapse,
         }
 
 
@@ -232,6 +234,7 @@ _TOP_KEYS = {
     "split",
     "trust_model",
     "keep_going",
+    "allow_collapse",
 }
 
 
@@ -264,7 +267,7 @@ def fields_from_mapping(doc: Mapping[str, Any], where: str) -> dict[str, Any]:
             if not isinstance(doc[key], int) or isinstance(doc[key], bool):
                 raise UsageError(f"{where}: {key!r} must be an integer, got {doc[key]!r}")
             fields[key] = doc[key]
-    for key in ("trust_model", "keep_going"):
+    for key in ("trust_model", "keep_going", "allow_collapse"):
         if key in doc:
             if not isinstance(doc[key], bool):
                 raise UsageError(f"{where}: {key!r} must be true or false, got {doc[key]!r}")
@@ -320,6 +323,7 @@ def make_recipe(
     split: str | Split | None = None,
     trust_model: bool | None = None,
     keep_going: bool | None = None,
+    allow_collapse: bool | None = None,
 ) -> Recipe:
     """Build a recipe from an optional TOML file and overrides (CLI flags win)."""
     fields: dict[str, Any] = {}
@@ -359,6 +363,8 @@ def make_recipe(
         fields["trust_model"] = True
     if keep_going:
         fields["keep_going"] = True
+    if allow_collapse:
+        fields["allow_collapse"] = True
     if gates:
         # names are checked against the installed metrics' gates when plugins are resolved
         merged = fields.get("gates", Gates()).to_dict()

@@ -194,6 +194,7 @@ class Session:
         keep_going: bool = False,
         overwrite: bool = False,
         save: bool = True,
+        allow_collapse: bool = False,
     ) -> Report:
         """Run the pipeline with this session's plugins; see :func:`inferopt.run`."""
         from inferopt._pipeline import run as run_pipeline
@@ -217,6 +218,7 @@ class Session:
             split=split,
             trust_model=trust_model,
             keep_going=keep_going,
+            allow_collapse=allow_collapse,
         )
         return run_pipeline(
             rec,

@@ -10,7 +10,7 @@ from inferopt._contract import StepContext
 from inferopt._logging import get_logger
 from inferopt.plugins.quantization.int4 import modules as q4
 from inferopt.plugins.quantization.int4.optimizer import Int4Quantizer
-from tests.helpers import demo_correct
+from tests.helpers import demo_correct, tiny_gpt2
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -195,3 +195,26 @@ def test_gptq_leaves_a_training_model_untouched():
     before = model[1].running_mean.clone()
     apply(model, data=data, method="gptq", group_size=32)
     assert torch.equal(model[1].running_mean, before) and model.training
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_gpt2_conv1d_layers_are_quantized_and_the_tied_head_is_skipped(method):
+    from inferopt.utils import weights_bytes
+
+    model = tiny_gpt2(outliers=False)
+    ids = torch.randint(0, 512, (2, 16))
+    ref = model(ids).detach()
+    fp32_bytes = len(weights_bytes(model))
+    g = torch.Generator().manual_seed(2)
+    batches = [inferopt.Batch(torch.randint(0, 512, (4, 32), generator=g)) for _ in range(4)]
+    qm, ctx = apply(model, data=inferopt.Data(eval=batches, calibration=batches),
+                    method=method, group_size=32)
+    assert len(ctx.details["quantized"]) == 8
+    assert all(type(qm.get_submodule(n)).__name__ == "Int4Linear"
+               for n in ctx.details["quantized"])
+    assert ctx.details["skipped"]["lm.lm_head"].startswith("weight tied to lm.transformer.wte")
+    assert qm.lm.lm_head.weight is qm.lm.transformer.wte.weight
+    assert len(weights_bytes(qm)) < fp32_bytes
+    with torch.inference_mode():
+        out = qm(ids)
+    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.9

@@ -10,7 +10,7 @@ from inferopt._contract import StepContext
 from inferopt._logging import get_logger
 from inferopt.plugins.quantization.int8 import modules as q
 from inferopt.plugins.quantization.int8.optimizer import Int8Quantizer
-from tests.helpers import demo_correct
+from tests.helpers import demo_correct, tiny_gpt2
 
 KERNELS = [k for k, ok in [("fbgemm", q.fbgemm_available()), ("onednn", q.onednn_available()),
                            ("reference", True)] if ok]
@@ -162,11 +162,12 @@ def test_smoothquant_reduces_error_on_activation_outliers(mode):
 
     ref = layer()(x).detach()
     errors = {}
-    for alpha in (0.0, 0.5):
+    for alpha in (0.0, 0.5, "auto"):
         qm, _ctx = apply(layer(), data=data, mode=mode, smooth=alpha)
         with torch.inference_mode():
             errors[alpha] = float((qm(x) - ref).pow(2).mean())
     assert errors[0.5] < 0.5 * errors[0.0]
+    assert errors["auto"] < 0.5 * errors[0.0]
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -326,3 +327,162 @@ def test_a_shared_layer_is_replaced_under_every_name():
     qm, ctx = apply(model)
     assert qm[0] is qm[2] and type(qm[2]).__name__ == "Int8Linear"
     assert ctx.details["quantized"] == ["0"]
+
+
+# --- coverage: transformers' Conv1D, Linear subclasses, tied weights ---------------------------
+
+
+def gpt2_data(n: int = 4) -> inferopt.Data:
+    g = torch.Generator().manual_seed(2)
+    batches = [inferopt.Batch(torch.randint(0, 512, (2, 16), generator=g)) for _ in range(n)]
+    return inferopt.Data(eval=batches, calibration=batches)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static", "weight-only"])
+def test_gpt2_conv1d_layers_are_quantized_and_the_tied_head_is_skipped(mode):
+    from inferopt.utils import weights_bytes
+
+    model = tiny_gpt2()
+    ids = torch.randint(0, 512, (2, 16))
+    ref = model(ids).detach()
+    fp32_bytes = len(weights_bytes(model))
+    qm, ctx = apply(model, data=gpt2_data(), mode=mode)
+    blocks = [f"lm.transformer.h.{i}.{layer}" for i in range(2)
+              for layer in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    assert sorted(ctx.details["quantized"]) == sorted(blocks)
+    assert ctx.details["summary"].startswith("8 layers quantized")
+    assert ctx.details["skipped"]["lm.lm_head"].startswith("weight tied to lm.transformer.wte")
+    assert qm.lm.lm_head.weight is qm.lm.transformer.wte.weight  # still tied
+    assert len(weights_bytes(qm)) < 0.6 * fp32_bytes
+    with torch.inference_mode():
+        out = qm(ids)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    if mode != "static":  # static: per-tensor ranges on x50 outliers lose more; see smooth
+        assert float(torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(),
+                                                           dim=0)) > 0.95
+
+
+def test_conv1d_output_matches_the_float_layer_and_rebuilds_from_saved_state():
+    from transformers.pytorch_utils import Conv1D
+
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(Conv1D(48, 32), torch.nn.GELU(), Conv1D(8, 48))
+
+    x = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(5))
+    ref = build()(x).detach()
+    qm, ctx = apply(build(), data=calib(8, 32), mode="static", smooth=0.5)
+    assert type(qm[0]).__name__ == "Int8Linear" and qm[0].in_features == 32
+    assert qm[0].out_features == 48 and ctx.details["quantized"] == ["0", "2"]
+    assert float(torch.nn.functional.cosine_similarity(qm(x).flatten(), ref.flatten(),
+                                                       dim=0)) > 0.98
+    restore = StepContext(log=get_logger(), data=None, restoring=True, state=ctx.state)
+    rebuilt = Int8Quantizer(mode="static", smooth=0.5).apply(build(), restore)
+    rebuilt.load_state_dict(qm.state_dict())
+    assert torch.equal(rebuilt(x), qm(x))
+
+
+def test_linear_subclass_with_the_standard_forward_is_quantized():
+    class Tagged(torch.nn.Linear):  # e.g. a library's marker subclass
+        pass
+
+    model = torch.nn.Sequential(Tagged(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    _qm, ctx = apply(model)
+    assert ctx.details["quantized"] == ["0", "2"] and not ctx.details["skipped"]
+
+
+def test_linear_like_layers_left_alone_are_named_with_the_reason():
+    from transformers.pytorch_utils import Conv1D
+
+    class Gated(Conv1D):
+        def forward(self, x):
+            return super().forward(x).relu()
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gated = Gated(8, 8)
+            self.pair = torch.nn.Bilinear(8, 8, 8)
+            self.out = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.out(self.pair(self.gated(x), x))
+
+    _qm, ctx = apply(Net())
+    assert ctx.details["quantized"] == ["out"]
+    assert ctx.details["skipped"] == {
+        "gated": "a Conv1D subclass with its own forward",
+        "pair": "Bilinear (two inputs) is not supported"}
+
+
+def test_layers_sharing_one_weight_are_quantized_together_or_not_at_all():
+    emb = torch.nn.Embedding(16, 8)
+    head = torch.nn.Linear(8, 16, bias=False)
+    head.weight = emb.weight
+    model = torch.nn.ModuleDict({"emb": emb, "head": head, "other": torch.nn.Linear(8, 8)})
+    model.forward = lambda x: model["head"](model["other"](model["emb"](x)))
+    _qm, ctx = apply(model)
+    assert ctx.details["quantized"] == ["other"]
+    assert ctx.details["skipped"]["head"].startswith("weight tied to emb")
+    a, b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+    b.weight = a.weight  # two linears tied together: both can be quantized
+    _qm, ctx = apply(torch.nn.Sequential(a, torch.nn.ReLU(), b))
+    assert ctx.details["quantized"] == ["0", "2"]
+
+
+# --- SmoothQuant that never makes things worse ------------------------------------------------
+
+
+def test_smoothing_calibrated_on_single_samples_is_never_worse_than_plain_int8():
+    # 8 calibration batches of 1 sample: some ReLU units are never positive, and unguarded
+    # SmoothQuant multiplied their inputs by up to 40x (cosine 0.2 instead of 0.9997)
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.ReLU(),
+                                   torch.nn.Linear(4096, 1024)).eval()
+
+    g = torch.Generator().manual_seed(1)
+    batches = [inferopt.Batch(torch.randn(1, 1024, generator=g)) for _ in range(8)]
+    data = inferopt.Data(eval=batches, calibration=batches)
+    x = torch.randn(64, 1024, generator=g)
+    ref = build()(x).detach()
+    fidelity = {}
+    for smooth in (0.0, 0.5, "auto"):
+        qm, ctx = apply(build(), data=data, smooth=smooth)
+        with torch.inference_mode():
+            fidelity[smooth] = float(torch.nn.functional.cosine_similarity(
+                qm(x).flatten(), ref.flatten(), dim=0))
+    assert fidelity[0.0] > 0.999
+    assert fidelity[0.5] >= fidelity[0.0] - 1e-4
+    assert fidelity["auto"] >= fidelity[0.0] - 1e-4
+    assert "smoothing" in ctx.details and "smoothed" in ctx.details["summary"]
+
+
+def test_channels_unseen_in_calibration_get_a_typical_multiplier():
+    from inferopt.plugins.quantization.int8 import smoothing
+
+    act = torch.rand(256) + 0.5
+    act[:10] = 0.0  # never active during calibration
+    act[10] = 1e-4  # nearly never
+    scales = smoothing.guarded_scales(act, torch.rand(256) + 0.5, 0.5)
+    multiplier = 1.0 / scales
+    typical = multiplier[20:].median()
+    assert torch.allclose(multiplier[:11], typical.expand(11), rtol=0.3)
+    assert float(multiplier.max()) <= smoothing.LOW * float(typical) * 1.01
+
+
+def test_gpt2_with_outlier_channels_gains_from_smoothing():
+    model_ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(9))
+    ref = tiny_gpt2()(model_ids).detach()
+    fidelity = {}
+    for smooth in (0.0, "auto"):
+        qm, _ctx = apply(tiny_gpt2(), data=gpt2_data(), smooth=smooth)
+        with torch.inference_mode():
+            fidelity[smooth] = float(torch.nn.functional.cosine_similarity(
+                qm(model_ids).flatten(), ref.flatten(), dim=0))
+    assert fidelity["auto"] > fidelity[0.0]
+
+
+def test_smooth_takes_a_number_or_auto():
+    with pytest.raises(inferopt.UsageError, match="'auto'"):
+        inferopt.apply(mlp(), "int8", data=calib(4, 64), smooth="sometimes")

@@ -649,7 +649,9 @@ class _Tuner:
         rec: dict[str, Any] = {"started": dt.datetime.now(dt.timezone.utc).isoformat(
             timespec="seconds")}
         try:
-            report = run_pipeline(attrs.evolve(recipe, optimize=point.specs(), split=None),
+            # a trial that wrecks the model is scored by the accuracy budget, not refused
+            report = run_pipeline(attrs.evolve(recipe, optimize=point.specs(), split=None,
+                                               allow_collapse=True),
                                   model=self.model, data=self.data, manager=self.manager,
                                   save=False)
         except KeyboardInterrupt:

@@ -228,18 +228,19 @@ class Int4Linear(PackedWeightModule):
                 f"symmetric={self.symmetric}, path={self.path}")
 
 
-def collect_hessians(model: torch.nn.Module, layers: dict[str, torch.nn.Linear],
+def collect_hessians(model: torch.nn.Module, layers: dict[str, torch.nn.Module],
                      batches: list[Any], device: Any) -> dict[str, torch.Tensor]:
     """``H = 2/n * sum x x^T`` over every input row each layer sees on the calibration batches."""
     from inferopt.utils import run_with_input_hooks
 
-    sums = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64)
-            for n, m in layers.items()}
+    sums: dict[str, torch.Tensor] = {}
     counts = dict.fromkeys(layers, 0)
 
     def accumulate(name: str) -> Any:
         def add(x: torch.Tensor) -> None:
             rows = x.detach().reshape(-1, x.shape[-1]).double().cpu()
+            if name not in sums:  # sized from the input: Linear and Conv1D alike
+                sums[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)
             sums[name] += rows.t() @ rows
             counts[name] += rows.shape[0]
 

@@ -1,4 +1,5 @@
-"""``int4``: weight-only 2/3/4-bit quantization of Linear layers with per-group scales.
+"""``int4``: weight-only 2/3/4-bit quantization of Linear (and transformers ``Conv1D``) layers
+with per-group scales.
 
 Weights are packed (two 4-bit codes per byte) in memory and on disk, with float16 scales (and
 uint8 zero points when asymmetric) per group of ``group_size`` input channels. ``method=gptq``
@@ -18,7 +19,14 @@ from typing import Any
 import attrs
 
 from inferopt import Optimizer, UsageError, hookimpl, option
-from inferopt.plugins.quantization.layers import nothing_to_quantize
+from inferopt.plugins.quantization.layers import (
+    as_linear,
+    linear_like,
+    nothing_to_quantize,
+    unhandled_reason,
+    untie,
+    weight_owners,
+)
 from inferopt.utils import (
     device_of,
     require_swappable,
@@ -64,7 +72,7 @@ class Int4Quantizer(Optimizer):
         symmetric = self.scheme == "symmetric"
         targets, skipped = self._select(model, ctx)
         if not targets:
-            raise UsageError(nothing_to_quantize("int4", "Linear", model, skipped))
+            raise UsageError(nothing_to_quantize("int4", "Linear and Conv1D", model, skipped))
         device = device_of(model)
         hessians: dict[str, Any] = {}
         if self.method == "gptq" and not ctx.restoring:
@@ -81,7 +89,8 @@ class Int4Quantizer(Optimizer):
             }
         padded: dict[str, str] = {}
         methods: dict[str, str] = {}
-        for name, linear in targets.items():
+        for name, module in targets.items():
+            linear = as_linear(module)  # Conv1D: its weight transposed, once, here
             weight = linear.weight.detach().float().cpu()
             if ctx.restoring:  # structure only: the saved codes are loaded over it
                 codes, scales, zeros = q4.quantize_rtn(weight * 0, self.bits,
@@ -141,10 +150,13 @@ class Int4Quantizer(Optimizer):
         skipped: dict[str, str] = {}
         matched: set[str] = set()
         for name, module in model.named_modules():
-            if not isinstance(module, torch.nn.Linear) or not name:
+            if not name:
                 continue
-            if type(module).forward is not torch.nn.Linear.forward:
-                skipped[name] = "a Linear subclass with its own forward"
+            reason = unhandled_reason(module)
+            if reason:
+                skipped[name] = reason
+                continue
+            if not linear_like(module):
                 continue
             hit = [p for p in self.skip if fnmatch.fnmatchcase(name, p)]
             if hit:
@@ -154,9 +166,10 @@ class Int4Quantizer(Optimizer):
                 skipped[name] = "read directly by its MultiheadAttention"
             else:
                 targets[name] = module
+        untie(targets, weight_owners(model), skipped)
         unused = [p for p in self.skip if p not in matched]
         if unused and not ctx.restoring:
-            ctx.warn(f"int4: skip pattern(s) {', '.join(unused)} matched no Linear layer")
+            ctx.warn(f"int4: skip pattern(s) {', '.join(unused)} matched no linear layer")
         return targets, skipped
 
 

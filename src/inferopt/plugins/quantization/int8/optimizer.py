@@ -10,7 +10,10 @@ Modes:
 * ``weight-only``: int8 weights, float activations (4x smaller; speed depends on the device).
 
 ``smooth=ALPHA`` (SmoothQuant) moves activation outliers into the weights before quantizing:
-per input channel ``s = max|X|^ALPHA / max|W|^(1-ALPHA)``, ``W' = W s``, ``X' = X / s``.
+per input channel ``s = max|X|^ALPHA / max|W|^(1-ALPHA)``, ``W' = W s``, ``X' = X / s``;
+``smooth=auto`` tries several alphas. Channels unseen in calibration are guarded, and a layer
+keeps its smoothing only where it lowers the layer's int8 error on calibration inputs (see
+:mod:`inferopt.plugins.quantization.int8.smoothing`).
 
 The modules and kernels are in :mod:`inferopt.plugins.quantization.int8.modules`; this module
 stays light so
@@ -25,7 +28,14 @@ from typing import Any
 import attrs
 
 from inferopt import Optimizer, UsageError, hookimpl, option
-from inferopt.plugins.quantization.layers import nothing_to_quantize
+from inferopt.plugins.quantization.layers import (
+    as_linear,
+    linear_like,
+    nothing_to_quantize,
+    unhandled_reason,
+    untie,
+    weight_owners,
+)
 from inferopt.utils import (
     device_of,
     require_swappable,
@@ -54,9 +64,10 @@ class Int8Quantizer(Optimizer):
         (), help="layer name patterns (fnmatch) to leave in float, e.g. 'head|*.classifier'")
     granularity: str = option("per-channel", choices=GRANULARITY, searchable=GRANULARITY,
                               help="weight scales per output channel or one per tensor")
-    smooth: float = option(0.0, min=0.0, max=1.0, searchable=(0.0, 0.5),
-                           help="SmoothQuant migration strength ALPHA (0 = off; 0.5 is typical); "
-                                "needs calibration data")
+    smooth: float | str = option(
+        0.0, min=0.0, max=1.0, searchable=(0.0, "auto"),
+        help="SmoothQuant migration strength ALPHA (0 = off; 0.5 is typical) or auto (try "
+             "0.25/0.5/0.75 and none per layer, keep the most faithful); needs calibration data")
     observer: str = option("minmax", choices=OBSERVERS,
                            help="static mode: activation range from min/max or a percentile")
     percentile: float = option(99.99, min=50.0, max=100.0,
@@ -64,6 +75,14 @@ class Int8Quantizer(Optimizer):
     calibration_batches: int = option(32, min=1, help="calibration batches to observe")
     kernel: str = option("auto", choices=KERNEL_CHOICES,
                          help="int8 kernel; auto picks the fastest that runs here")
+
+    def __attrs_post_init__(self) -> None:
+        if isinstance(self.smooth, str) and self.smooth != "auto":
+            raise ValueError(f"smooth must be a number from 0 to 1 or 'auto', not {self.smooth!r}")
+
+    @property
+    def smoothing(self) -> bool:
+        return self.smooth == "auto" or float(self.smooth) > 0
 
     def apply(self, model: Any, ctx: Any) -> Any:
         import torch
@@ -82,7 +101,7 @@ class Int8Quantizer(Optimizer):
         saved = _saved_layers(ctx.state) if ctx.restoring else None
         smooth_scales: dict[str, Any] = {}
         act_ranges: dict[str, tuple[float, int]] = {}
-        needs_data = self.mode == "static" or self.smooth > 0
+        needs_data = self.mode == "static" or self.smoothing
         if needs_data and not ctx.restoring:
             data = ctx.data
             if data is None or not data.calibration:
@@ -90,8 +109,8 @@ class Int8Quantizer(Optimizer):
                     f"step 'int8' with mode={self.mode}, smooth={self.smooth} needs calibration "
                     "data; give --data (the run's calibration split is used)")
             batches = data.calibration[: self.calibration_batches]
-            if self.smooth > 0:
-                smooth_scales = self._smoothing(model, targets, batches, device)
+            if self.smoothing:
+                smooth_scales = self._smoothing(model, targets, batches, device, ctx)
             if self.mode == "static":
                 act_ranges, unseen = self._calibrate(model, targets, batches, device,
                                                      smooth_scales)
@@ -110,7 +129,7 @@ class Int8Quantizer(Optimizer):
             }
         if saved is not None:  # rebuilding a saved model: the same layers, the same structure
             targets = {n: m for n, m in targets.items() if n in saved}
-            smooth_scales = {n: torch.ones(targets[n].in_features)
+            smooth_scales = {n: torch.ones(as_linear(targets[n]).in_features)
                              for n, info in saved.items() if info.get("smooth") and n in targets}
             act_ranges = {n: (1.0, 0) for n, info in saved.items()
                           if info.get("static") and n in targets}
@@ -135,7 +154,7 @@ class Int8Quantizer(Optimizer):
                 kernel = new.active_kernel
             else:
                 new = q.Int8Linear.from_float(
-                    module, mode=self.mode, kernel=self.kernel, qmax=qmax,
+                    as_linear(module), mode=self.mode, kernel=self.kernel, qmax=qmax,
                     per_channel=per_channel, smooth_scale=smooth_scales.get(name),
                     act_range=act_ranges.get(name))
                 kernel = new.active_kernel
@@ -158,6 +177,8 @@ class Int8Quantizer(Optimizer):
             by_kernel[info["kernel"]] = by_kernel.get(info["kernel"], 0) + 1
         summary = f"{len(layers)} layers quantized ({self.mode}; " + ", ".join(
             f"{n} on {k}" for k, n in sorted(by_kernel.items())) + ")"
+        if "smoothing" in ctx.details:
+            summary += "; " + ctx.details["smoothing"]["summary"]
         if skipped:
             summary += "; left in float: " + ", ".join(
                 f"{n} ({why})" for n, why in list(skipped.items())[:5])
@@ -187,8 +208,9 @@ class Int8Quantizer(Optimizer):
         inside_attention: set[str] = set()
         for name, module in model.named_modules():
             kind = _kind(module)
-            if kind is None and isinstance(module, torch.nn.Linear) and name:
-                skipped[name] = "a Linear subclass with its own forward"
+            reason = unhandled_reason(module)
+            if reason and name:
+                skipped[name] = reason
             if kind is None or not name:
                 continue
             if name in inside_attention:
@@ -223,6 +245,7 @@ class Int8Quantizer(Optimizer):
                 skipped[name] = "read directly by its MultiheadAttention"
                 continue
             targets[name] = module
+        untie(targets, weight_owners(model), skipped)
         for name in inside_attention:  # out_proj of a skipped attention: reason above
             skipped.setdefault(name, "part of a MultiheadAttention that was left in float")
         for name in list(skipped):
@@ -236,34 +259,50 @@ class Int8Quantizer(Optimizer):
         return targets, skipped
 
     def _smoothing(self, model: Any, targets: dict[str, Any], batches: list[Any],
-                   device: Any) -> dict[str, Any]:
-        import torch
+                   device: Any, ctx: Any) -> dict[str, Any]:
+        """SmoothQuant scales for the layers where smoothing lowers the int8 output error on
+        calibration inputs (``smooth=auto``: the best of several alphas per layer)."""
+        from inferopt.plugins.quantization.int8 import modules as q
+        from inferopt.plugins.quantization.int8 import smoothing
 
-        from inferopt.utils import observe_inputs
+        linears = {n: m for n, m in targets.items() if _kind(m) == "linear"}
+        seen = smoothing.collect(model, linears, batches, device)
+        qmax = q.plan_kernel(self.kernel, self.mode, "linear", device)[1]
 
-        linears = {n: m for n, m in targets.items() if isinstance(m, torch.nn.Linear)}
-        obs = observe_inputs(model, linears, batches, channel_dims=dict.fromkeys(linears, -1),
-                             keep_sample=False, device=device)
-        scales = {}
-        for name, module in linears.items():
-            act = obs[name].channel_absmax
-            if act is None:
-                continue
-            w = module.weight.detach().float().abs().amax(dim=0).cpu()
-            s = act.clamp(min=1e-5).pow(self.smooth) / w.clamp(min=1e-5).pow(1 - self.smooth)
-            scales[name] = s.clamp(min=1e-4, max=1e4)
+        def build(linear: Any, scales: Any, sample: Any) -> Any:
+            act_range = None
+            if self.mode == "static":
+                xs = sample if scales is None else sample / scales
+                act_range = affine_uint8(float(xs.min()), float(xs.max()))
+            return q.Int8Linear.from_float(
+                linear, mode=self.mode, kernel=self.kernel, qmax=qmax,
+                per_channel=self.granularity == "per-channel", smooth_scale=scales,
+                act_range=act_range)
+
+        alphas = smoothing.AUTO_ALPHAS if self.smooth == "auto" else (float(self.smooth),)
+        scales, chosen = {}, {}
+        for name, (absmax, fit_absmax, sample) in seen.items():
+            alpha, s = smoothing.choose(linears[name], absmax, fit_absmax, sample, alphas,
+                                        build)
+            chosen[name] = alpha
+            if s is not None:
+                scales[name] = s
+        kept = sum(1 for a in chosen.values() if a > 0)
+        ctx.details["smoothing"] = {
+            "alphas": chosen,
+            "summary": f"smoothed {kept} of {len(chosen)} layers"
+                       + (f" (the other {len(chosen) - kept} were more faithful without)"
+                          if kept < len(chosen) else ""),
+        }
         return scales
 
     def _calibrate(self, model: Any, targets: dict[str, Any], batches: list[Any],
                    device: Any, smooth_scales: dict[str, Any]
                    ) -> tuple[dict[str, tuple[float, int]], list[str]]:
-        import torch
-
         from inferopt.utils import observe_inputs
 
-        static = {n: m for n, m in targets.items()
-                  if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)}
-        dims = {n: (1 if isinstance(m, torch.nn.Conv2d) else -1) for n, m in static.items()}
+        static = {n: m for n, m in targets.items() if _kind(m) in ("linear", "conv")}
+        dims = {n: (1 if _kind(m) == "conv" else -1) for n, m in static.items()}
         obs = observe_inputs(model, static, batches, channel_dims=dims,
                              keep_sample=self.observer == "percentile", device=device,
                              scales={n: 1.0 / s for n, s in smooth_scales.items()})
@@ -283,8 +322,8 @@ def _kind(module: Any) -> str | None:
 
     if isinstance(module, torch.nn.MultiheadAttention):
         return "attention"
-    if isinstance(module, torch.nn.Linear) and type(module).forward is torch.nn.Linear.forward:
-        return "linear"  # a subclass with its own forward does more than a matmul: left alone
+    if linear_like(module):  # Linear, transformers' Conv1D; not a subclass with its own forward
+        return "linear"
     if type(module) is torch.nn.Conv2d:
         return "conv"
     return None
