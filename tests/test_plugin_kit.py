@@ -63,6 +63,8 @@ def test_example_installs_lists_runs_passes_its_tests_and_uninstalls(tmp_path):
     assert "half" not in {p["name"] for p in json.loads(gone.stdout)["plugins"]}
 
 
+# a real pip install (15 s); the example package's install test covers the default output
+@pytest.mark.slow
 def test_a_new_plugin_from_the_scaffold_works_out_of_the_box(tmp_path, cli):
     package = tmp_path / "inferopt-my-technique"
     result = cli("new-plugin", "my-technique", "--dir", str(package))
@@ -153,6 +155,8 @@ def test_metric_option_belongs_to_optimizer_plugins(cli, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+# one pip install of four packages (22 s); each kind's files are checked fast above
+@pytest.mark.slow
 def test_every_kind_installs_and_passes_its_own_tests(tmp_path, cli):
     # one pip install and one pytest session for all kinds (about 40 s on 2 cores)
     packages = []
