@@ -30,13 +30,14 @@ def _check(value: Any, where: str, depth: int = 0) -> None:
 
 def check_result(result: Any, what: str) -> list[str]:
     """Raise ValueError when ``result`` (``what``: "measure() on the baseline"...) is not a
-    flat-enough dict of JSON values; return warnings for non-finite numbers (shown as n/a)."""
+    flat-enough dict of JSON values; return warnings for NaN numbers (shown as n/a)."""
     if not isinstance(result, dict):
         raise ValueError(f"{what} returned a {type(result).__name__}, not a dict of numbers")
     _check(result, "the result")
-    bad = sorted(k for k, v in result.items()
-                 if isinstance(v, float) and not math.isfinite(v))
+    # NaN is a metric's failure; an infinity can be a true answer (the SNR of a model against
+    # itself), so only NaN is said
+    bad = sorted(k for k, v in result.items() if isinstance(v, float) and math.isnan(v))
     if bad:
-        return [f"{what} gave non-finite values for {', '.join(bad)}; the report shows them "
-                "as n/a (null in report.json)"]
+        return [f"{what} gave NaN for {', '.join(bad)}; the report shows it as n/a (null in "
+                "report.json)"]
     return []
