@@ -20,7 +20,6 @@ import zipfile
 from typing import Any
 
 from inferopt import UsageError, hookimpl
-from inferopt.plugins.sources import export_archive
 from inferopt.plugins.sources.model_file import ModelFileSource
 
 SUFFIX = ".pt2"
@@ -127,6 +126,10 @@ class ExportedProgramModels(ModelFileSource):
 
     @staticmethod
     def _load_untrusted(spec: str, data: bytes) -> Any:
+        # imported here: its checks compile many regular expressions, which listing plugins
+        # (inferopt plugins, --help) should not pay for
+        from inferopt.plugins.sources import export_archive
+
         refusals = export_archive.refusals(data)
         if refusals:
             raise UsageError(
