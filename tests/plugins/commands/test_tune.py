@@ -241,3 +241,38 @@ def test_bad_input_is_exit_2_and_a_changed_dataset_is_not_mixed_in(cli: Any,
              labels=rng.integers(0, 10, 64))  # same name and size, other samples
     again = cli(*args)
     assert again.returncode == 2 and "holds a tune of a different baseline" in again.stderr
+
+
+QUITS = '''
+import sys
+import attrs
+import inferopt
+
+
+@attrs.frozen
+class Quits(inferopt.Optimizer):
+    name = "quits"
+
+    def apply(self, model, ctx):
+        sys.exit(0)
+
+
+@inferopt.hookimpl
+def inferopt_register_optimizers(register):
+    register(Quits)
+'''
+
+
+def test_a_trial_that_calls_sys_exit_fails_alone_and_the_search_goes_on(
+        cli: Any, plugin_env: Any, tmp_path: Path) -> None:
+    """sys.exit() in a plugin's step stopped tune after its first trial, exit 0, nothing
+    saved; now that trial fails with the reason and the other trials run."""
+    env = plugin_env("inferopt-quits", {"quits": "quits_plugin"}, {"quits_plugin": QUITS})
+    out = tmp_path / "tune"
+    result = cli("tune", *FAST, "--out", str(out), "--trials", "3", "--json",
+                 "-t", "quits", "-t", "int8", env=env)
+    doc = json.loads(result.stdout)
+    keys = [t["key"] for t in doc["trials"]]
+    assert any(k.startswith("quits") for k in keys) and any(k.startswith("int8") for k in keys)
+    failed = next(t for t in doc["trials"] if t["key"].startswith("quits"))
+    assert "SystemExit" in json.dumps(failed)
