@@ -64,7 +64,7 @@ def test_a_third_party_metric_is_shown_stored_and_gated(cli: Any, tail_env: Any,
     report = json.loads((tmp_path / "a" / "report.json").read_text())
     assert report["metrics"]["tail"]["quantities"]["p999_ms"] == {
         "unit": "ms", "better": "lower", "change": "speedup", "label": "latency p99.9",
-        "show": True}
+        "show": True, "same_within": 0.0}
     assert report["metrics"]["tail"]["gates"]["min_tail_speedup"]["kind"] == "min_change"
 
     gated = cli("run", *RUN, "--gate", "min_tail_speedup=1000", "--json", env=tail_env)
@@ -174,3 +174,12 @@ def test_gates_check_drops_changes_and_prefer_the_paired_estimate() -> None:
                              {"lat": {"speedup": 1.4}})
     got = {r["name"]: (round(r["value"], 3), r["passed"]) for r in records}
     assert got == {"max_drop": (2.0, False), "max_rel": (2.222, True), "min_x": (1.4, False)}
+
+
+def test_a_change_within_same_within_is_judged_same():
+    from inferopt._quantities import judge
+
+    assert judge("higher", 1.0, 0.99998, same_within=1e-4) == "same"
+    assert judge("higher", 1.0, 0.997, same_within=1e-4) == "worse"
+    assert judge("higher", 1.0, 0.99998) == "worse"  # no tolerance declared: any change
+    assert judge("lower", 2.0, 1.0, same_within=0.5) == "better"

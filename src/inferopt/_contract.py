@@ -240,6 +240,8 @@ class Quantity:
     tables (default: ``"METRIC FIELD"``); ``show`` whether the terminal table and Markdown show
     it (it is in report.json either way). A field name ending in ``*`` describes every field
     it prefixes (``samples_per_s_batch*``); ``{}`` in the label is replaced by the rest.
+    ``same_within`` is the largest absolute change still judged "same" rather than better or
+    worse (a cosine of 0.99998 against 1.0 is no measurable change; default 0: any change).
     """
 
     unit: str = ""
@@ -247,6 +249,7 @@ class Quantity:
     change: str | None = attrs.field(default=None)
     label: str = ""
     show: bool = True
+    same_within: float = 0.0
 
     @better.validator
     def _check_better(self, _attr: Any, value: str | None) -> None:

@@ -69,11 +69,12 @@ def format_change(kind: str | None, b: float, o: float) -> str:
     return f"{value:+.3g}"
 
 
-def judge(better: str | None, b: float, o: float) -> str:
-    """``better``, ``worse`` or ``same`` for a quantity with a direction; "" without one."""
+def judge(better: str | None, b: float, o: float, same_within: float = 0.0) -> str:
+    """``better``, ``worse`` or ``same`` for a quantity with a direction; "" without one.
+    A change of at most ``same_within`` (absolute) is "same"."""
     if better not in ("lower", "higher"):
         return ""
-    if math.isclose(o, b, rel_tol=1e-9, abs_tol=0.0):
+    if math.isclose(o, b, rel_tol=1e-9, abs_tol=same_within):
         return "same"
     return "better" if (o < b) == (better == "lower") else "worse"
 
@@ -125,7 +126,7 @@ def metric_rows(metric: str, description: dict[str, Any], base: dict[str, Any],
             continue
         rows.append({"label": label, "name": name, "baseline": format_value(b, q.unit),
                      "optimized": format_value(o, q.unit), "change": format_change(q.change, b, o),
-                     "better": judge(q.better, b, o)})
+                     "better": judge(q.better, b, o, q.same_within)})
     return rows
 
 
