@@ -114,3 +114,25 @@ def tiny_gpt2(layers: int = 2, outliers: bool = True) -> Any:
             return self.lm(input_ids=input_ids).logits
 
     return Logits().eval()
+
+
+# A third-party optimizer whose step calls sys.exit(0) (install it with the plugin_env fixture:
+# plugin_env("inferopt-quits", {"quits": "quits_plugin"}, {"quits_plugin": QUITS_PLUGIN})).
+QUITS_PLUGIN = """
+import sys
+import attrs
+import inferopt
+
+
+@attrs.frozen
+class Quits(inferopt.Optimizer):
+    name = "quits"
+
+    def apply(self, model, ctx):
+        sys.exit(0)
+
+
+@inferopt.hookimpl
+def inferopt_register_optimizers(register):
+    register(Quits)
+"""

@@ -15,6 +15,7 @@ import pytest
 
 import inferopt
 from inferopt import _run_dir
+from tests.helpers import QUITS_PLUGIN
 
 SMALL = dict(model="demo:digits-mlp-small", metrics=["size"])
 
@@ -119,27 +120,11 @@ def test_sigterm_stops_a_run_like_ctrl_c(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
 
 
-EXITS = '''
-import attrs, sys
-import inferopt
-
-
-@attrs.frozen
-class Quits(inferopt.Optimizer):
-    name = "quits"
-
-    def apply(self, model, ctx):
-        sys.exit(0)
-
-
-@inferopt.hookimpl
-def inferopt_register_optimizers(register):
-    register(Quits)
-'''
 
 
 def test_sys_exit_in_a_step_is_an_error_naming_the_step(cli, plugin_env):
-    env = plugin_env("inferopt-quits", {"quits": "quits_plugin"}, {"quits_plugin": EXITS})
+    env = plugin_env("inferopt-quits", {"quits": "quits_plugin"},
+                     {"quits_plugin": QUITS_PLUGIN})
     result = cli("run", "--model", "demo:digits-mlp-small", "--optimize", "quits", "--metric",
                  "size", "--out", "r", env=env)
     assert result.returncode == 2

@@ -12,6 +12,7 @@ import pytest
 
 from inferopt._errors import Interrupted
 from inferopt.plugins.commands.tune.search import iter_log
+from tests.helpers import QUITS_PLUGIN
 
 FAST = ["--model", "demo:digits-mlp-small",
         "--metric", "latency:min_runs=60,min_seconds=0,warmup=2"]
@@ -243,31 +244,14 @@ def test_bad_input_is_exit_2_and_a_changed_dataset_is_not_mixed_in(cli: Any,
     assert again.returncode == 2 and "holds a tune of a different baseline" in again.stderr
 
 
-QUITS = '''
-import sys
-import attrs
-import inferopt
-
-
-@attrs.frozen
-class Quits(inferopt.Optimizer):
-    name = "quits"
-
-    def apply(self, model, ctx):
-        sys.exit(0)
-
-
-@inferopt.hookimpl
-def inferopt_register_optimizers(register):
-    register(Quits)
-'''
 
 
 def test_a_trial_that_calls_sys_exit_fails_alone_and_the_search_goes_on(
         cli: Any, plugin_env: Any, tmp_path: Path) -> None:
     """sys.exit() in a plugin's step stopped tune after its first trial, exit 0, nothing
     saved; now that trial fails with the reason and the other trials run."""
-    env = plugin_env("inferopt-quits", {"quits": "quits_plugin"}, {"quits_plugin": QUITS})
+    env = plugin_env("inferopt-quits", {"quits": "quits_plugin"},
+                     {"quits_plugin": QUITS_PLUGIN})
     out = tmp_path / "tune"
     result = cli("tune", *FAST, "--out", str(out), "--trials", "3", "--json",
                  "-t", "quits", "-t", "int8", env=env)
