@@ -4,11 +4,13 @@ stored, gated, compared and tuned for like a built-in one; and the generic rende
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import pytest
 
 import inferopt
+from inferopt import Gate, Metric, Quantity
 from inferopt._quantities import evaluate_gates, format_change, format_value, judge, metric_rows
 
 TAIL_PLUGIN = '''
@@ -64,7 +66,8 @@ def test_a_third_party_metric_is_shown_stored_and_gated(cli: Any, tail_env: Any,
     report = json.loads((tmp_path / "a" / "report.json").read_text())
     assert report["metrics"]["tail"]["quantities"]["p999_ms"] == {
         "unit": "ms", "better": "lower", "change": "speedup", "label": "latency p99.9",
-        "show": True, "same_within": 0.0}
+        "show": True, "same_within": 0.0, "same_within_relative": 0.0,
+        "words": ["better", "worse", "same"]}
     assert report["metrics"]["tail"]["gates"]["min_tail_speedup"]["kind"] == "min_change"
 
     gated = cli("run", *RUN, "--gate", "min_tail_speedup=1000", "--json", env=tail_env)
@@ -183,3 +186,102 @@ def test_a_change_within_same_within_is_judged_same():
     assert judge("higher", 1.0, 0.997, same_within=1e-4) == "worse"
     assert judge("higher", 1.0, 0.99998) == "worse"  # no tolerance declared: any change
     assert judge("lower", 2.0, 1.0, same_within=0.5) == "better"
+
+
+# --- aspects, published numbers and shared gate names: nothing in the core names a metric ----
+
+
+class _Jitter(Metric):
+    """A third-party speed metric with a gate it publishes, and nothing built in beside it."""
+
+    name = "jitter"
+    primary = "spread_ms"
+    aspect = "speed"
+    quantities = {"spread_ms": Quantity("ms", "lower", "ratio", "jitter")}
+    gates = {"max_jitter_ratio": Gate("spread_ms", "max_change", reported_as="jitter_ratio"),
+             "min_speedup": Gate("spread_ms", "min_change")}
+
+    def measure(self, model, backend, data, ctx):  # pragma: no cover - not run here
+        return {}
+
+
+class _Agreement(Metric):
+    """A third-party quality metric with a drop budget."""
+
+    name = "agree"
+    primary = "share"
+    aspect = "quality"
+    quantities = {"share": Quantity("fraction", "higher", "points", "agreement")}
+    gates = {"max_agree_drop": Gate("share", "max_drop")}
+
+    def measure(self, model, backend, data, ctx):
+
+        from inferopt.utils import primary_output
+
+        agree = total = 0
+        for batch, reference in zip(data.eval, ctx.baseline_outputs or [], strict=False):
+            out = primary_output(backend.forward(model, backend.to_device(batch.inputs)))
+            ref = primary_output(reference)
+            agree += int((out.argmax(-1).cpu() == ref.argmax(-1).cpu()).sum())
+            total += out.shape[0]
+        return {"share": agree / total if total else 1.0}
+
+
+def _described(*metrics: type[Metric]) -> dict[str, dict[str, Any]]:
+    return {m.name: m.describe() for m in metrics}
+
+
+def test_findings_and_published_numbers_come_from_the_metrics_descriptions() -> None:
+    from inferopt._report import Report, StepRecord
+
+    step = StepRecord(index=1, name="prune-l1", options={}, plugin="p", distribution="d",
+                      version="0", kind="pruning", details={"mode": "structured"})
+    report = Report(run_id="r", created="now", recipe={}, plugins={}, environment={},
+                    baseline={"jitter": {"spread_ms": 1.0}},
+                    optimized={"jitter": {"spread_ms": 2.0}}, steps=[step],
+                    descriptions=_described(_Jitter))
+    verdict = report.verdict
+    assert verdict["jitter_ratio"] == 2.0  # published whether or not the gate was set
+    assert verdict["jitter"] == "worse"
+    findings = [f["finding"] for f in verdict["findings"]]
+    assert findings == ["slower than baseline", "pruned but not faster"]
+    # the same numbers with no aspect: nothing concluded about speed
+    plain = {"jitter": {**_Jitter.describe(), "aspect": None}}
+    quiet = Report(run_id="r", created="now", recipe={}, plugins={}, environment={},
+                   baseline=report.baseline, optimized=report.optimized, steps=[step],
+                   descriptions=plain)
+    assert quiet.verdict["findings"] == []
+
+
+def test_a_gate_name_two_metrics_offer_must_be_qualified() -> None:
+    from inferopt._errors import UsageError
+    from inferopt._quantities import check_gates, offered_gates
+    from inferopt.plugins.metrics.latency import LatencyMetric
+
+    installed = {"latency": LatencyMetric, "jitter": _Jitter}
+    offered = offered_gates(installed)
+    assert "min_speedup" not in offered and offered["latency.min_speedup"][0] == "latency"
+    with pytest.raises(UsageError, match=r"latency\.min_speedup or jitter\.min_speedup"):
+        check_gates({"min_speedup": 1.0}, offered, {"latency", "jitter"}, installed)
+    check_gates({"jitter.min_speedup": 1.0}, offered, {"jitter"}, installed)
+    [record] = evaluate_gates({"jitter.min_speedup": 0.9}, _described(LatencyMetric, _Jitter),
+                              {"jitter": {"spread_ms": 1.0}}, {"jitter": {"spread_ms": 0.5}},
+                              {})
+    assert record["metric"] == "jitter" and record["value"] == 0.5 and not record["passed"]
+
+
+def test_a_third_party_quality_budget_stops_the_run_at_the_step(tmp_path: Any) -> None:
+    from inferopt import BudgetExceeded
+
+    session = inferopt.Session()
+    session.register(sys.modules[__name__], name="test-agree")
+    with pytest.raises(BudgetExceeded, match=r"step 1 'prune-l1' dropped agreement from "
+                                             r"100\.00% to .*points \(budget 0\.5\)"):
+        session.run(model="demo:digits-mlp-small", optimize=["prune-l1:sparsity=0.97"],
+                    metrics=["agree"], gates={"max_agree_drop": 0.5}, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+@inferopt.hookimpl
+def inferopt_register_metrics(register: Any) -> None:
+    register(_Agreement)

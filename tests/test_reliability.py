@@ -102,7 +102,7 @@ ROWS = [
      "(plugin 'breaker' from inferopt-breaker 0.3) failed: RuntimeError: bug in the plugin"),
     ("accuracy collapses past the budget", [*SMALL_MODEL, "-O", "prune-l1:sparsity=0.97",
                                             "--metric", "accuracy", "--max-accuracy-drop", "1"],
-     1, "step 1 'prune-l1' dropped top-1 accuracy"),
+     1, "step 1 'prune-l1' dropped accuracy top-1"),
     ("failed gate", [*SMALL_MODEL, "--metric", "size", "--max-size-ratio", "0.01"], 1,
      "gate failed: max_size_ratio"),
 ]

@@ -5,17 +5,27 @@ from __future__ import annotations
 
 import json
 
+from inferopt import Gate, Metric, Quantity
 from inferopt._report import Report, StepRecord
+from inferopt.plugins.metrics.accuracy import AccuracyMetric
 from inferopt.plugins.metrics.fidelity import FidelityMetric
 from inferopt.plugins.metrics.latency import LatencyMetric
+from inferopt.plugins.metrics.size import SizeMetric
 from inferopt.plugins.metrics.throughput import ThroughputMetric
 from tests.helpers import SMALL
 
 
-def _report(baseline, optimized, steps, gates=(), comparisons=None):
+BUILT_IN = {m.name: m.describe() for m in (AccuracyMetric, FidelityMetric, LatencyMetric,
+                                            SizeMetric, ThroughputMetric)}
+
+
+def _report(baseline, optimized, steps, gates=(), comparisons=None, descriptions=None):
+    # as the pipeline makes them: with the measured metrics' self-descriptions
+    metrics = {*baseline, *optimized, *(comparisons or {})}
     return Report(run_id="r", created="now", recipe={}, plugins={}, baseline=baseline,
                   optimized=optimized, steps=steps, environment={}, gates=list(gates),
-                  comparisons=comparisons or {})
+                  comparisons=comparisons or {},
+                  descriptions=descriptions or {m: BUILT_IN[m] for m in metrics if m in BUILT_IN})
 
 
 def _step(name, kind, **details):
@@ -53,7 +63,7 @@ def test_relative_accuracy_budget_stops_the_run_at_the_step(cli):
     result = cli("run", *SMALL, "--optimize", "prune-l1:sparsity=0.95",
                  "--max-accuracy-drop", "1%", "--json")
     assert result.returncode == 1 and result.stdout == ""
-    assert "step 1 'prune-l1' dropped top-1 accuracy" in result.stderr
+    assert "step 1 'prune-l1' dropped accuracy top-1" in result.stderr
     assert "% of the baseline (budget 1.0%)" in result.stderr
     within = cli("run", *SMALL, "--optimize", "prune-l1:sparsity=0.05",
                  "--max-accuracy-drop", "50%", "--json")

@@ -224,6 +224,8 @@ CHANGES = ("speedup", "ratio", "percent", "points", "difference")
 #: what a gate bounds: ``min_``/``max_`` on the ``change`` (in the quantity's change kind), the
 #: optimized ``value``, the ``drop`` (how much worse, in the change's units: points for a
 #: fraction), or the ``relative_drop`` (how much worse, in percent of the baseline)
+#: what a metric tells about a model (:attr:`Metric.aspect`)
+ASPECTS = ("speed", "size", "quality")
 GATE_KINDS = tuple(f"{bound}_{on}" for bound in ("min", "max")
                    for on in ("change", "value", "drop", "relative_drop"))
 
@@ -241,7 +243,10 @@ class Quantity:
     it (it is in report.json either way). A field name ending in ``*`` describes every field
     it prefixes (``samples_per_s_batch*``); ``{}`` in the label is replaced by the rest.
     ``same_within`` is the largest absolute change still judged "same" rather than better or
-    worse (a cosine of 0.99998 against 1.0 is no measurable change; default 0: any change).
+    worse (a cosine of 0.99998 against 1.0 is no measurable change; default 0: any change);
+    ``same_within_relative`` the same as a share of the baseline (0.05: within 5%).
+    ``words`` are what the report's verdict says for better, worse and same (latency's
+    ``faster``/``slower``/``no measurable change``).
     """
 
     unit: str = ""
@@ -250,6 +255,9 @@ class Quantity:
     label: str = ""
     show: bool = True
     same_within: float = 0.0
+    same_within_relative: float = 0.0
+    words: tuple[str, str, str] = attrs.field(default=("better", "worse", "same"),
+                                              converter=tuple)
 
     @better.validator
     def _check_better(self, _attr: Any, value: str | None) -> None:
@@ -287,6 +295,9 @@ class Gate:
     kind: str = attrs.field()
     help: str = ""
     comparison: str | None = None
+    #: the name under which the report's verdict publishes this gate's number on every run,
+    #: set or not (latency's ``speedup``, size's ``size_ratio``); None: only when it is set
+    reported_as: str | None = None
 
     @kind.validator
     def _check_kind(self, _attr: Any, value: str) -> None:
@@ -497,6 +508,9 @@ class Metric(abc.ABC):
 
     quantities: ClassVar[dict[str, Quantity]] = {}
     gates: ClassVar[dict[str, Gate]] = {}
+    #: what this metric tells about a model, for the report's findings, the accuracy budget
+    #: and plots: ``speed``, ``size``, ``quality`` (one of :data:`ASPECTS`), or None
+    aspect: ClassVar[str | None] = None
 
     @classmethod
     def describe(cls) -> dict[str, Any]:
@@ -507,7 +521,10 @@ class Metric(abc.ABC):
             quantities = {cls.primary: Quantity(
                 unit=cls.unit, better="higher" if cls.higher_is_better else "lower",
                 change="difference")}
-        return {"primary": cls.primary,
+        if cls.aspect is not None and cls.aspect not in ASPECTS:
+            raise ValueError(f"metric {getattr(cls, 'name', cls.__name__)!r}: aspect "
+                             f"{cls.aspect!r} is not one of {', '.join(ASPECTS)}")
+        return {"primary": cls.primary, "aspect": cls.aspect,
                 "quantities": {k: q.to_dict() for k, q in quantities.items()},
                 "gates": {k: g.to_dict() for k, g in cls.gates.items()}}
 

@@ -137,7 +137,7 @@ def resolve_plugins(
         from inferopt._quantities import check_gates, offered_gates
 
         installed = {e.name: e.obj for e in registry.entries("metric")}
-        check_gates(recipe.gates.to_dict(), offered_gates(installed), seen)
+        check_gates(recipe.gates.to_dict(), offered_gates(installed), seen, installed)
     return backend, steps, metrics
 
 
@@ -796,29 +796,47 @@ def _stopped(ctx: RunContext) -> str:
 def _check_accuracy_budget(ctx: RunContext, name: str, model: Any, prepared: Any,
                            baseline: dict[str, dict[str, Any]],
                            baseline_outputs: list[Any]) -> None:
-    """With an accuracy budget, a step that takes accuracy past it stops the run there
+    """With a quality budget (a gate on how much a ``quality`` metric may drop, such as
+    ``max_accuracy_drop``), a step that takes the model past it stops the run there
     (``BudgetExceeded``, exit 1) instead of going on to measure and save a broken model."""
-    gates = ctx.recipe.gates
-    max_drop, max_relative = gates.get("max_accuracy_drop"), gates.get("max_relative_accuracy_drop")
-    base = baseline.get("accuracy", {}).get("top1")
-    if (max_drop is None and max_relative is None) or not isinstance(base, int | float):
+    from inferopt._contract import Gate, Quantity
+    from inferopt._quantities import find_gate, format_value, gate_number
+
+    descriptions = {m.spec.name: m.entry.obj.describe() for m in ctx.metrics}
+    budgets: dict[str, list[tuple[str, Gate, float]]] = {}
+    for gate_name, threshold in ctx.recipe.gates.to_dict().items():
+        metric, doc = find_gate(gate_name, descriptions)
+        gate = Gate.from_dict(doc)
+        if (descriptions[metric].get("aspect") == "quality"
+                and gate.kind in ("max_drop", "max_relative_drop")
+                and isinstance(baseline.get(metric, {}).get(gate.quantity), int | float)):
+            budgets.setdefault(metric, []).append((gate_name, gate, threshold))
+    if not budgets:
         return
-    results, _ = _measure(ctx, model, prepared, "guard", baseline_outputs, only={"accuracy"})
-    top1 = results.get("accuracy", {}).get("top1")
-    if not isinstance(top1, int | float):
-        return
-    drop = (base - top1) * 100
-    relative = drop / (base * 100) * 100 if base > 0 else 0.0
-    over = []
-    if max_drop is not None and drop > max_drop:
-        over.append(f"{drop:.2f} points (budget {max_drop})")
-    if max_relative is not None and relative > max_relative:
-        over.append(f"{relative:.2f}% of the baseline (budget {max_relative}%)")
-    if over:
-        raise BudgetExceeded(
-            f"{name} dropped top-1 accuracy from {base:.2%} to {top1:.2%}: "
-            f"{' and '.join(over)}{_stopped(ctx)}. Try milder options for this step (skip "
-            "sensitive layers, lower sparsity, fine-tuning)")
+    results, _ = _measure(ctx, model, prepared, "guard", baseline_outputs, only=set(budgets))
+    for metric, gates in budgets.items():
+        over = []
+        for _gate_name, gate, threshold in gates:
+            q = Quantity.from_dict(descriptions[metric]["quantities"].get(gate.quantity, {}))
+            b = baseline[metric][gate.quantity]
+            o = results.get(metric, {}).get(gate.quantity)
+            value = gate_number(gate, q, b, o, {})
+            if value is None or value <= threshold:
+                continue
+            if gate.kind == "max_relative_drop":
+                over.append(f"{value:.2f}% of the baseline (budget {threshold}%)")
+            else:
+                unit = "points" if q.change == "points" else q.unit
+                over.append(f"{value:.2f} {unit}".rstrip() + f" (budget {threshold})")
+        if over:
+            q = Quantity.from_dict(descriptions[metric]["quantities"].get(gates[0][1].quantity,
+                                                                          {}))
+            label = q.label or f"{metric} {gates[0][1].quantity}"
+            b, o = baseline[metric][gates[0][1].quantity], results[metric][gates[0][1].quantity]
+            raise BudgetExceeded(
+                f"{name} dropped {label} from {format_value(b, q.unit)} to "
+                f"{format_value(o, q.unit)}: {' and '.join(over)}{_stopped(ctx)}. Try milder "
+                "options for this step (skip sensitive layers, lower sparsity, fine-tuning)")
 
 
 def _apply_step(ctx: RunContext, step: Resolved, model: Any) -> tuple[Any, StepRecord]:

@@ -69,12 +69,14 @@ def format_change(kind: str | None, b: float, o: float) -> str:
     return f"{value:+.3g}"
 
 
-def judge(better: str | None, b: float, o: float, same_within: float = 0.0) -> str:
+def judge(better: str | None, b: float, o: float, same_within: float = 0.0,
+          same_within_relative: float = 0.0) -> str:
     """``better``, ``worse`` or ``same`` for a quantity with a direction; "" without one.
-    A change of at most ``same_within`` (absolute) is "same"."""
+    A change of at most ``same_within`` (absolute) or ``same_within_relative`` (a share of
+    ``b``) is "same"."""
     if better not in ("lower", "higher"):
         return ""
-    if math.isclose(o, b, rel_tol=1e-9, abs_tol=same_within):
+    if math.isclose(o, b, rel_tol=max(1e-9, same_within_relative), abs_tol=same_within):
         return "same"
     return "better" if (o < b) == (better == "lower") else "worse"
 
@@ -126,8 +128,60 @@ def metric_rows(metric: str, description: dict[str, Any], base: dict[str, Any],
             continue
         rows.append({"label": label, "name": name, "baseline": format_value(b, q.unit),
                      "optimized": format_value(o, q.unit), "change": format_change(q.change, b, o),
-                     "better": judge(q.better, b, o, q.same_within)})
+                     "better": judge(q.better, b, o, q.same_within,
+                                     q.same_within_relative)})
     return rows
+
+
+JUDGEMENTS = ("better", "worse", "same")
+
+
+def judgement(description: dict[str, Any], base: dict[str, Any], opt: dict[str, Any],
+              comparison: dict[str, Any]) -> tuple[str, str] | None:
+    """A metric's overall judgement, ``better``/``worse``/``same``, with the word its primary
+    quantity uses for it (latency: ``faster``...): from its paired comparison's verdict when it
+    has one (:meth:`~inferopt.Metric.measure_pair`), else from its primary quantity's change.
+    None when neither says."""
+    primary = description.get("primary") or ""
+    q = Quantity.from_dict(description.get("quantities", {}).get(primary, {}))
+    verdict = comparison.get("verdict")
+    if isinstance(verdict, str):
+        if verdict in q.words:
+            return JUDGEMENTS[q.words.index(verdict)], verdict
+        return None
+    b, o = base.get(primary), opt.get(primary)
+    if not is_number(b) or not is_number(o):
+        return None
+    j = judge(q.better, b, o, q.same_within, q.same_within_relative)
+    return (j, q.words[JUDGEMENTS.index(j)]) if j else None
+
+
+def reported_numbers(descriptions: dict[str, dict[str, Any]],
+                     baseline: dict[str, dict[str, Any]], optimized: dict[str, dict[str, Any]],
+                     comparisons: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The numbers of every gate a metric publishes (:attr:`~inferopt.Gate.reported_as`), set
+    or not, by their published name; a number from a paired comparison with a confidence
+    interval brings ``NAME_ci`` and ``NAME_confidence``."""
+    out: dict[str, Any] = {}
+    for metric, description in descriptions.items():
+        for doc in description.get("gates", {}).values():
+            gate = Gate.from_dict(doc)
+            if not gate.reported_as:
+                continue
+            q = Quantity.from_dict(description.get("quantities", {}).get(gate.quantity, {}))
+            comparison = comparisons.get(metric, {})
+            value = gate_number(gate, q, baseline.get(metric, {}).get(gate.quantity),
+                                optimized.get(metric, {}).get(gate.quantity), comparison)
+            if value is None or not math.isfinite(value):
+                continue
+            out[gate.reported_as] = round(value, 4) + 0.0
+            if (gate.comparison and is_number(comparison.get(gate.comparison))
+                    and is_number(comparison.get("ci_low"))
+                    and is_number(comparison.get("ci_high"))):
+                out[f"{gate.reported_as}_ci"] = [round(comparison["ci_low"], 3),
+                                                 round(comparison["ci_high"], 3)]
+                out[f"{gate.reported_as}_confidence"] = comparison.get("confidence")
+    return out
 
 
 def paired_line(metric: str, comparison: dict[str, Any]) -> str | None:
@@ -153,26 +207,62 @@ def paired_line(metric: str, comparison: dict[str, Any]) -> str | None:
 
 
 def offered_gates(metric_classes: dict[str, Any]) -> dict[str, tuple[str, Gate]]:
-    """gate name -> (metric name, gate) over the given metric classes, by metric name."""
+    """gate name -> (metric name, gate) over the given metric classes, by metric name; every
+    gate also under ``METRIC.GATE``. A name two metrics offer is kept only qualified."""
     out: dict[str, tuple[str, Gate]] = {}
+    ambiguous: set[str] = set()
     for metric, cls in metric_classes.items():
         for name, gate in getattr(cls, "gates", {}).items():
+            out[f"{metric}.{name}"] = (metric, gate)
+            if name in out and out[name][0] != metric:
+                ambiguous.add(name)
             out.setdefault(name, (metric, gate))
+    for name in ambiguous:
+        del out[name]
     return out
 
 
+def _offered_by(name: str, metric_classes: dict[str, Any]) -> list[str]:
+    return [m for m, cls in metric_classes.items() if name in getattr(cls, "gates", {})]
+
+
 def check_gates(thresholds: dict[str, float], offered: dict[str, tuple[str, Gate]],
-                run_metrics: set[str]) -> None:
-    """Every gate asked for is one an installed metric offers, and that metric is measured."""
+                run_metrics: set[str], metric_classes: dict[str, Any] | None = None) -> None:
+    """Every gate asked for is one an installed metric offers, and that metric is measured;
+    a name several metrics offer must be qualified (``METRIC.GATE``)."""
+    for name in thresholds:
+        if name in offered:
+            continue
+        owners = _offered_by(name, metric_classes or {})
+        if len(owners) > 1:
+            raise UsageError(f"gate {name} is offered by several metrics ({', '.join(owners)}); "
+                             f"name one: " + " or ".join(f"{m}.{name}" for m in owners))
     unknown = sorted(set(thresholds) - set(offered))
     if unknown:
-        known = ", ".join(f"{name} ({metric})" for name, (metric, _g) in sorted(offered.items()))
+        known = ", ".join(f"{name} ({metric})" for name, (metric, _g) in sorted(offered.items())
+                          if "." not in name)
         raise UsageError(f"unknown gate(s) {', '.join(unknown)}; the installed metrics offer: "
                          f"{known or 'none'}")
     for name in thresholds:
         metric = offered[name][0]
         if metric not in run_metrics:
             raise UsageError(f"gate {name} needs the {metric!r} metric; add --metric {metric}")
+
+
+def find_gate(name: str, descriptions: dict[str, dict[str, Any]]
+              ) -> tuple[str, dict[str, Any]]:
+    """(metric, gate document) of gate ``name`` (or ``METRIC.GATE``) among ``descriptions``."""
+    metric, _, gate = name.rpartition(".")
+    if metric in descriptions and gate in descriptions[metric].get("gates", {}):
+        return metric, descriptions[metric]["gates"][gate]
+    found = [(m, d["gates"][name]) for m, d in descriptions.items()
+             if name in d.get("gates", {})]
+    if not found:
+        raise UsageError(f"gate {name}: no metric of this run offers it")
+    if len(found) > 1:
+        raise UsageError(f"gate {name} is offered by several metrics "
+                         f"({', '.join(m for m, _ in found)}); name one as METRIC.{name}")
+    return found[0]
 
 
 def gate_number(gate: Gate, quantity: Quantity, b: Any, o: Any,
@@ -200,11 +290,7 @@ def evaluate_gates(thresholds: dict[str, float], descriptions: dict[str, dict[st
     """One record per gate asked for: name, threshold, value, passed, and what it checks."""
     records = []
     for name, threshold in thresholds.items():
-        found = next(((m, d["gates"][name]) for m, d in descriptions.items()
-                      if name in d.get("gates", {})), None)
-        if found is None:
-            raise UsageError(f"gate {name}: no metric of this run offers it")
-        metric, doc = found
+        metric, doc = find_gate(name, descriptions)
         gate = Gate.from_dict(doc)
         qdoc = descriptions[metric].get("quantities", {}).get(gate.quantity, {})
         value = gate_number(gate, Quantity.from_dict(qdoc),

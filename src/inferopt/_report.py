@@ -13,9 +13,6 @@ import attrs
 
 SCHEMA = "inferopt.report/1"
 
-# Relative change in p50 latency under which a difference is called noise, when the latency
-# was not measured interleaved (then the verdict comes from the speedup's confidence interval).
-NOISE_BAND = 0.05
 
 
 @attrs.define
@@ -102,40 +99,45 @@ class Report:
 
     @property
     def verdict(self) -> dict[str, Any]:
-        v: dict[str, Any] = {}
-        lat_b = self.baseline.get("latency", {}).get("p50_ms")
-        lat_o = self.optimized.get("latency", {}).get("p50_ms")
-        paired = self.comparisons.get("latency", {})
-        if _is_number(paired.get("speedup")):
-            v["speedup"] = round(paired["speedup"], 3)
-            v["speedup_ci"] = [round(paired["ci_low"], 3), round(paired["ci_high"], 3)]
-            v["speedup_confidence"] = paired.get("confidence")
-            v["latency"] = paired["verdict"]
-        elif _is_number(lat_b) and _is_number(lat_o) and lat_o > 0:
-            speedup = lat_b / lat_o
-            v["speedup"] = round(speedup, 3)
-            if speedup > 1 + NOISE_BAND:
-                v["latency"] = "faster"
-            elif speedup < 1 - NOISE_BAND:
-                v["latency"] = "slower"
-            else:
-                v["latency"] = "no measurable change"
-        size_b = self.baseline.get("size", {}).get("bytes")
-        size_o = self.optimized.get("size", {}).get("bytes")
-        if _is_number(size_b) and _is_number(size_o) and size_b > 0:
-            v["size_ratio"] = round(size_o / size_b, 4)
-            v["size"] = "smaller" if size_o < size_b else "not smaller"
-        acc_b = self.baseline.get("accuracy", {}).get("top1")
-        acc_o = self.optimized.get("accuracy", {}).get("top1")
-        if _is_number(acc_b) and _is_number(acc_o):
-            v["accuracy_drop_points"] = round((acc_b - acc_o) * 100, 3) + 0.0  # no -0.0
-            # relative to the baseline; a baseline at 0 cannot drop
-            v["accuracy_drop_percent"] = (round((acc_b - acc_o) / acc_b * 100, 3) + 0.0
-                                          if acc_b > 0 else 0.0)
+        """What the run concludes, from the metrics' self-descriptions: the numbers their gates
+        publish (latency's ``speedup``, size's ``size_ratio``, accuracy's
+        ``accuracy_drop_points``...), each metric's judgement in its own words (``latency``:
+        ``faster``), whether the gates passed, and findings with their likely causes."""
+        from inferopt._quantities import judgement, reported_numbers
+
+        v: dict[str, Any] = reported_numbers(self._descriptions(), self.baseline,
+                                             self.optimized, self.comparisons)
+        for metric, description in self._descriptions().items():
+            judged = judgement(description, self.baseline.get(metric, {}),
+                               self.optimized.get(metric, {}), self.comparisons.get(metric, {}))
+            if judged is not None:
+                v.setdefault(metric, judged[1])
         if self.gates:
             v["gates_passed"] = all(g["passed"] for g in self.gates)
-        v["findings"] = _findings(self, v)
+        v["findings"] = _findings(self)
         return v
+
+    def _descriptions(self) -> dict[str, dict[str, Any]]:
+        """Every measured metric's self-description (a metric without one: its numbers)."""
+        from inferopt._quantities import fallback_description
+
+        return {m: self.descriptions.get(m) or fallback_description(m, self.optimized.get(m, {}))
+                for m in dict.fromkeys([*self.baseline, *self.optimized, *self.comparisons])}
+
+    def judgements(self, aspect: str) -> list[str]:
+        """``better``/``worse``/``same`` of each metric of ``aspect`` (``speed``, ``size``,
+        ``quality``) that could be judged."""
+        from inferopt._quantities import judgement
+
+        out = []
+        for metric, description in self._descriptions().items():
+            if description.get("aspect") != aspect:
+                continue
+            judged = judgement(description, self.baseline.get(metric, {}),
+                               self.optimized.get(metric, {}), self.comparisons.get(metric, {}))
+            if judged is not None:
+                out.append(judged[0])
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document; non-finite numbers become null (JSON has no NaN)."""
@@ -265,16 +267,19 @@ class Report:
         return "\n".join(lines)
 
 
-def _findings(report: Report, v: dict[str, Any]) -> list[dict[str, str]]:
-    """Plain statements of what did not go as the steps promised, each with its likely cause."""
+def _findings(report: Report) -> list[dict[str, str]]:
+    """Plain statements of what did not go as the steps promised, each with its likely cause.
+    Speed, size and quality are the metrics' aspects (:attr:`inferopt.Metric.aspect`), so a
+    third-party metric takes part as the built-in ones do."""
     out: list[dict[str, str]] = [
         {"finding": f"step {s.index} {s.name!r} failed and was undone", "cause": s.failed}
         for s in report.steps if s.failed]
     out += [{"finding": f"step {s.index} {s.name!r} skipped: the backend cannot run it",
              "cause": s.refused} for s in report.steps if s.refused]
     kinds = {s.kind for s in report.steps if not s.failed and not s.refused}
-    not_faster = v.get("latency") in ("no measurable change", "slower")
-    if v.get("latency") == "slower":
+    speed, size = report.judgements("speed"), report.judgements("size")
+    not_faster = bool(speed) and "better" not in speed
+    if "worse" in speed:
         slow_warnings = [w for s in report.steps for w in s.warnings
                          if any(k in w for k in ("slower", "reference", "dequantiz"))]
         out.append({"finding": "slower than baseline", "cause": "; ".join(slow_warnings) or (
@@ -289,13 +294,16 @@ def _findings(report: Report, v: dict[str, Any]) -> list[dict[str, str]]:
             "neurons") if unstructured else (
             "the pruned layers take too small a share of the run time at this batch size; "
             "prune more, or more layers")})
-    if "quantization" in kinds and v.get("size") == "not smaller":
+    if "quantization" in kinds and size and "better" not in size:
         out.append({"finding": "quantized but not smaller", "cause": (
             "no layer was quantized (see the step's skipped layers)") if not any(
             s.details.get("quantized") for s in report.steps if s.kind == "quantization") else (
             "the quantized layers hold a small share of the weights; the rest stayed in float")})
+    descriptions = report._descriptions()
     for g in report.gates:
-        if not g["passed"] and "accuracy" in g["name"]:
+        metric = g.get("metric") or next(
+            (m for m, d in descriptions.items() if g["name"] in d.get("gates", {})), None)
+        if not g["passed"] and descriptions.get(metric, {}).get("aspect") == "quality":
             names = ", ".join(s.name for s in report.steps) or "no step"
             out.append({"finding": "outside the accuracy budget", "cause": (
                 f"{g['name']} {g['value']} > {g['threshold']} after {names}; try milder "

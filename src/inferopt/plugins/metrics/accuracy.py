@@ -50,10 +50,12 @@ class AccuracyMetric(Metric):
         "top1": Quantity("fraction", "higher", "points", "accuracy top-1"),
         "top5": Quantity("fraction", "higher", "points", "accuracy top-5"),
     }
+    aspect = "quality"
     gates = {
-        "max_accuracy_drop": Gate("top1", "max_drop", help=(
+        "max_accuracy_drop": Gate("top1", "max_drop", reported_as="accuracy_drop_points", help=(
             "exit 1 if top-1 accuracy drops by more than this many points")),
-        "max_relative_accuracy_drop": Gate("top1", "max_relative_drop", help=(
+        "max_relative_accuracy_drop": Gate("top1", "max_relative_drop",
+                                           reported_as="accuracy_drop_percent", help=(
             "exit 1 if top-1 accuracy drops by more than this percent of the baseline's")),
     }
     needs_labels = True

@@ -22,6 +22,7 @@ class FidelityMetric(Metric):
     unit = ""
     primary = "cosine"
     higher_is_better = True
+    aspect = "quality"
     quantities = {
         "agreement": Quantity("fraction", "higher", "points", "top-1 agreement with baseline"),
         # below 1e-4 of cosine the outputs are the same to the rounding of low-precision kernels

@@ -27,13 +27,15 @@ class LatencyMetric(Metric):
     unit = "ms"
     primary = "p50_ms"
     higher_is_better = False
+    aspect = "speed"
+    # unpaired, a change within 5% is noise; paired, the verdict comes from the speedup's CI
     quantities = {
-        "p50_ms": Quantity("ms", "lower", "speedup", "latency p50"),
-        "p90_ms": Quantity("ms", "lower", "speedup", "latency p90"),
-        "p95_ms": Quantity("ms", "lower", "speedup", "latency p95"),
-        "p99_ms": Quantity("ms", "lower", "speedup", "latency p99"),
+        f"{p}_ms": Quantity("ms", "lower", "speedup", f"latency {p}", same_within_relative=0.05,
+                            words=("faster", "slower", "no measurable change"))
+        for p in ("p50", "p90", "p95", "p99")
     }
-    gates = {"min_speedup": Gate("p50_ms", "min_change", comparison="speedup", help=(
+    gates = {"min_speedup": Gate("p50_ms", "min_change", comparison="speedup",
+                                 reported_as="speedup", help=(
         "exit 1 if the p50 latency speedup (baseline / optimized; the interleaved A/B "
         "estimate when measured so) is below this"))}
 

@@ -19,8 +19,10 @@ class SizeMetric(Metric):
     unit = "bytes"
     primary = "bytes"
     higher_is_better = False
-    quantities = {"bytes": Quantity("bytes", "lower", "percent", "size (saved weights)")}
-    gates = {"max_size_ratio": Gate("bytes", "max_change", help=(
+    aspect = "size"
+    quantities = {"bytes": Quantity("bytes", "lower", "percent", "size (saved weights)",
+                                    words=("smaller", "not smaller", "not smaller"))}
+    gates = {"max_size_ratio": Gate("bytes", "max_change", reported_as="size_ratio", help=(
         "exit 1 if optimized size / baseline size (saved weights) is above this"))}
 
     def measure(self, model: Any, backend: Any, data: Any, ctx: Any) -> dict[str, Any]:

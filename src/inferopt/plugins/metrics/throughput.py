@@ -19,10 +19,14 @@ class ThroughputMetric(Metric):
     unit = "samples/s"
     primary = "samples_per_s"
     higher_is_better = True
+    aspect = "speed"
+    # an unpaired measurement: a change within 5% is noise
     quantities = {
-        "samples_per_s": Quantity("samples/s", "higher", "ratio", "throughput (samples/s)"),
+        "samples_per_s": Quantity("samples/s", "higher", "ratio", "throughput (samples/s)",
+                                  same_within_relative=0.05,
+                                  words=("faster", "slower", "no measurable change")),
         "samples_per_s_batch*": Quantity("samples/s", "higher", "ratio",
-                                         "throughput at batch {}"),
+                                         "throughput at batch {}", same_within_relative=0.05),
     }
 
     min_passes: int = option(2, min=1, help="at least this many full passes")
