@@ -111,6 +111,19 @@ def test_gptq_beats_round_to_nearest_on_held_out_data():
     assert errors["gptq"] < 0.75 * errors["rtn"]
 
 
+def test_method_auto_uses_gptq_with_calibration_data_and_says_when_it_cannot():
+    from inferopt._contract import Batch, Data
+
+    torch.manual_seed(1)
+    batches = [Batch(torch.randn(16, 256)) for _ in range(4)]
+    _, with_data = apply(mlp(), data=Data(eval=batches, calibration=batches))
+    assert set(with_data.details["methods"].values()) == {"gptq"}
+    assert "(gptq, group" in with_data.details["summary"]
+    _, without = apply(mlp())
+    assert set(without.details["methods"].values()) == {"rtn"}
+    assert "no calibration data" in without.details["method_note"]
+
+
 def test_bad_options_are_clear():
     with pytest.raises(inferopt.UsageError, match="option 'bits' got '5'; allowed: one of 2, 3, 4"):
         inferopt.apply(mlp(), "int4", bits="5")

@@ -35,7 +35,7 @@ from inferopt.utils import (
 
 BITS = (2, 3, 4)
 GROUP_SIZES = (32, 64, 128, 256)
-METHODS = ("rtn", "gptq")
+METHODS = ("auto", "rtn", "gptq")
 SCHEMES = ("asymmetric", "symmetric")
 PATHS = ("int8", "dequant")
 KERNELS = ("auto", "fbgemm", "onednn", "cuda", "reference")
@@ -54,8 +54,9 @@ class Int4Quantizer(Optimizer):
                              help="input channels sharing one scale (and zero point)")
     scheme: str = option("asymmetric", choices=SCHEMES,
                          help="asymmetric: scale and zero point per group; symmetric: scale only")
-    method: str = option("rtn", choices=METHODS, searchable=METHODS,
-                         help="rtn: round to nearest; gptq: error-compensating, needs data")
+    method: str = option("auto", choices=METHODS, searchable=("rtn", "gptq"),
+                         help="rtn: round to nearest; gptq: error-compensating, needs data; "
+                              "auto: gptq when the run has calibration data, else rtn")
     path: str = option("int8", choices=PATHS,
                        help="int8: W4A8 via int8 kernels (int8 copy cached in memory); "
                             "dequant: dequantize per call (4-bit in memory, slower)")
@@ -75,7 +76,12 @@ class Int4Quantizer(Optimizer):
             raise UsageError(nothing_to_quantize("int4", "Linear and Conv1D", model, skipped))
         device = device_of(model)
         hessians: dict[str, Any] = {}
-        if self.method == "gptq" and not ctx.restoring:
+        has_data = ctx.data is not None and bool(ctx.data.calibration)
+        wanted = self.method if self.method != "auto" else "gptq" if has_data else "rtn"
+        if self.method == "auto" and not has_data and not ctx.restoring:
+            ctx.details["method_note"] = ("method=auto rounded to nearest: no calibration data "
+                                          "for gptq (give --data)")
+        if wanted == "gptq" and not ctx.restoring:
             data = ctx.data
             if data is None or not data.calibration:
                 raise UsageError("step 'int4' with method=gptq needs calibration data; give "
@@ -95,13 +101,13 @@ class Int4Quantizer(Optimizer):
             if ctx.restoring:  # structure only: the saved codes are loaded over it
                 codes, scales, zeros = q4.quantize_rtn(weight * 0, self.bits,
                                                        self.group_size, symmetric)
-                method = self.method
-            elif self.method == "gptq" and name in hessians:
+                method = wanted
+            elif wanted == "gptq" and name in hessians:
                 codes, scales, zeros = q4.quantize_gptq(weight, hessians[name], self.bits,
                                                         self.group_size, symmetric, self.damp)
                 method = "gptq"
             else:
-                if self.method == "gptq":
+                if wanted == "gptq":
                     ctx.warn(f"int4: {name} saw no calibration input; rounded to nearest")
                 codes, scales, zeros = q4.quantize_rtn(weight, self.bits, self.group_size,
                                                        symmetric)
@@ -118,7 +124,7 @@ class Int4Quantizer(Optimizer):
         if self.path == "int8" and not ctx.restoring:
             for name in targets:
                 kernels[name] = model.get_submodule(name).int8_layer().active_kernel
-        summary = (f"{len(targets)} layers to {self.bits}-bit ({self.method}, group "
+        summary = (f"{len(targets)} layers to {self.bits}-bit ({wanted}, group "
                    f"{self.group_size}, {self.scheme}, path={self.path})")
         if padded:
             summary += f"; {len(padded)} padded to the group size"
