@@ -285,3 +285,92 @@ def test_a_third_party_quality_budget_stops_the_run_at_the_step(tmp_path: Any) -
 @inferopt.hookimpl
 def inferopt_register_metrics(register: Any) -> None:
     register(_Agreement)
+
+
+def test_a_paired_speed_verdict_outweighs_unpaired_throughput_noise() -> None:
+    from inferopt._report import Report, StepRecord
+    from inferopt.plugins.metrics.latency import LatencyMetric
+    from inferopt.plugins.metrics.throughput import ThroughputMetric
+
+    step = StepRecord(index=1, name="prune-l1", options={}, plugin="p", distribution="d",
+                      version="0", kind="pruning", details={"mode": "unstructured"})
+    for throughput, verdict in ((0.8, "no measurable change"), (1.3, "no measurable change"),
+                                (1.3, "faster")):
+        report = Report(
+            run_id="r", created="now", recipe={}, plugins={}, environment={}, steps=[step],
+            baseline={"latency": {"p50_ms": 1.0}, "throughput": {"samples_per_s": 100.0}},
+            optimized={"latency": {"p50_ms": 1.0},
+                       "throughput": {"samples_per_s": 100.0 * throughput}},
+            comparisons={"latency": {"speedup": 1.0, "ci_low": 0.9, "ci_high": 1.1,
+                                     "verdict": verdict}},
+            descriptions=_described(LatencyMetric, ThroughputMetric))
+        findings = [f["finding"] for f in report.verdict["findings"]]
+        expected = [] if verdict == "faster" else ["pruned but not faster"]
+        assert findings == expected, (throughput, verdict)
+
+
+def test_the_unpaired_noise_band_is_five_percent_of_the_change_either_way() -> None:
+    from inferopt._report import Report
+    from inferopt.plugins.metrics.latency import LatencyMetric
+
+    def latency(speedup: float, comparison: Any = None) -> Any:
+        return Report(run_id="r", created="now", recipe={}, plugins={}, environment={},
+                      steps=[], baseline={"latency": {"p50_ms": 1.0}},
+                      optimized={"latency": {"p50_ms": 1.0 / speedup}},
+                      comparisons={"latency": comparison} if comparison else {},
+                      descriptions=_described(LatencyMetric))
+
+    assert latency(1.051).verdict["latency"] == "faster"
+    assert latency(1.049).verdict["latency"] == "no measurable change"
+    assert latency(0.949).verdict["latency"] == "slower"
+    assert latency(0.951).verdict["latency"] == "no measurable change"
+    # measured in pairs, the table's row says what the paired verdict says
+    paired = latency(1.04, {"speedup": 1.04, "ci_low": 1.03, "ci_high": 1.05,
+                            "verdict": "faster"})
+    assert paired.rows()[0][-1] == "better"
+    assert latency(1.04).rows()[0][-1] == "same"
+
+
+def test_descriptions_are_checked_when_written() -> None:
+    with pytest.raises(ValueError, match="three words"):
+        Quantity(words=("up", "down"))
+    with pytest.raises(TypeError, match="aspect 'latency' is not one of speed, size, quality"):
+        type("Bad", (Metric,), {"name": "bad", "aspect": "latency",
+                                "measure": lambda *a: {}})
+
+
+def test_a_paired_verdict_in_other_words_falls_back_to_the_numbers() -> None:
+    from inferopt._quantities import judgement
+
+    description = _Jitter.describe()
+    found = judgement(description, {"spread_ms": 1.0}, {"spread_ms": 2.0},
+                      {"verdict": "slower"})
+    assert found == ("worse", "worse")
+
+
+def test_gates_qualified_in_toml_and_resolved_among_the_runs_metrics(tmp_path: Any) -> None:
+    from inferopt._quantities import check_gates, offered_gates
+    from inferopt._recipe import make_recipe
+    from inferopt.plugins.metrics.latency import LatencyMetric
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[gates]\naccuracy.max_accuracy_drop = 1.0\nmin_speedup = 1.1\n")
+    assert make_recipe(recipe).gates.to_dict() == {"accuracy.max_accuracy_drop": 1.0,
+                                                   "min_speedup": 1.1}
+    installed = {"latency": LatencyMetric, "jitter": _Jitter}
+    # only latency is measured: its min_speedup, though jitter (installed) offers one too
+    check_gates({"min_speedup": 1.1}, offered_gates(installed), {"latency"}, installed)
+
+
+def test_plots_complete_old_reports_from_the_installed_descriptions(tmp_path: Any) -> None:
+    pytest.importorskip("matplotlib")
+    from inferopt._plotting import _choose
+    from inferopt.plugins.metrics.latency import LatencyMetric
+
+    old = {"run_id": "a", "steps": [], "metrics": {"latency": {
+        k: v for k, v in LatencyMetric.describe().items() if k != "aspect"}},
+        "baseline": {"metrics": {"latency": {"p50_ms": 2.0}}},
+        "optimized": {"metrics": {"latency": {"p50_ms": 1.0}}}}
+    assert _choose([old], "speed", {}) is None
+    assert _choose([old], "speed", _described(LatencyMetric)) == (
+        "latency", "p50_ms", "latency p50 (ms)")

@@ -259,6 +259,12 @@ class Quantity:
     words: tuple[str, str, str] = attrs.field(default=("better", "worse", "same"),
                                               converter=tuple)
 
+    @words.validator
+    def _check_words(self, _attr: Any, value: tuple[str, ...]) -> None:
+        if len(value) != 3 or not all(isinstance(w, str) and w for w in value):
+            raise ValueError(f"Quantity(words={value!r}): give three words, for better, worse "
+                             "and same")
+
     @better.validator
     def _check_better(self, _attr: Any, value: str | None) -> None:
         if value not in (None, "lower", "higher"):
@@ -511,6 +517,13 @@ class Metric(abc.ABC):
     #: what this metric tells about a model, for the report's findings, the accuracy budget
     #: and plots: ``speed``, ``size``, ``quality`` (one of :data:`ASPECTS`), or None
     aspect: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        aspect = cls.__dict__.get("aspect")
+        if aspect is not None and aspect not in ASPECTS:
+            raise TypeError(f"metric {cls.__name__}: aspect {aspect!r} is not one of "
+                            f"{', '.join(ASPECTS)} (or None)")
 
     @classmethod
     def describe(cls) -> dict[str, Any]:

@@ -815,7 +815,7 @@ def _check_accuracy_budget(ctx: RunContext, name: str, model: Any, prepared: Any
         return
     results, _ = _measure(ctx, model, prepared, "guard", baseline_outputs, only=set(budgets))
     for metric, gates in budgets.items():
-        over = []
+        over, first = [], None
         for _gate_name, gate, threshold in gates:
             q = Quantity.from_dict(descriptions[metric]["quantities"].get(gate.quantity, {}))
             b = baseline[metric][gate.quantity]
@@ -828,15 +828,14 @@ def _check_accuracy_budget(ctx: RunContext, name: str, model: Any, prepared: Any
             else:
                 unit = "points" if q.change == "points" else q.unit
                 over.append(f"{value:.2f} {unit}".rstrip() + f" (budget {threshold})")
-        if over:
-            q = Quantity.from_dict(descriptions[metric]["quantities"].get(gates[0][1].quantity,
-                                                                          {}))
-            label = q.label or f"{metric} {gates[0][1].quantity}"
-            b, o = baseline[metric][gates[0][1].quantity], results[metric][gates[0][1].quantity]
+            first = first or (q, gate.quantity, b, o)
+        if first is not None:
+            q, field, b, o = first
             raise BudgetExceeded(
-                f"{name} dropped {label} from {format_value(b, q.unit)} to "
-                f"{format_value(o, q.unit)}: {' and '.join(over)}{_stopped(ctx)}. Try milder "
-                "options for this step (skip sensitive layers, lower sparsity, fine-tuning)")
+                f"{name} dropped {q.label or f'{metric} {field}'} from "
+                f"{format_value(b, q.unit)} to {format_value(o, q.unit)}: "
+                f"{' and '.join(over)}{_stopped(ctx)}. Try milder options for this step (skip "
+                "sensitive layers, lower sparsity, fine-tuning)")
 
 
 def _apply_step(ctx: RunContext, step: Resolved, model: Any) -> tuple[Any, StepRecord]:

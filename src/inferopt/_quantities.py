@@ -70,14 +70,22 @@ def format_change(kind: str | None, b: float, o: float) -> str:
 
 
 def judge(better: str | None, b: float, o: float, same_within: float = 0.0,
-          same_within_relative: float = 0.0) -> str:
+          same_within_relative: float = 0.0, change: str | None = None) -> str:
     """``better``, ``worse`` or ``same`` for a quantity with a direction; "" without one.
-    A change of at most ``same_within`` (absolute) or ``same_within_relative`` (a share of
-    ``b``) is "same"."""
+    A change of at most ``same_within`` (absolute) is "same"; so is one within
+    ``same_within_relative`` of no change: a speedup or ratio within 1 ± it (latency's 0.05:
+    x0.95 to x1.05), any other kind of change ``|o - b| <= same_within_relative * |b|``."""
     if better not in ("lower", "higher"):
         return ""
-    if math.isclose(o, b, rel_tol=max(1e-9, same_within_relative), abs_tol=same_within):
+    if math.isclose(o, b, rel_tol=1e-9, abs_tol=same_within):
         return "same"
+    if same_within_relative > 0:
+        value = change_value(change, b, o) if change in ("speedup", "ratio", "percent") else None
+        if value is not None:
+            if abs(value - 1.0) <= same_within_relative:
+                return "same"
+        elif abs(o - b) <= same_within_relative * abs(b):
+            return "same"
     return "better" if (o < b) == (better == "lower") else "worse"
 
 
@@ -108,9 +116,13 @@ def fallback_description(metric: str, result: dict[str, Any]) -> dict[str, Any]:
 
 
 def metric_rows(metric: str, description: dict[str, Any], base: dict[str, Any],
-                opt: dict[str, Any], shown_only: bool = True) -> list[dict[str, str]]:
+                opt: dict[str, Any], shown_only: bool = True,
+                comparison: dict[str, Any] | None = None) -> list[dict[str, str]]:
     """One row per (shown) quantity: label (``name`` with a mark when it rests on few runs),
-    baseline, optimized, change, better (or "")."""
+    baseline, optimized, change, better (or ""). With a paired ``comparison`` whose verdict
+    judges the primary quantity, that row says what the verdict says, and the other rows
+    drop the unpaired noise band."""
+    paired = _paired_judgement(description, comparison or {})
     rows = []
     unreliable = set(base.get("unreliable", ())) | set(opt.get("unreliable", ()))
     for key, q, label in quantities_of({"name": metric, **description}, base, opt):
@@ -126,10 +138,14 @@ def metric_rows(metric: str, description: dict[str, Any], base: dict[str, Any],
             rows.append({"label": label, "name": name, "baseline": "-",
                          "optimized": format_value(o, q.unit), "change": "-", "better": ""})
             continue
+        if paired is not None and key == description.get("primary"):
+            better = paired
+        else:
+            better = judge(q.better, b, o, q.same_within,
+                           0.0 if paired is not None else q.same_within_relative, q.change)
         rows.append({"label": label, "name": name, "baseline": format_value(b, q.unit),
                      "optimized": format_value(o, q.unit), "change": format_change(q.change, b, o),
-                     "better": judge(q.better, b, o, q.same_within,
-                                     q.same_within_relative)})
+                     "better": better})
     return rows
 
 
@@ -144,16 +160,30 @@ def judgement(description: dict[str, Any], base: dict[str, Any], opt: dict[str, 
     None when neither says."""
     primary = description.get("primary") or ""
     q = Quantity.from_dict(description.get("quantities", {}).get(primary, {}))
-    verdict = comparison.get("verdict")
-    if isinstance(verdict, str):
-        if verdict in q.words:
-            return JUDGEMENTS[q.words.index(verdict)], verdict
-        return None
+    paired = _paired_judgement(description, comparison)
+    if paired is not None:
+        return paired, comparison["verdict"]
     b, o = base.get(primary), opt.get(primary)
     if not is_number(b) or not is_number(o):
         return None
-    j = judge(q.better, b, o, q.same_within, q.same_within_relative)
+    j = judge(q.better, b, o, q.same_within, q.same_within_relative, q.change)
     return (j, q.words[JUDGEMENTS.index(j)]) if j else None
+
+
+def _paired_judgement(description: dict[str, Any], comparison: dict[str, Any]) -> str | None:
+    """``better``/``worse``/``same`` from a paired comparison's verdict, when it is one of the
+    primary quantity's words (a verdict in other words: None, judge the numbers instead)."""
+    verdict = comparison.get("verdict")
+    q = Quantity.from_dict(description.get("quantities", {}).get(
+        description.get("primary") or "", {}))
+    if isinstance(verdict, str) and verdict in q.words:
+        return JUDGEMENTS[q.words.index(verdict)]
+    return None
+
+
+def is_paired(description: dict[str, Any], comparison: dict[str, Any]) -> bool:
+    """Whether a paired comparison judged this metric (its verdict in the metric's words)."""
+    return _paired_judgement(description, comparison) is not None
 
 
 def reported_numbers(descriptions: dict[str, dict[str, Any]],
@@ -228,25 +258,31 @@ def _offered_by(name: str, metric_classes: dict[str, Any]) -> list[str]:
 
 def check_gates(thresholds: dict[str, float], offered: dict[str, tuple[str, Gate]],
                 run_metrics: set[str], metric_classes: dict[str, Any] | None = None) -> None:
-    """Every gate asked for is one an installed metric offers, and that metric is measured;
-    a name several metrics offer must be qualified (``METRIC.GATE``)."""
-    for name in thresholds:
-        if name in offered:
-            continue
-        owners = _offered_by(name, metric_classes or {})
-        if len(owners) > 1:
-            raise UsageError(f"gate {name} is offered by several metrics ({', '.join(owners)}); "
-                             f"name one: " + " or ".join(f"{m}.{name}" for m in owners))
-    unknown = sorted(set(thresholds) - set(offered))
+    """Every gate asked for is one an installed metric offers, and that metric is measured.
+    A name several installed metrics offer resolves to the one the run measures; when the run
+    measures several, it must be qualified (``METRIC.GATE``)."""
+    metric_classes = metric_classes or {}
+    unknown = sorted(n for n in thresholds
+                     if n not in offered and not _offered_by(n, metric_classes))
     if unknown:
         known = ", ".join(f"{name} ({metric})" for name, (metric, _g) in sorted(offered.items())
                           if "." not in name)
         raise UsageError(f"unknown gate(s) {', '.join(unknown)}; the installed metrics offer: "
                          f"{known or 'none'}")
     for name in thresholds:
-        metric = offered[name][0]
-        if metric not in run_metrics:
-            raise UsageError(f"gate {name} needs the {metric!r} metric; add --metric {metric}")
+        if name in offered:
+            owners = [offered[name][0]]
+        else:
+            owners = _offered_by(name, metric_classes)
+            in_run = [m for m in owners if m in run_metrics]
+            if len(in_run) > 1 or not in_run:
+                raise UsageError(
+                    f"gate {name} is offered by several metrics ({', '.join(owners)}); name "
+                    "one: " + " or ".join(f"{m}.{name}" for m in (in_run or owners)))
+            owners = in_run
+        if owners[0] not in run_metrics:
+            raise UsageError(f"gate {name} needs the {owners[0]!r} metric; add --metric "
+                             f"{owners[0]}")
 
 
 def find_gate(name: str, descriptions: dict[str, dict[str, Any]]

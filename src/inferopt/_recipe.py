@@ -300,10 +300,16 @@ def fields_from_mapping(doc: Mapping[str, Any], where: str) -> dict[str, Any]:
         gates = doc["gates"]
         if not isinstance(gates, Mapping):
             raise UsageError(f"{where}: [gates] must be a table of NAME = number; got {gates!r}")
+        flat: dict[str, Any] = {}
         for k, v in gates.items():
+            if isinstance(v, Mapping):  # [gates.METRIC] or METRIC.GATE = x: qualified names
+                flat.update({f"{k}.{g}": x for g, x in v.items()})
+            else:
+                flat[str(k)] = v
+        for k, v in flat.items():
             if not isinstance(v, int | float) or isinstance(v, bool):
                 raise UsageError(f"{where}: gates.{k} must be a number, got {v!r}")
-        fields["gates"] = Gates({str(k): float(v) for k, v in gates.items()})
+        fields["gates"] = Gates({str(k): float(v) for k, v in flat.items()})
     return fields
 
 

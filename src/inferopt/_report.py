@@ -71,7 +71,8 @@ class Report:
     warnings: list[str] = attrs.field(factory=list)
     gates: list[dict[str, Any]] = attrs.field(factory=list)
     #: each metric's self-description (:meth:`inferopt.Metric.describe`): its quantities and
-    #: gates, stored so that the report renders without the metric's plugin installed
+    #: gates, stored so that the report renders without the metric's plugin installed; the
+    #: verdict and findings come from them (a metric without one: its numbers, unjudged)
     descriptions: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     # False in the other workers of a torchrun launch: only the main one prints and saves
     main_worker: bool = True
@@ -126,18 +127,21 @@ class Report:
 
     def judgements(self, aspect: str) -> list[str]:
         """``better``/``worse``/``same`` of each metric of ``aspect`` (``speed``, ``size``,
-        ``quality``) that could be judged."""
-        from inferopt._quantities import judgement
+        ``quality``) that could be judged. Metrics measured in pairs (latency's interleaved
+        A/B) are the fairer judges: when any metric of the aspect was, only those count."""
+        from inferopt._quantities import is_paired, judgement
 
-        out = []
+        judged: list[tuple[bool, str]] = []
         for metric, description in self._descriptions().items():
             if description.get("aspect") != aspect:
                 continue
-            judged = judgement(description, self.baseline.get(metric, {}),
-                               self.optimized.get(metric, {}), self.comparisons.get(metric, {}))
-            if judged is not None:
-                out.append(judged[0])
-        return out
+            comparison = self.comparisons.get(metric, {})
+            found = judgement(description, self.baseline.get(metric, {}),
+                              self.optimized.get(metric, {}), comparison)
+            if found is not None:
+                judged.append((is_paired(description, comparison), found[0]))
+        paired_only = any(paired for paired, _ in judged)
+        return [j for paired, j in judged if paired or not paired_only]
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document; non-finite numbers become null (JSON has no NaN)."""
@@ -176,7 +180,8 @@ class Report:
             opt = self.optimized.get(metric, {})
             description = self.descriptions.get(metric) or fallback_description(metric, opt)
             rows += [(r["label"], r["baseline"], r["optimized"], r["change"], r["better"])
-                     for r in metric_rows(metric, description, base, opt)]
+                     for r in metric_rows(metric, description, base, opt,
+                                          comparison=self.comparisons.get(metric))]
         return rows
 
     def verdict_lines(self) -> list[str]:
@@ -305,8 +310,9 @@ def _findings(report: Report) -> list[dict[str, str]]:
             (m for m, d in descriptions.items() if g["name"] in d.get("gates", {})), None)
         if not g["passed"] and descriptions.get(metric, {}).get("aspect") == "quality":
             names = ", ".join(s.name for s in report.steps) or "no step"
+            op = "<" if str(g.get("kind") or g["name"]).startswith("min_") else ">"
             out.append({"finding": "outside the accuracy budget", "cause": (
-                f"{g['name']} {g['value']} > {g['threshold']} after {names}; try milder "
+                f"{g['name']} {g['value']} {op} {g['threshold']} after {names}; try milder "
                 "options (skip sensitive layers, lower sparsity, more calibration data) or "
                 "fine-tuning")})
     return out

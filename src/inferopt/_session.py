@@ -114,7 +114,8 @@ class Session:
     def describe(self, kind: str, name: str) -> dict[str, Any]:
         """One installed plugin class as plain data: ``name``, ``kind``, ``summary``,
         ``plugin``, ``distribution``, ``version`` and ``options`` (the list ``inferopt plugins
-        --json`` shows), plus ``optimizer_version`` for optimizers."""
+        --json`` shows), plus ``optimizer_version`` for optimizers and ``description``
+        (:meth:`inferopt.Metric.describe`) for metrics."""
         self._check_kind(kind)
         entry = self.registry.get(kind, name)
         option_class = entry.option_class
@@ -124,6 +125,8 @@ class Session:
                "options": options.describe(option_class) if option_class is not None else []}
         if kind == "optimizer":
             out["optimizer_version"] = getattr(entry.obj, "version", 1)
+        if kind == "metric":
+            out["description"] = entry.obj.describe()
         return out
 
     @staticmethod

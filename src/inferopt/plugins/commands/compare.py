@@ -14,6 +14,21 @@ from inferopt.utils import REPORT_SCHEMA as SCHEMA
 from inferopt.utils import cli_fail, report_rows
 
 
+def _installed_metrics() -> dict[str, dict[str, Any]]:
+    """The installed metrics' self-descriptions, to plot reports written before metrics
+    declared their aspects (a broken plugin is left out)."""
+    import inferopt
+
+    session = inferopt.Session()
+    out = {}
+    for name in session.names("metric"):
+        try:
+            out[name] = session.describe("metric", name)["description"]
+        except Exception:  # a broken plugin costs its own columns, not the plot
+            continue
+    return out
+
+
 def load_report(path: str | Path) -> dict[str, Any]:
     """A report from a run directory or a ``report.json`` file, checked to be one."""
     p = Path(path)
@@ -110,7 +125,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 @click.option("--markdown", is_flag=True, help="Print a Markdown table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @click.option("--plot", "plot_path", metavar="FILE.png",
-              help="Also draw quality vs latency and size for all runs (needs matplotlib).")
+              help="Also draw quality vs speed and size for all runs (needs matplotlib).")
 def compare_command(runs: tuple[str, ...], markdown: bool, as_json: bool,
                     plot_path: str | None) -> None:
     """Tabulate several runs: RUN is a run directory or a report.json file."""
@@ -129,7 +144,7 @@ def compare_command(runs: tuple[str, ...], markdown: bool, as_json: bool,
             if not target.parent.is_dir():
                 raise UsageError(f"--plot {plot_path}: the directory {str(target.parent)!r} "
                                  "does not exist")
-            plot_reports(docs, Path(plot_path), "inferopt compare")
+            plot_reports(docs, Path(plot_path), "inferopt compare", _installed_metrics())
     except InferoptError as exc:
         cli_fail(exc, False)
     columns, rows = table(docs)
