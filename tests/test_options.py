@@ -123,3 +123,20 @@ def test_a_validator_checks_the_converted_value_and_names_step_option_value():
     # the declared range is checked before the validator sees the value
     with pytest.raises(UsageError, match=r"option 'groups' got 0; allowed: int >= 1"):
         build(Validated, {"groups": 0}, "step 1 'x'")
+
+
+def test_an_option_spelled_as_a_keyword_is_listed_and_read_by_its_key():
+    import attrs
+
+    import inferopt
+    from inferopt._options import build, describe
+
+    @attrs.frozen
+    class Spec:
+        cls: str = inferopt.option("", key="class", help="class to load")
+
+    assert describe(Spec)[0]["name"] == "class"
+    assert build(Spec, {"class": "AutoModel"}, "here").cls == "AutoModel"
+    assert build(Spec, {"cls": "AutoModel"}, "here").cls == "AutoModel"
+    with pytest.raises(inferopt.UsageError, match="Options: class"):
+        build(Spec, {"klass": "x"}, "here")

@@ -35,6 +35,7 @@ def option(
     max: float | None = None,
     searchable: Sequence[Any] | None = None,
     validator: Callable[[Any], str | None] | None = None,
+    key: str | None = None,
 ) -> Any:
     """Declare one option of a plugin class (an attrs field with metadata).
 
@@ -43,6 +44,8 @@ def option(
     ``inferopt plugins`` and in errors. ``validator(value)`` checks a converted value further:
     it raises ValueError/TypeError or returns an error message (None or "" when the value is
     fine), and the message becomes a UsageError naming the step, the option and the value.
+    ``key`` is how users spell the option when that cannot be a Python name (``class=`` for a
+    field ``cls``); listings show it, and specs and configs accept it.
     """
     metadata = {
         "help": help,
@@ -51,6 +54,7 @@ def option(
         "max": max,
         "searchable": tuple(searchable) if searchable is not None else None,
         "validator": validator,
+        "key": key,
     }
     return attrs.field(default=default, metadata={"inferopt": metadata})
 
@@ -93,7 +97,7 @@ def describe(cls: type) -> list[dict[str, Any]]:
         default = None if field.default is attrs.NOTHING else field.default
         out.append(
             {
-                "name": field.name,
+                "name": meta.get("key") or field.name,
                 "type": _type_name(hints.get(field.name, field.type or Any)),
                 "default": json_safe(default),
                 "help": meta.get("help", ""),
@@ -116,12 +120,14 @@ def build(cls: type, raw: Mapping[str, Any], where: str) -> Any:
         return cls()
     hints = _hints(cls)
     fields = {f.name: f for f in attrs.fields(cls) if f.init}
+    keys = {_meta(f).get("key"): n for n, f in fields.items() if _meta(f).get("key")}
     values: dict[str, Any] = {}
     for key, value in raw.items():
-        name = key.replace("-", "_")
+        name = keys.get(key) or key.replace("-", "_")
         if name not in fields:
-            known = ", ".join(fields) or "(none)"
-            close = difflib.get_close_matches(name, list(fields), n=1)
+            spelled = [_meta(f).get("key") or n for n, f in fields.items()]
+            known = ", ".join(spelled) or "(none)"
+            close = difflib.get_close_matches(name, spelled, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise UsageError(f"{where}: unknown option {key!r}. Options: {known}.{hint}")
         field = fields[name]

@@ -32,8 +32,8 @@ INSTALL_HINT = "install the extra: pip install 'inferopt[hf]'"
 class HfSpec:
     """Options of an ``hf:`` model spec."""
 
-    cls: str = option("", help="transformers class to load with (default: the config's "
-                               "architecture, else AutoModel)")
+    cls: str = option("", key="class", help="transformers class to load with (default: the "
+                                            "config's architecture, else AutoModel)")
 
 
 def import_transformers(spec: str, flag: str = "--model") -> Any:
@@ -47,8 +47,6 @@ def import_transformers(spec: str, flag: str = "--model") -> Any:
 
 def _options(spec: str) -> tuple[str, HfSpec]:
     target, raw = parse_target_spec(spec, "hf", "--model")
-    if "class" in raw:
-        raw["cls"] = raw.pop("class")
     return target, build(HfSpec, raw, f"--model {spec!r}")
 
 
