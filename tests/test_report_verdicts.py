@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-from inferopt import Gate, Metric, Quantity
 from inferopt._report import Report, StepRecord
 from inferopt.plugins.metrics.accuracy import AccuracyMetric
 from inferopt.plugins.metrics.fidelity import FidelityMetric
@@ -13,7 +12,6 @@ from inferopt.plugins.metrics.latency import LatencyMetric
 from inferopt.plugins.metrics.size import SizeMetric
 from inferopt.plugins.metrics.throughput import ThroughputMetric
 from tests.helpers import SMALL
-
 
 BUILT_IN = {m.name: m.describe() for m in (AccuracyMetric, FidelityMetric, LatencyMetric,
                                             SizeMetric, ThroughputMetric)}

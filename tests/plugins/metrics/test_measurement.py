@@ -202,7 +202,6 @@ def test_the_bootstrap_stays_fast_with_many_pairs():
 
 def test_a_relative_budget_with_a_baseline_at_zero_accuracy():
     from inferopt._report import Report
-
     from inferopt.plugins.metrics.accuracy import AccuracyMetric
 
     report = Report(run_id="r", created="now", recipe={}, plugins={}, environment={},
