@@ -1,10 +1,9 @@
-"""The ``inferopt tune`` command: flags and output (the search is in :mod:`.tuner`)."""
+"""The ``inferopt tune`` command: its flags and its output (the search: :mod:`.tuner`)."""
 
 from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
@@ -63,13 +62,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 @click.option("--json", "as_json", is_flag=True,
               help="Print only the tune document (inferopt.tune/2) on stdout.")
 @cli_logging_options(default_level="warning")
-def tune(recipe: str | None, model: str | None, data: str | None, split: str | None,
-         output: str | None, trust_model: bool, backend: str | None, metrics: tuple[str, ...],
-         batch_size: int | None, seed: int | None, max_accuracy_drop: str, objective: str,
-         budget_minutes: float, max_trials: int, techniques: tuple[str, ...], out: str,
-         storage: str | None, study_name: str, heartbeat_seconds: float, restart: bool,
-         as_json: bool, log_format: str, log_level: str, strict_plugins: bool,
-         debug: bool) -> None:
+def tune(**flags: Any) -> None:
     """Search the installed techniques for the best recipe within an accuracy budget.
 
     Every trial is measured against the same baseline (latency interleaved A/B) and stored in
@@ -79,24 +72,13 @@ def tune(recipe: str | None, model: str | None, data: str | None, split: str | N
     """
     from inferopt.utils import configure_logging, disable_progress
 
-    configure_logging(log_format, log_level)
+    debug, as_json, out, storage = (flags[k] for k in ("debug", "as_json", "out", "storage"))
+    configure_logging(flags["log_format"], flags["log_level"])
     disable_progress(as_json)
     try:
         from inferopt.plugins.commands.tune.tuner import tune_search
-        from inferopt.utils import parse_accuracy_budget, parse_spec
 
-        gate = parse_accuracy_budget(max_accuracy_drop)
-        doc = tune_search(
-            recipe, dict(model=model, data=data, split=split, batch_size=batch_size, seed=seed,
-                         trust_model=trust_model),
-            dict(backend=backend, metrics=list(metrics), output=output),
-            budget=next(iter(gate.values())) or 0.0,
-            relative="max_relative_accuracy_drop" in gate, objective=objective,
-            budget_seconds=budget_minutes * 60, max_trials=max_trials,
-            techniques=tuple(parse_spec(t, "--technique") for t in techniques),
-            out=Path(out), storage=storage, study_name=study_name,
-            heartbeat=heartbeat_seconds, restart=restart, strict_plugins=strict_plugins,
-            echo=lambda line: click.echo(line, err=True))
+        doc = tune_search(flags, echo=lambda line: click.echo(line, err=True))
     except InferoptError as exc:
         cli_fail(exc, debug)
     except KeyboardInterrupt:

@@ -1,22 +1,18 @@
-"""The search: what a trial is, what to try next, and the worker loop on an Optuna study.
+"""The search: the space, the goal, what to enqueue ahead of the sampler, and one trial.
 
-A trial is one recipe (optimizer steps with their options) run against the baseline, loaded once
-per worker, with :meth:`inferopt.Session.run`. Trials live in an Optuna study, so that any number
-of workers (processes, machines) share one search. Ahead of the sampler, the workers enqueue the
-trials that make the search good on a small budget, each keyed by its recipe so that a trial is
-never run twice: the A/A baseline, each technique at its defaults, per-layer sensitivity for a
-technique that breaks the accuracy budget, and pairs of the techniques' best candidates. Then a
-multi-objective sampler (NSGA-II, the accuracy budget as its constraint) walks every searchable
-option of every technique.
-"""
+A trial is one recipe (optimizer steps with their options) run with :meth:`inferopt.Session.run`
+on the baseline loaded once per worker; it is keyed by its recipe, so that no recipe is enqueued
+or run twice whichever worker plans it (the worker loop is in :mod:`.study`)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import socket
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -81,9 +77,9 @@ class Technique:
         return [self.step(c) for c in combos]
 
     def to_json(self) -> dict[str, Any]:
-        return {"technique": self.name, "kind": self.kind, "plugin": self.plugin,
-                "distribution": self.distribution, "fixed": self.fixed, "search": self.dims,
-                "skip_option": self.has_skip}
+        return {"technique": self.name, **attrs.asdict(self, filter=lambda a, _v: a.name in (
+            "kind", "plugin", "distribution", "fixed")), "search": self.dims,
+            "skip_option": self.has_skip}
 
 
 def search_space(session: Any, techniques: tuple[Any, ...]) -> tuple[list[Technique], list[str]]:
@@ -91,43 +87,36 @@ def search_space(session: Any, techniques: tuple[Any, ...]) -> tuple[list[Techni
     Without ``techniques`` (``parse_spec`` results), every installed optimizer that declares
     searchable values (``inferopt.option(..., searchable=...)``); a spec's options are fixed."""
     names = [s.name for s in techniques]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise UsageError(f"--technique {', '.join(dup)} is given twice; give each technique "
+    if twice := sorted({n for n in names if names.count(n) > 1}):
+        raise UsageError(f"--technique {', '.join(twice)} is given twice; give each technique "
                          "once (fix options with NAME:key=value)")
-    if not techniques:
-        from inferopt.utils import parse_spec
+    from inferopt.utils import parse_spec
 
-        techniques = tuple(parse_spec(n, "--technique") for n in session.names("optimizer")
-                           if any(o.get("searchable") for o in
-                                  session.describe("optimizer", n)["options"]))
-        if not techniques:
-            raise UsageError("no installed optimizer declares searchable options; name the "
-                             "techniques to try with --technique NAME")
+    techniques = techniques or tuple(
+        parse_spec(n, "-t") for n in session.names("optimizer")
+        if any(o.get("searchable") for o in session.describe("optimizer", n)["options"]))
+    if not techniques:
+        raise UsageError("no installed optimizer declares searchable options; name the "
+                         "techniques to try with --technique NAME")
     notes: list[str] = []
     space = []
     for spec in techniques:
         info = session.describe("optimizer", spec.name)  # an unknown name is a UsageError
         instance = session.optimizer(spec.name, **spec.options)  # checks the fixed options
         described = {o["name"]: o for o in info["options"]}
-        fixed = {}
-        for k in spec.options:
-            value = getattr(instance, k.replace("-", "_"))
-            fixed[k.replace("-", "_")] = list(value) if isinstance(value, tuple) else value
+        fixed = {k.replace("-", "_"): getattr(instance, k.replace("-", "_")) for k in spec.options}
+        fixed = {k: list(v) if isinstance(v, tuple) else v for k, v in fixed.items()}
         dims: dict[str, list[Any]] = {}
         for name, o in described.items():
-            if name in fixed or not o.get("searchable"):
-                continue
             values = [o["default"]]
-            for value in o["searchable"]:
+            for value in o.get("searchable") or () if name not in fixed else ():
                 try:
                     session.optimizer(spec.name, **{**spec.options, name: value})
                 except UsageError as exc:
                     notes.append(f"{spec.name}: searchable value {name}={value!r} left out "
                                  f"(plugin {info['plugin']!r} declares a value it rejects: {exc})")
                     continue
-                if value not in values:
-                    values.append(value)
+                values += [value] if value not in values else []
             if len(values) > 1:
                 dims[name] = values
         kind = str(getattr(session.optimizer_class(spec.name), "kind", "") or "")
@@ -145,24 +134,18 @@ def machine() -> dict[str, Any]:
     import torch
 
     cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh
-                        if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    flags = sorted(cpu_flags())
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "cpu_flags": flags, "gpu": gpu,
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as fh:
+        cpu = next((line.split(":", 1)[1].strip() for line in fh
+                    if line.startswith("model name")), cpu)
+    return {"cpu": cpu, "cores": os.cpu_count(), "cpu_flags": sorted(cpu_flags()),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "torch": torch.__version__}
 
 
 def machine_mismatch(study_machine: dict[str, Any], mine: dict[str, Any]) -> str | None:
     """What differs between the study's machine and this one, in words (None: the same)."""
-    diffs = []
-    for key in ("cpu", "cores", "gpu", "torch"):
-        if study_machine.get(key) != mine.get(key):
-            diffs.append(f"{key} {study_machine.get(key)!r} here {mine.get(key)!r}")
+    diffs = [f"{key} {study_machine.get(key)!r} here {mine.get(key)!r}"
+             for key in ("cpu", "cores", "gpu", "torch") if study_machine.get(key) != mine.get(key)]
     theirs, ours = set(study_machine.get("cpu_flags", [])), set(mine.get("cpu_flags", []))
     if theirs != ours:
         diffs.append(f"CPU flags (only the study's: {' '.join(sorted(theirs - ours)[:8]) or '-'}"
@@ -230,8 +213,7 @@ class Goal:
 
     def rank(self, t: dict[str, Any]) -> tuple[bool, bool, float, float]:
         """Meets the goal, then within the budget, then closest to it, then the objective."""
-        v = self.value(t)
-        return (self.meets(t), self.within(t), -self.excess(t), v if v is not None else -math.inf)
+        return self.meets(t), self.within(t), -self.excess(t), self.value(t) or -math.inf
 
     def text(self) -> str:
         budget = (f"{self.budget:g}% of the baseline's accuracy" if self.relative
@@ -323,16 +305,14 @@ class Planner:
     def plan(self, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The next trials to enqueue (as user attributes: key, phase, steps)."""
         keys = {t["key"]: t for t in trials if "key" in t and taken(t)}
-        wanted = [self._trial([], "baseline")]
-        first = [t for t in self.space if t.kind != "distillation"]
-        last = [t for t in self.space if t.kind == "distillation"]
-        wanted += [self._trial([t.points()[0]], "single") for t in first + last]
+        # the space is in KIND_RANK order: cheap kinds first, training ones last
+        wanted = [self._trial([], "baseline")] + [self._trial([t.points()[0]], "single")
+                                                  for t in self.space]
         missing = [w for w in wanted if w["key"] not in keys]
         if missing or any(not done(keys[w["key"]]) for w in wanted):
             return missing
         for tech in self.space:
-            step = self._fallback(tech, keys)
-            if step is not None:
+            if (step := self._fallback(tech, keys)) is not None:
                 return step
         self.decisions = []
         return [p for p in self._pairs(keys) if p["key"] not in keys]
@@ -372,10 +352,7 @@ class Planner:
                 if keys[r["key"]].get("status") == "ok"}
         ranked = sorted(gain, key=lambda n: -gain[n])
         most = min(len(ranked), len(layers) - 1)  # never all of them: that is the baseline
-        counts = [k for k in (2 ** i for i in range(most.bit_length())) if k <= most]
-        if most and counts[-1] != most:
-            counts.append(most)
-        for k in counts:
+        for k in sorted({*(2 ** i for i in range(most.bit_length())), most} - {0}):
             retry = self._trial([{"name": tech.name,
                                   "options": {**opts, "skip": before + ranked[:k]}}],
                                 "sensitivity-retry")
@@ -393,18 +370,14 @@ class Planner:
         techniques first, best predicted first; pairs predicted to break the budget or to be
         dominated by a measured trial are recorded in ``decisions`` instead."""
         best: dict[str, dict[str, Any]] = {}
-        for t in keys.values():
-            if done(t) and len(t.get("steps") or []) == 1 and self.goal.meets(t):
-                name = t["steps"][0]["name"]
-                if name not in best or self.goal.rank(t) > self.goal.rank(best[name]):
-                    best[name] = t
-        kinds = {tech.name: tech.kind for tech in self.space}
+        for t in sorted((t for t in keys.values() if done(t) and self.goal.meets(t)
+                         and len(t["steps"]) == 1), key=self.goal.rank):
+            best[t["steps"][0]["name"]] = t
+        rank = {tech.name: COMBINE_RANK.get(tech.kind, COMBINE_RANK[""]) for tech in self.space}
         plans = []
         for a_name, a in best.items():
             for b_name, b in best.items():
-                ra = COMBINE_RANK.get(kinds.get(a_name, ""), COMBINE_RANK[""])
-                rb = COMBINE_RANK.get(kinds.get(b_name, ""), COMBINE_RANK[""])
-                if ra >= rb:
+                if rank.get(a_name, 2) >= rank.get(b_name, 2):
                     continue
                 pair = self._trial(a["steps"] + b["steps"], "combine")
                 drop = max(self.goal.drop(a) or 0.0, 0.0) + max(self.goal.drop(b) or 0.0, 0.0)
@@ -488,8 +461,7 @@ def estimate_seconds(trials: list[dict[str, Any]], steps: list[dict[str, Any]] |
     """(the next trial's length, time kept back for saving the choice): from the trials of
     the same techniques so far (else the median trial); saving reruns the chosen recipe."""
     ok = [t for t in trials if t["state"] == "COMPLETE" and isinstance(t.get("seconds"), float)]
-    durations = sorted(t["seconds"] for t in ok)
-    median = durations[len(durations) // 2] if durations else 0.0
+    median = statistics.median_low([t["seconds"] for t in ok]) if ok else 0.0
     names = {s["name"] for s in steps or []}
     same = [t["seconds"] for t in ok if names & {s["name"] for s in t.get("steps") or []}]
     reserve = max((t["seconds"] for t in ok if goal.meets(t)), default=median) + load_seconds

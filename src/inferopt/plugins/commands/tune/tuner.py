@@ -26,7 +26,6 @@ from inferopt.plugins.commands.tune.search import (
     weighted_layers,
 )
 from inferopt.plugins.commands.tune.study import (
-    DEFAULT_STUDY,
     SCHEMA,
     STUDY_DB,
     Worker,
@@ -40,34 +39,38 @@ OLD_LOG = "trials.jsonl"
 ALWAYS = ("latency", "accuracy", "size")
 
 
-def tune_search(recipe: str | None, load: dict[str, Any], run: dict[str, Any], *,
-                budget: float, relative: bool, objective: str, budget_seconds: float,
-                max_trials: int, techniques: tuple[Any, ...], out: Path,
-                storage: str | None = None, study_name: str = DEFAULT_STUDY,
-                heartbeat: float = 10.0, restart: bool = False, strict_plugins: bool = False,
-                echo: Echo = lambda _line: None) -> dict[str, Any]:
-    """Run one worker of the search and return the ``inferopt.tune/2`` document."""
+def tune_search(flags: dict[str, Any], echo: Echo) -> dict[str, Any]:
+    """Run one worker of the search with the command's ``flags``; the ``inferopt.tune/2``
+    document."""
     import inferopt
+    from inferopt.utils import parse_accuracy_budget, parse_spec
+
+    gate = parse_accuracy_budget(flags["max_accuracy_drop"])
+    budget, relative = next(iter(gate.values())) or 0.0, "max_relative_accuracy_drop" in gate
+    objective, out, storage = flags["objective"], Path(flags["out"]), flags["storage"]
+    budget_seconds, max_trials = flags["budget_minutes"] * 60, flags["max_trials"]
+    techniques = tuple(parse_spec(t, "--technique") for t in flags["techniques"])
+    load = {k: flags[k] for k in ("model", "data", "split", "batch_size", "seed", "trust_model")}
 
     started = time.monotonic()
-    session = inferopt.Session(strict=True if strict_plugins else None)
+    session = inferopt.Session(strict=True if flags["strict_plugins"] else None)
     goal = Goal.parse(objective, budget, relative)
     if goal.metric not in session.names("metric"):
         raise UsageError(f"--objective {objective!r}: no installed metric {goal.metric!r}; "
                          f"metrics: {', '.join(session.names('metric'))} (METRIC or "
                          "METRIC.FIELD)")
     space, notes = search_space(session, techniques)
-    _check_out(out, storage, restart, study_name)
-    model, data, resolved = session.load_inputs(recipe, **load)
+    _check_out(out, storage, flags["restart"], flags["study_name"])
+    model, data, resolved = session.load_inputs(flags["recipe"], **load)
     load_seconds = time.monotonic() - started
-    given = run["metrics"] or (resolved["metrics"] if resolved["metrics_explicit"] else [])
+    given = list(flags["metrics"]) or (resolved["metrics"] if resolved["metrics_explicit"] else [])
     names = [m.partition(":")[0] for m in given]
     metrics = given + [m for m in (*ALWAYS, goal.metric) if m not in names]
     metrics = list(dict.fromkeys(metrics))
     settings = {"model": resolved["model"], "data": resolved["data"], "split": resolved["split"],
                 "batch_size": resolved["batch_size"], "seed": resolved["seed"],
-                "backend": run["backend"] or resolved["backend"], "metrics": given,
-                "output": run["output"] or resolved["output"]}
+                "backend": flags["backend"] or resolved["backend"], "metrics": given,
+                "output": flags["output"] or resolved["output"]}
     identity = {"fingerprint": fingerprint(model, data, settings), "settings": settings,
                 "goal": {"objective": objective, "max_accuracy_drop": budget,
                          "relative": relative},
@@ -78,8 +81,8 @@ def tune_search(recipe: str | None, load: dict[str, Any], run: dict[str, Any], *
     url = storage_url(storage, out)
     out.mkdir(parents=True, exist_ok=True)
     worker = Worker(session, inputs, metrics, space, goal, weighted_layers(model), max_trials,
-                    budget_seconds, load_seconds, heartbeat, machine(), echo)
-    worker.open(open_storage(url, heartbeat), study_name, identity)
+                    budget_seconds, load_seconds, flags["heartbeat_seconds"], machine(), echo)
+    worker.open(open_storage(url, flags["heartbeat_seconds"]), flags["study_name"], identity)
     worker.work()
 
     def save(chosen: dict[str, Any]) -> Any:
@@ -89,7 +92,7 @@ def tune_search(recipe: str | None, load: dict[str, Any], run: dict[str, Any], *
 
         split = resolved["split"]
         return session.run(
-            recipe, model=settings["model"], data=settings["data"], metrics=metrics,
+            flags["recipe"], model=settings["model"], data=settings["data"], metrics=metrics,
             optimize=[spec_text(s["name"], s["options"]) for s in chosen["steps"]],
             backend=settings["backend"], seed=settings["seed"], output=settings["output"],
             batch_size=inputs["batch_size"], trust_model=load["trust_model"],
@@ -104,7 +107,7 @@ def tune_search(recipe: str | None, load: dict[str, Any], run: dict[str, Any], *
         "fingerprint": identity["fingerprint"], "notes": notes}
     doc = finish(worker, head, out, save)
     doc["artifacts"]["study"] = url if storage is None else f"{url.split('://')[0]}://..."
-    doc["artifacts"]["study_name"] = study_name
+    doc["artifacts"]["study_name"] = flags["study_name"]
     doc["seconds"] = round(time.monotonic() - started, 2)
     return doc
 
