@@ -273,3 +273,28 @@ def test_a_trial_that_calls_sys_exit_fails_alone_and_the_search_goes_on(
     assert any(k.startswith("quits") for k in keys) and any(k.startswith("int8") for k in keys)
     failed = next(t for t in doc["trials"] if t["key"].startswith("quits"))
     assert "SystemExit" in json.dumps(failed)
+
+
+def test_a_study_refuses_another_kind_of_machine_and_an_old_trial_log(cli: Any,
+                                                                      tmp_path: Path) -> None:
+    import optuna
+
+    out = tmp_path / "tune"
+    args = ["tune", *FAST, "-t", "int8", "--trials", "1", "--out", str(out)]
+    assert cli(*args).returncode in (0, 1)
+    trials = _log_trials(out)
+    assert trials and all(t["machine"]["torch"] and t["machine"]["cpu_flags"] is not None
+                          for t in trials)  # every trial says where it ran
+    study = optuna.load_study(study_name="inferopt-tune", storage=f"sqlite:///{out}/study.db")
+    machine = dict(study.user_attrs["machine"])
+    machine.update(cpu_flags=[*machine["cpu_flags"], "amx_tile_test"], torch="0.0-other")
+    study.set_user_attr("machine", machine)
+    again = cli(*args)
+    assert again.returncode == 2 and "another kind of machine" in again.stderr
+    assert "amx_tile_test" in again.stderr and "0.0-other" in again.stderr
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "trials.jsonl").write_text('{"type": "header", "schema": "inferopt.tune/1"}\n')
+    result = cli("tune", *FAST, "--out", str(old))
+    assert result.returncode == 2 and "trials.jsonl" in result.stderr
+    assert "--restart" in result.stderr

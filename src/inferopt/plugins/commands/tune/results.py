@@ -3,7 +3,7 @@ Optuna plots, and the chosen model saved under ``OUT/best``."""
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -79,7 +79,10 @@ def finish(worker: Any, head: dict[str, Any], out: Path, save: Any) -> dict[str,
 
     out.mkdir(parents=True, exist_ok=True)
     with (out / ".tune.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        with contextlib.suppress(ImportError):  # no fcntl (Windows): one worker per --out
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
         doc = document(worker, head, out)
         chosen = next((t for t in doc["trials"] if t["id"] == doc["chosen"]), None)
         marker = out / ".best-trial"
