@@ -290,8 +290,14 @@ def taken(t: dict[str, Any]) -> bool:
 
 
 def counted(t: dict[str, Any]) -> bool:
-    return t.get("phase") not in NOT_COUNTED and (done(t) or t["state"] == "RUNNING") \
-        and "skipped" not in t
+    """Counts against --trials: a candidate measured or being measured."""
+    return "key" in t and t.get("phase") not in NOT_COUNTED and "skipped" not in t \
+        and (done(t) or t["state"] == "RUNNING")
+
+
+def planned(steps: list[dict[str, Any]], phase: str, **extra: Any) -> dict[str, Any]:
+    """A trial to enqueue, as its user attributes."""
+    return {"key": key_of(steps), "phase": phase, "steps": steps, **extra}
 
 
 class Planner:
@@ -306,7 +312,7 @@ class Planner:
         """The next trials to enqueue (as user attributes: key, phase, steps)."""
         keys = {t["key"]: t for t in trials if "key" in t and taken(t)}
         # the space is in KIND_RANK order: cheap kinds first, training ones last
-        wanted = [self._trial([], "baseline")] + [self._trial([t.points()[0]], "single")
+        wanted = [planned([], "baseline")] + [planned([t.points()[0]], "single")
                                                   for t in self.space]
         missing = [w for w in wanted if w["key"] not in keys]
         if missing or any(not done(keys[w["key"]]) for w in wanted):
@@ -316,10 +322,6 @@ class Planner:
                 return step
         self.decisions = []
         return [p for p in self._pairs(keys) if p["key"] not in keys]
-
-    @staticmethod
-    def _trial(steps: list[dict[str, Any]], phase: str, **extra: Any) -> dict[str, Any]:
-        return {"key": key_of(steps), "phase": phase, "steps": steps, **extra}
 
     def _fallback(self, tech: Technique, keys: dict[str, dict[str, Any]]
                   ) -> list[dict[str, Any]] | None:
@@ -341,7 +343,7 @@ class Planner:
         opts = dict(start["steps"][0]["options"])
         before = list(opts.get("skip") or [])
         layers = [n for n in self.layers if n not in before][:MAX_SENSITIVITY_LAYERS]
-        runs = [self._trial([{"name": tech.name, "options": {**opts, "skip": [*before, n]}}],
+        runs = [planned([{"name": tech.name, "options": {**opts, "skip": [*before, n]}}],
                             "sensitivity", layer=n, of=start["key"]) for n in layers]
         runs = [dict(r, key=r["key"] + " (accuracy only)") for r in runs]
         todo = [r for r in runs if r["key"] not in keys]
@@ -353,7 +355,7 @@ class Planner:
         ranked = sorted(gain, key=lambda n: -gain[n])
         most = min(len(ranked), len(layers) - 1)  # never all of them: that is the baseline
         for k in sorted({*(2 ** i for i in range(most.bit_length())), most} - {0}):
-            retry = self._trial([{"name": tech.name,
+            retry = planned([{"name": tech.name,
                                   "options": {**opts, "skip": before + ranked[:k]}}],
                                 "sensitivity-retry")
             t = keys.get(retry["key"])
@@ -379,7 +381,7 @@ class Planner:
             for b_name, b in best.items():
                 if rank.get(a_name, 2) >= rank.get(b_name, 2):
                     continue
-                pair = self._trial(a["steps"] + b["steps"], "combine")
+                pair = planned(a["steps"] + b["steps"], "combine")
                 drop = max(self.goal.drop(a) or 0.0, 0.0) + max(self.goal.drop(b) or 0.0, 0.0)
                 value = (self.goal.value(a) or 0.0) * (self.goal.value(b) or 0.0)
                 reason = None
@@ -406,7 +408,7 @@ class Planner:
         for tech in self.space:
             for step in tech.points():
                 if key_of([step]) not in keys:
-                    return self._trial([step], "search")
+                    return planned([step], "search")
         return None
 
 

@@ -30,8 +30,10 @@ from inferopt.plugins.commands.tune.search import (
     key_of,
     machine_mismatch,
     params_of,
+    planned,
     run_trial,
     sample,
+    taken,
     worker_name,
 )
 
@@ -220,21 +222,24 @@ class Worker:
         import optuna
 
         item = dict(trial.user_attrs)
-        if "steps" not in item or params_of(self.space, item["steps"]) is not None:
-            steps = sample(trial, self.space)  # an enqueued point's values are fixed
-            item.setdefault("phase", "search")
-            item.update(steps=steps, key=key_of(steps))
         trials = self._trials()
-        dup = next((t for t in trials if t.get("key") == item["key"] and t["number"] !=
-                    trial.number and (done(t) or t["state"] == "RUNNING")
-                    and "skipped" not in t), None)
+        if "steps" not in item:
+            # the sampler's proposal is enqueued, not run: an enqueued trial carries its key
+            # from its creation and is claimed atomically, so the lowest-numbered trial of a
+            # key is the one that runs (below), whichever workers plan or sample it
+            steps = sample(trial, self.space)
+            taken_keys = {t["key"] for t in trials if "key" in t and taken(t)}
+            nxt = (planned(steps, "search") if key_of(steps) not in taken_keys
+                   else self.planner.unvisited(taken_keys))  # a repeat: something new
+            self._enqueue([nxt] if nxt else [])
+            self._skip(trial, "sampler proposal, enqueued" if nxt else "sampler repeat")
+        if params_of(self.space, item["steps"]) is not None:
+            sample(trial, self.space)  # the sampler learns from it (the values are fixed)
+        dup = next((t for t in trials if t.get("key") == item["key"] and "skipped" not in t
+                    and t["number"] != trial.number and (done(t) or (
+                        t["number"] < trial.number and t["state"] in ("RUNNING", "WAITING")))),
+                   None)
         if dup is not None:
-            # a sample or an enqueued trial another worker runs: measure something new
-            if item["phase"] == "search":
-                nxt = self.planner.unvisited({t["key"] for t in trials if "key" in t
-                                              and (done(t) or t["state"] == "RUNNING")})
-                if nxt is not None:
-                    self._enqueue([nxt])
             self._skip(trial, f"duplicate of trial {dup['number']}")
         me = dict(item, number=trial.number, state="RUNNING")
         if counted(me) and sum(counted(t) for t in trials if t["number"] < trial.number) \
