@@ -50,7 +50,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
               help="Where the study (study.db, unless --storage), the summary and the chosen "
                    "model go. Rerunning with the same DIR continues the search.")
 @click.option("--storage", metavar="URL",
-              help="The study's database (sqlite:///path.db, postgresql://user@host/db): "
+              help="The study's database (sqlite:///path.db, postgresql+psycopg://user@host/db): "
                    "workers on several machines share one search. Default: DIR/study.db.")
 @click.option("--study", "study_name", metavar="NAME", default="inferopt-tune",
               show_default=True, help="The study to create or join in the storage.")
