@@ -118,8 +118,9 @@ def plots(worker: Any, out: Path, doc: dict[str, Any]) -> list[str]:
     import warnings
 
     notes = []
-    names = [doc["settings"]["objective"], *(["size ratio"] if len(worker.directions) == 3
-                                             else []), "accuracy drop"]
+    size = ["size ratio"] if len(worker.directions) == 3 else []
+    names = [f"{doc['settings']['objective']} (x better than the baseline)", *size,
+             "accuracy drop"]
     sampled = [t for t in worker.study.get_trials(deepcopy=False) if t.params and t.values]
     for path, draw, enough in (
             (PARETO_PLOT, lambda: plot_pareto_front(worker.study, target_names=names),
