@@ -39,7 +39,6 @@ from inferopt.plugins.commands.tune.search import (
 
 SCHEMA = "inferopt.tune/2"
 STUDY_DB = "study.db"
-DEFAULT_STUDY = "inferopt-tune"
 
 
 def storage_url(storage: str | None, out: Path) -> str:
