@@ -249,3 +249,19 @@ def test_a_bad_saved_version_is_a_clear_error(tmp_path):
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(inferopt.UsageError, match=r"steps\[0\].optimizer_version.*'two'"):
         session_with(Scale).load(tmp_path / "run", model=mlp())
+
+
+def test_load_inputs_gives_what_run_measures_for_many_runs_on_it():
+    session = inferopt.Session()
+    model, data, recipe = session.load_inputs(model="demo:digits-mlp-small",
+                                              split="calibration=64,eval=128,seed=0")
+    assert recipe["model"] == "demo:digits-mlp-small" and recipe["data"] == "demo:digits"
+    assert data.num_samples == 128 and not recipe["batch_size_explicit"]
+    first = session.run(model=model, data=data, optimize=["int8"], metrics=["accuracy"],
+                        save=False)
+    again = session.run(model=model, data=data, optimize=[], metrics=["accuracy"], save=False)
+    assert first.baseline["accuracy"]["samples"] == 128  # the split data, not split twice
+    assert again.baseline["accuracy"] == first.baseline["accuracy"]  # the model is not changed
+    with pytest.raises(inferopt.UsageError, match="--batch-size 500 is larger than the data"):
+        session.load_inputs(model="demo:digits-mlp-small", batch_size=500,
+                            split="calibration=64,eval=128,seed=0")

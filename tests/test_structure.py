@@ -24,10 +24,6 @@ SRC = ROOT / "src"
 PLUGINS = SRC / "inferopt" / "plugins"
 PUBLIC = {"inferopt", "inferopt.utils", "inferopt.testing"}
 
-# The one exception, with its reason: tune's search engine drives the pipeline trial by trial
-# through internals no public API offers yet; issue 21 (tune on Optuna, on a public Session
-# API) replaces it. Its command module is public-only.
-PRIVATE_ALLOWED = {PLUGINS / "commands" / "tune" / "search.py"}
 
 
 def _module_name(path: Path) -> str:
@@ -77,7 +73,7 @@ def test_built_in_plugins_use_only_the_public_api(path):
     for name in _imports(ast.parse(path.read_text()), here, path.name == "__init__.py"):
         if not name.startswith("inferopt"):
             continue
-        if name.startswith("inferopt._") and path not in PRIVATE_ALLOWED:
+        if name.startswith("inferopt._"):
             bad.append(f"{name} (private)")
         elif name.startswith("inferopt.plugins.") and _group_of(name) != _group_of(here):
             bad.append(f"{name} (another kind's plugin)")

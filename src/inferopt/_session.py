@@ -233,6 +233,67 @@ class Session:
             save=save,
         )
 
+    def load_inputs(
+        self,
+        recipe: str | Path | None = None,
+        *,
+        model: str | None = None,
+        data: str | None = None,
+        batch_size: int | None = None,
+        seed: int | None = None,
+        split: str | None = None,
+        trust_model: bool = False,
+    ) -> tuple[torch.nn.Module, Data, dict[str, Any]]:
+        """The model and data a :meth:`run` with these arguments would measure, loaded once
+        through the installed sources and checked as ``run`` checks them (a module, at least
+        one batch, a batch size the data can fill), for a caller that runs many recipes on
+        them (``run(model=module, data=data, ...)``, as ``inferopt tune`` does).
+
+        Returns ``(model, data, recipe)``: ``data`` is already re-split when ``split`` (or the
+        recipe file) asks for it, so pass ``split=None`` to those runs; ``recipe`` is the
+        resolved recipe as plain data (``model`` and ``data`` specs, ``backend``, ``metrics``,
+        ``batch_size``, ``seed``, ``split``, ``output``, ..., and whether the batch size and
+        the metrics were given: ``batch_size_explicit``, ``metrics_explicit``).
+        """
+        import torch
+
+        from inferopt._contract import SourceContext
+        from inferopt._pipeline import as_data, new_run_id, resolve
+        from inferopt._recipe import make_recipe
+
+        ensure_logging()
+        rec = make_recipe(recipe, model=model, data=data, batch_size=batch_size, seed=seed,
+                          split=split, trust_model=trust_model, optimize=[])
+        ctx = resolve(rec, self._manager, self.registry, new_run_id())
+        assert ctx.model_source is not None and ctx.data_spec is not None
+        torch.manual_seed(rec.seed)
+        source_ctx = SourceContext(log=ctx.log, batch_size=rec.batch_size, seed=rec.seed,
+                                   trust_model=rec.trust_model)
+        module = ctx.model_source.obj().load(rec.model, source_ctx)
+        if not isinstance(module, torch.nn.Module):
+            raise UsageError(f"model {rec.model!r} gave a {type(module).__name__}, not a "
+                             "torch.nn.Module; the callable must return the model")
+        from inferopt._sources import resolve_model_source
+
+        entry = resolve_model_source(self.registry, ctx.data_spec, kind="data source")
+        loaded = as_data(entry.obj().load(ctx.data_spec, source_ctx), rec.batch_size)
+        if rec.split is not None and loaded.eval:
+            from inferopt._splits import split_data
+
+            loaded = split_data(loaded, rec.split, rec.batch_size)
+        if not loaded.eval:
+            raise UsageError(f"--data {ctx.data_spec!r} gave no batches; it must yield at least "
+                             "one")
+        if rec.batch_size_explicit and rec.batch_size > loaded.num_samples:
+            raise UsageError(
+                f"--batch-size {rec.batch_size} is larger than the data: {ctx.data_spec!r} has "
+                f"{loaded.num_samples} samples to measure on; give --batch-size "
+                f"{loaded.num_samples} or less (or more data)")
+        resolved = {**rec.to_dict(), "data": ctx.data_spec,
+                    "batch_size_explicit": rec.batch_size_explicit,
+                    "metrics_explicit": rec.metrics_explicit}
+        return module, loaded, resolved
+
     def apply(
         self,
         model: torch.nn.Module,

@@ -1,6 +1,7 @@
-"""``inferopt tune``: the search, its trial log, resuming, the sensitivity fallback, the chosen
+"""``inferopt tune``: the search, its study, resuming, the sensitivity fallback, the chosen
 model, and the exit status when nothing meets the goal. All on demo:digits-mlp-small with few
-latency runs, so each trial takes a fraction of a second."""
+latency runs, so each trial takes a fraction of a second. Several workers on one study:
+test_tune_workers.py."""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ from typing import Any
 
 import pytest
 
-from inferopt._errors import Interrupted
-from inferopt.plugins.commands.tune.search import iter_log
+from inferopt import Interrupted
 from tests.helpers import QUITS_PLUGIN
 
 FAST = ["--model", "demo:digits-mlp-small",
@@ -23,7 +23,18 @@ def _doc(out: Path) -> dict[str, Any]:
 
 
 def _log_trials(out: Path) -> list[dict[str, Any]]:
-    return [r for r in iter_log(out / "trials.jsonl") if r["type"] == "trial"]
+    """The measured trials in the study (not the accuracy-only sensitivity runs)."""
+    return [t for t in _study_trials(out) if t["state"] in ("COMPLETE", "FAIL")
+            and "status" in t and t.get("phase") != "sensitivity"]
+
+
+def _study_trials(out: Path) -> list[dict[str, Any]]:
+    import optuna
+
+    from inferopt.plugins.commands.tune.search import attrs_of
+
+    study = optuna.load_study(study_name="inferopt-tune", storage=f"sqlite:///{out}/study.db")
+    return [attrs_of(t) for t in study.get_trials()]
 
 
 def test_tune_picks_a_faster_candidate_within_one_point(cli: Any, tmp_path: Path) -> None:
@@ -117,8 +128,9 @@ def test_interrupted_tune_continues_from_its_log(cli: Any, tmp_path: Path,
     assert first.returncode == 130 and "rerun the same command to continue" in first.stderr
     logged = [t["key"] for t in _log_trials(out)]
     assert len(logged) == 3
-    with (out / "trials.jsonl").open("a") as f:
-        f.write('{"type": "trial", "key": "cut sh')  # a line the interruption cut short
+    # the trial Ctrl-C stopped is in the study as failed, without a result: it runs again
+    stopped = [t for t in _study_trials(out) if t.get("interrupted")]
+    assert len(stopped) == 1 and stopped[0]["state"] == "FAIL" and "status" not in stopped[0]
     monkeypatch.setattr(pipeline, "run", real_run)
     calls["n"] = 0
     second = cli(*args)
@@ -127,6 +139,7 @@ def test_interrupted_tune_continues_from_its_log(cli: Any, tmp_path: Path,
     assert [t["key"] for t in doc["trials"]][:3] == logged
     assert all(t["replayed"] for t in doc["trials"][:3])
     assert not any(t["replayed"] for t in doc["trials"][3:]) and len(doc["trials"]) > 3
+    assert stopped[0]["key"] in [t["key"] for t in doc["trials"][3:]]
     keys = [t["key"] for t in _log_trials(out)]
     assert len(keys) == len(set(keys)) == len(doc["trials"])  # nothing ran twice
     # a different baseline cannot reuse the log
@@ -184,19 +197,19 @@ def test_third_party_searchable_options_join_the_search(cli: Any, plugin_env: An
                  "-t", "round-weights", env=env)
     doc = json.loads(result.stdout)
     keys = [t["key"] for t in doc["trials"]]
-    assert keys == ["none", "round-weights", "round-weights:decimals=1",
-                    "round-weights:decimals=0"]
+    # the A/A trial and the defaults first; the sampler picks the order of the rest
+    assert keys[:2] == ["none", "round-weights"]
+    assert sorted(keys[2:]) == ["round-weights:decimals=0", "round-weights:decimals=1"]
     assert doc["space"][0]["distribution"] == "inferopt-rounding"
     # rounding keeps float32 weights: never smaller, so nothing meets a size goal
     assert result.returncode == 1 and doc["chosen"] is None
 
 
 def test_default_space_lists_the_builtins_searchable_options() -> None:
-    from inferopt._registry import load_plugins
+    import inferopt
     from inferopt.plugins.commands.tune.search import search_space
 
-    _manager, registry = load_plugins()
-    space, notes = search_space(registry, ())
+    space, notes = search_space(inferopt.Session(), ())
     by_name = {t.name: t for t in space}
     assert {"int8", "int4", "prune-l1", "prune-activations", "distill"} <= set(by_name)
     assert by_name["int8"].dims == {"mode": ["dynamic", "static"],
@@ -260,3 +273,28 @@ def test_a_trial_that_calls_sys_exit_fails_alone_and_the_search_goes_on(
     assert any(k.startswith("quits") for k in keys) and any(k.startswith("int8") for k in keys)
     failed = next(t for t in doc["trials"] if t["key"].startswith("quits"))
     assert "SystemExit" in json.dumps(failed)
+
+
+def test_a_study_refuses_another_kind_of_machine_and_an_old_trial_log(cli: Any,
+                                                                      tmp_path: Path) -> None:
+    import optuna
+
+    out = tmp_path / "tune"
+    args = ["tune", *FAST, "-t", "int8", "--trials", "1", "--out", str(out)]
+    assert cli(*args).returncode in (0, 1)
+    trials = _log_trials(out)
+    assert trials and all(t["machine"]["torch"] and t["machine"]["cpu_flags"] is not None
+                          for t in trials)  # every trial says where it ran
+    study = optuna.load_study(study_name="inferopt-tune", storage=f"sqlite:///{out}/study.db")
+    machine = dict(study.user_attrs["machine"])
+    machine.update(cpu_flags=[*machine["cpu_flags"], "amx_tile_test"], torch="0.0-other")
+    study.set_user_attr("machine", machine)
+    again = cli(*args)
+    assert again.returncode == 2 and "another kind of machine" in again.stderr
+    assert "amx_tile_test" in again.stderr and "0.0-other" in again.stderr
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "trials.jsonl").write_text('{"type": "header", "schema": "inferopt.tune/1"}\n')
+    result = cli("tune", *FAST, "--out", str(old))
+    assert result.returncode == 2 and "trials.jsonl" in result.stderr
+    assert "--restart" in result.stderr

@@ -1,10 +1,9 @@
-"""The ``inferopt tune`` command (the search itself is in :mod:`.search`)."""
+"""The ``inferopt tune`` command: its flags and its output (the search: :mod:`.tuner`)."""
 
 from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
@@ -33,83 +32,59 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
               help="The accuracy budget: points of top-1 accuracy (1.0) or a share of the "
                    "baseline's accuracy (2%).")
 @click.option("--objective", default="latency", show_default=True,
-              metavar="latency|size|throughput|METRIC.FIELD",
-              help="What the chosen candidate is best at, among those within the budget: "
-                   "latency, size, throughput, or any quantity a metric declares with a "
-                   "direction (METRIC.FIELD; inferopt plugins --json lists them).")
+              metavar="METRIC[.FIELD]",
+              help="What the chosen candidate is best at, among those within the budget: any "
+                   "installed metric (its primary quantity: latency, size, throughput, ...) or "
+                   "any quantity a metric declares with a direction (METRIC.FIELD).")
 @click.option("--budget-minutes", type=click.FloatRange(min=0, min_open=True), default=10.0,
               show_default=True, help="Stop starting trials when this much time is spent "
-                                      "(the time of this invocation; logged trials are free).")
+                                      "(shared by the study's workers; a rerun after it "
+                                      "passed gets a new one).")
 @click.option("--trials", "max_trials", type=click.IntRange(min=1), default=40,
-              show_default=True, help="At most this many trials (logged ones included).")
+              show_default=True, help="At most this many trials in the study (every "
+                                      "worker's and earlier runs' included).")
 @click.option("--technique", "-t", "techniques", multiple=True, metavar="NAME[:k=v,...]",
               help="Search only these optimizers (repeat); options given are fixed. Default: "
                    "every installed optimizer that declares searchable options.")
 @click.option("--out", "-o", metavar="DIR", default="inferopt-tune", show_default=True,
-              help="Where the trial log, the summary and the chosen model go. Rerunning with "
-                   "the same DIR continues the search.")
-@click.option("--restart", is_flag=True, help="Discard the trials logged in --out and start over.")
+              help="Where the study (study.db, unless --storage), the summary and the chosen "
+                   "model go. Rerunning with the same DIR continues the search.")
+@click.option("--storage", metavar="URL",
+              help="The study's database (sqlite:///path.db, postgresql+psycopg://user@host/db): "
+                   "workers on several machines share one search. Default: DIR/study.db.")
+@click.option("--study", "study_name", metavar="NAME", default="inferopt-tune",
+              show_default=True, help="The study to create or join in the storage.")
+@click.option("--heartbeat-seconds", type=click.FloatRange(min=0.5), default=10.0,
+              show_default=True, help="How often a worker says it is alive; a trial whose "
+                                      "worker stays silent 3 times as long is run again.")
+@click.option("--restart", is_flag=True, help="Discard the study and files in --out and start "
+                                              "over.")
 @click.option("--json", "as_json", is_flag=True,
-              help="Print only the tune document (inferopt.tune/1) on stdout.")
+              help="Print only the tune document (inferopt.tune/2) on stdout.")
 @cli_logging_options(default_level="warning")
-def tune(
-    recipe: str | None,
-    model: str | None,
-    data: str | None,
-    split: str | None,
-    output: str | None,
-    trust_model: bool,
-    backend: str | None,
-    metrics: tuple[str, ...],
-    batch_size: int | None,
-    seed: int | None,
-    max_accuracy_drop: str,
-    objective: str,
-    budget_minutes: float,
-    max_trials: int,
-    techniques: tuple[str, ...],
-    out: str,
-    restart: bool,
-    as_json: bool,
-    log_format: str,
-    log_level: str,
-    strict_plugins: bool,
-    debug: bool,
-) -> None:
+def tune(**flags: Any) -> None:
     """Search the installed techniques for the best recipe within an accuracy budget.
 
-    Every trial is measured against the same baseline (latency interleaved A/B) and logged in
-    DIR/trials.jsonl; the best candidate that meets the goal is saved to DIR/best like a run.
-    Exits 1 when no candidate meets the goal, listing the three closest.
+    Every trial is measured against the same baseline (latency interleaved A/B) and stored in
+    an Optuna study; start more workers with the same --storage and --study to share the
+    search. The best candidate that meets the goal is saved to DIR/best like a run. Exits 1
+    when no candidate meets the goal, listing the three closest.
     """
     from inferopt.utils import configure_logging, disable_progress
 
-    configure_logging(log_format, log_level)
+    debug, as_json, out, storage = (flags[k] for k in ("debug", "as_json", "out", "storage"))
+    configure_logging(flags["log_format"], flags["log_level"])
     disable_progress(as_json)
     try:
-        from inferopt.plugins.commands.tune.search import Budget, result_lines, run_search
-        from inferopt.utils import parse_accuracy_budget, parse_spec
+        from inferopt.plugins.commands.tune.tuner import tune_search
 
-        gate = parse_accuracy_budget(max_accuracy_drop)
-        budget = Budget(next(iter(gate.values())) or 0.0,
-                        relative="max_relative_accuracy_drop" in gate)
-
-        def echo(line: str) -> None:
-            click.echo(line, err=True)
-
-        result = run_search(
-            recipe, dict(model=model, data=data, backend=backend,
-                         metrics=list(metrics) or None, batch_size=batch_size, seed=seed,
-                         output=output, split=split, trust_model=trust_model),
-            budget=budget, objective=objective, budget_seconds=budget_minutes * 60,
-            max_trials=max_trials,
-            techniques=tuple(parse_spec(t, "--technique") for t in techniques),
-            out=Path(out), restart=restart, strict_plugins=strict_plugins, echo=echo)
+        doc = tune_search(flags, echo=lambda line: click.echo(line, err=True))
     except InferoptError as exc:
         cli_fail(exc, debug)
     except KeyboardInterrupt:
-        click.echo(f"interrupted: the finished trials are in {out}/trials.jsonl; rerun the same "
-                   "command to continue", err=True)
+        where = storage.split("://")[0] + "://..." if storage else f"{out}/study.db"
+        click.echo(f"interrupted: the finished trials are in the study ({where}); rerun the "
+                   "same command to continue", err=True)
         sys.exit(130)
     except Exception as exc:
         if debug:
@@ -117,14 +92,15 @@ def tune(
         click.echo(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
                    err=True)
         sys.exit(2)
-    doc = result.document
+    from inferopt.plugins.commands.tune.results import result_lines, table_rows
+
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     else:
         from rich.console import Console
         from rich.table import Table
 
-        from inferopt.plugins.commands.tune.search import COLUMNS, table_rows
+        from inferopt.plugins.commands.tune.results import COLUMNS
 
         table = Table(title=f"inferopt tune: {len(doc['trials'])} trials")
         for col in COLUMNS:
@@ -136,7 +112,7 @@ def tune(
         console.print(table)
         for line in result_lines(doc):
             console.print(line, soft_wrap=True, highlight=False, markup=False)
-        console.print(f"trial log: {doc['artifacts']['log']}; summary: "
+        console.print(f"study: {doc['artifacts']['study']}; summary: "
                       f"{doc['artifacts']['summary']}", soft_wrap=True, highlight=False)
     if doc.get("chosen") is None:
         lines = [line for line in result_lines(doc) if line.startswith(("no candidate",

@@ -1,0 +1,239 @@
+"""What a tune found, from its study: the ``inferopt.tune/2`` document, the table, Markdown, the
+Optuna plots, and the chosen model saved under ``OUT/best``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from inferopt.plugins.commands.tune.search import Goal, done
+
+SUMMARY = "tune.json"
+MARKDOWN = "tune.md"
+PARETO_PLOT = "pareto.png"
+IMPORTANCE_PLOT = "importance.png"
+BEST = "best"
+COLUMNS = ("#", "phase", "recipe", "speedup [CI]", "latency", "acc. drop", "size", "objective",
+           "budget", "note")
+
+
+def document(worker: Any, head: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The summary of every trial in the study, whichever worker ran it."""
+    goal: Goal = worker.goal
+    trials = sorted(worker._trials(), key=lambda t: t["number"])
+    measured = [t for t in trials if done(t) and "skipped" not in t and "key" in t]
+    rows = [_row(t, goal, worker.mine) for t in measured if t["phase"] != "sensitivity"]
+    ids = {r["id"] for r in rows}
+    chosen = max((r for r in rows if r["meets_goal"]),
+                 key=lambda t: (goal.value(t) or 0.0, -(goal.drop(t) or 0.0),
+                                -(t.get("size_ratio") or 1.0), -t["id"]), default=None)
+    candidates = [r for r in rows if r["status"] == "ok" and r["steps"]]
+    closest = [] if chosen is not None else sorted(
+        candidates, key=lambda t: (goal.excess(t), not t["improves"],
+                                   -(goal.value(t) or 0.0)))[:3]
+    worker.planner.plan(trials)  # its decisions on the pairs, for the record
+    base = next((t for t in measured if t["phase"] == "baseline"), None)
+    return {
+        **head, "goal": goal.text(), "stopped": worker.stopped,
+        "space": [t.to_json() for t in worker.space],
+        "baseline": _baseline_of(base, worker.study.user_attrs.get("machine")),
+        "trials": rows,
+        "sensitivity": [{k: t.get(k) for k in ("key", "of", "layer", "status", "error",
+                                               "accuracy_drop_points", "accuracy_drop_percent")}
+                        for t in measured if t["phase"] == "sensitivity"],
+        "decisions": worker.planner.decisions,
+        "pareto": sorted(t.number for t in worker.study.best_trials if t.number in ids),
+        "chosen": chosen["id"] if chosen is not None else None,
+        "closest": [t["id"] for t in closest],
+        "artifacts": {"dir": str(out), "summary": str(out / SUMMARY),
+                      "markdown": str(out / MARKDOWN)},
+    }
+
+
+def _row(t: dict[str, Any], goal: Goal, mine: set[int]) -> dict[str, Any]:
+    row = {k: v for k, v in t.items() if k not in ("report", "machine", "state", "number")}
+    row.update(id=t["number"], status=t.get("status", "failed"), within_budget=goal.within(t),
+               meets_goal=goal.meets(t), objective=goal.value(t),
+               replayed=t["number"] not in mine)
+    return row
+
+
+def _baseline_of(t: dict[str, Any] | None, machine: dict[str, Any] | None) -> dict[str, Any]:
+    if t is None or t.get("status") != "ok":
+        return {}
+    base = t["report"]["baseline"]["metrics"]
+    return {"accuracy": base.get("accuracy", {}).get("top1"),
+            "size_bytes": base.get("size", {}).get("bytes"),
+            "latency_p50_ms": base.get("latency", {}).get("p50_ms"),
+            "a_a_speedup": t.get("speedup"), "a_a_speedup_ci": t.get("speedup_ci"),
+            "environment": machine or {}}
+
+
+def finish(worker: Any, head: dict[str, Any], out: Path, save: Any) -> dict[str, Any]:
+    """Write the summary, the plots and ``OUT/best``. Workers sharing ``--out`` take turns
+    (a file lock); the last one's summary includes every trial."""
+    from inferopt.utils import finite_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / ".tune.lock").open("w") as lock:
+        with contextlib.suppress(ImportError):  # no fcntl (Windows): one worker per --out
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        doc = document(worker, head, out)
+        chosen = next((t for t in doc["trials"] if t["id"] == doc["chosen"]), None)
+        marker = out / ".best-trial"
+        if chosen is not None:
+            saved = marker.is_file() and marker.read_text() == f"{head['fingerprint']}:" \
+                f"{chosen['id']}" and (out / BEST).is_dir()
+            if not saved:
+                report = save(chosen)
+                marker.write_text(f"{head['fingerprint']}:{chosen['id']}")
+                doc["best_run"] = {"run_id": report.run_id, "verdict": report.verdict,
+                                   "gates": report.gates}
+            doc["artifacts"]["best"] = str(out / BEST)
+        elif (out / BEST).is_dir():
+            # an earlier choice this search does not confirm must not pass for its result
+            import shutil
+
+            shutil.rmtree(out / BEST)
+            marker.unlink(missing_ok=True)
+            worker.echo(f"removed {out / BEST}: no candidate meets this goal")
+        doc["notes"] = head.get("notes", []) + plots(worker, out, doc)
+        _write(out / SUMMARY, json.dumps(finite_json(doc), indent=2) + "\n")
+        _write(out / MARKDOWN, to_markdown(doc))
+    return doc
+
+
+def plots(worker: Any, out: Path, doc: dict[str, Any]) -> list[str]:
+    """The Pareto front and the options' importance, drawn by Optuna with matplotlib."""
+    try:
+        import matplotlib.pyplot as plt
+        from optuna.visualization.matplotlib import plot_param_importances, plot_pareto_front
+    except ImportError:
+        return ["plots skipped: matplotlib is not installed (pip install 'inferopt[plot]')"]
+    import warnings
+
+    notes = []
+    size = ["size ratio"] if len(worker.directions) == 3 else []
+    names = [f"{doc['settings']['objective']} (x better than the baseline)", *size,
+             "accuracy drop"]
+    sampled = [t for t in worker.study.get_trials(deepcopy=False) if t.params and t.values]
+    for path, draw, enough in (
+            (PARETO_PLOT, lambda: plot_pareto_front(worker.study, target_names=names),
+             bool(doc["trials"])),
+            (IMPORTANCE_PLOT, lambda: plot_param_importances(
+                worker.study, target=lambda t: t.values[0], target_name=names[0]),
+             len(sampled) > 1)):
+        if not enough:
+            notes.append(f"{path} not drawn: needs more than one completed trial with options")
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                axes = draw()
+            axes.figure.savefig(out / path, dpi=110, bbox_inches="tight")
+            plt.close(axes.figure)
+            doc["artifacts"][path.split(".")[0]] = str(out / path)
+        except Exception as exc:  # a plotting problem must not lose the search
+            notes.append(f"{path} not drawn: {type(exc).__name__}: {exc}")
+    return notes
+
+
+def _write(path: Path, text: str) -> None:
+    """Through a temporary file and a rename: an interruption never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _num(x: Any) -> str:
+    return f"{x:.2f}" if isinstance(x, int | float) else "-"
+
+
+def describe(rec: dict[str, Any], goal: Goal) -> str:
+    if rec.get("status") != "ok":
+        return f"failed: {rec.get('error')}"
+    parts = []
+    if rec.get("speedup") is not None:
+        ci = rec.get("speedup_ci") or [None, None]
+        parts.append(f"x{rec['speedup']:.2f} [{_num(ci[0])}-{_num(ci[1])}] "
+                     f"{rec.get('latency_verdict')}")
+    drop = goal.drop(rec)
+    if drop is not None:
+        parts.append(f"accuracy drop {drop:.3g}{'%' if goal.relative else ' pts'}")
+    if rec.get("size_ratio") is not None:
+        parts.append(f"size {rec['size_ratio'] * 100:.1f}%")
+    if rec.get("objective") is not None and goal.metric not in ("latency", "size"):
+        parts.append(f"{goal.metric} x{rec['objective']:.2f}")
+    parts.append(f"{rec['seconds']:.1f} s")
+    return ", ".join(parts)
+
+
+def table_rows(doc: dict[str, Any]) -> list[tuple[str, ...]]:
+    """One tuple of cells per trial, in the order the trials were created."""
+    relative = doc["settings"]["relative"]
+    rows: list[tuple[str, ...]] = []
+    for t in doc["trials"]:
+        if t["status"] != "ok":
+            rows.append((str(t["id"]), t["phase"], t["key"], "-", "failed", "-", "-", "-", "-",
+                         str(t.get("error", ""))[:80]))
+            continue
+        drop = t.get("accuracy_drop_percent" if relative else "accuracy_drop_points")
+        ci = t.get("speedup_ci") or [None, None]
+        notes = [n for n, on in (("CHOSEN", t["id"] == doc.get("chosen")),
+                                 ("pareto", t["id"] in doc["pareto"]),
+                                 ("closest", t["id"] in (doc.get("closest") or [])),
+                                 ("earlier/other worker", t.get("replayed"))) if on]
+        rows.append((
+            str(t["id"]), t["phase"], t["key"],
+            f"x{_num(t.get('speedup'))} [{_num(ci[0])}-{_num(ci[1])}]",
+            str(t.get("latency_verdict") or "-"),
+            "-" if drop is None else f"{drop:.2f}{'%' if relative else ''}",
+            "-" if t.get("size_ratio") is None else f"{t['size_ratio'] * 100:.1f}%",
+            f"x{_num(t.get('objective'))}", "within" if t["within_budget"] else "OUT",
+            ", ".join(notes)))
+    return rows
+
+
+def to_markdown(doc: dict[str, Any]) -> str:
+    s = doc["settings"]
+    lines = [f"# inferopt tune: {s['model']}", "",
+             f"Goal: {doc['goal']}; objective `{s['objective']}`. {len(doc['trials'])} trials"
+             + (f"; stopped: {doc['stopped']}" if doc.get("stopped") else "") + ".", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |"
+              for r in table_rows(doc)]
+    lines += ["", "## Result", "", *[f"- {line}" for line in result_lines(doc)]]
+    if doc["decisions"]:
+        lines += ["", "## Skipped candidates", ""]
+        lines += [f"- `{d['candidate']}`: {d['reason']}" for d in doc["decisions"]]
+    return "\n".join(lines) + "\n"
+
+
+def result_lines(doc: dict[str, Any]) -> list[str]:
+    """What the search found, in words."""
+    s = doc["settings"]
+    goal = Goal.parse(s["objective"], s["max_accuracy_drop"], s["relative"])
+    by_id = {t["id"]: t for t in doc["trials"]}
+    lines = []
+    if doc.get("chosen") is not None:
+        t = by_id[doc["chosen"]]
+        lines.append(f"chosen: trial {t['id']} {t['key']} ({describe(t, goal)})")
+        if doc.get("artifacts", {}).get("best"):
+            lines.append(f"saved: {doc['artifacts']['best']} (load with inferopt.load)")
+    else:
+        lines.append(f"no candidate met the goal ({doc['goal']})")
+        for i, tid in enumerate(doc.get("closest") or [], start=1):
+            t = by_id[tid]
+            lines.append(f"closest {i}: trial {t['id']} {t['key']} ({describe(t, goal)})")
+    front = ", ".join(f"{i} ({by_id[i]['key']})" for i in doc["pareto"])
+    lines.append(f"pareto front (objective, size, accuracy drop; from the study): "
+                 f"{front or 'none'}")
+    if doc.get("stopped"):
+        lines.append(f"stopped early: {doc['stopped']}")
+    return lines
+
