@@ -217,8 +217,17 @@ class Int4Linear(PackedWeightModule):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_exporting():
+            return self._exported(x)
         if self.path == "int8":
             return self.int8_layer()(x)
+        w = self.dequantized_weight().to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def _exported(self, x: torch.Tensor) -> torch.Tensor:
+        """For torch.export: the weights unpacked and dequantized by graph ops from the packed
+        codes (the int8 compute cache is built outside tracing and is not used), so an export
+        holds the 4-bit codes; runtimes that constant-fold it run the product in float."""
         w = self.dequantized_weight().to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
