@@ -105,6 +105,29 @@ def test_openvino_runs_the_ir_and_its_int8_layers_in_int8(mode, tmp_path):
     assert (tmp_path / "model.bin").stat().st_size > 0
 
 
+@needs_ort
+@needs_ov
+@pytest.mark.parametrize(("backend_class", "bits"), [(OnnxRuntimeBackend, 4),
+                                                     (OnnxRuntimeBackend, 3),
+                                                     (OpenVinoBackend, 4)])
+def test_int4_models_run_on_the_runtimes_in_float(backend_class, bits, tmp_path):
+    """int4 layers export their packed codes, unpacked by graph ops: the runtimes fold them
+    into float weights, and the report shows no int8 operator."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.ReLU(),
+                                torch.nn.Linear(256, 16)).eval()
+    model = inferopt.apply(model, "int4", group_size=32, bits=bits)
+    x = torch.randn(8, 128)
+    backend = (backend_class(precision="f32") if backend_class is OpenVinoBackend
+               else backend_class())
+    prepared = backend.prepare(model, inferopt.PrepareContext(example_inputs=x,
+                                                              artifact_dir=tmp_path))
+    with torch.inference_mode():
+        assert _cosine(backend.forward(prepared, x), model(x)) > 0.999
+    facts = backend.describe()["prepared"]["baseline"]
+    assert not facts.get("int8_ops") and not facts.get("int8_layers")
+
+
 def test_a_missing_runtime_names_the_extra_to_install(monkeypatch):
     import importlib.util
 

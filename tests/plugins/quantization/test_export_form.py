@@ -98,3 +98,13 @@ def test_int4_layers_export_with_their_packed_codes():
         # activation rounding: at least as close to the float model as the eager int4 model
         assert _cos(exported, ref) > 0.99
         assert _cos(exported, quantized(x)) > 0.999
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_int4_codes_unpack_the_same_without_bit_shifts(bits):
+    from inferopt.plugins.quantization.int4.modules import pack, unpack, unpack_arithmetic
+
+    codes = torch.randint(0, 1 << bits, (5, 64))
+    packed = pack(codes, bits)
+    assert torch.equal(unpack_arithmetic(packed, bits, 64), unpack(packed, bits, 64))
+    assert torch.equal(unpack_arithmetic(packed, bits, 64), codes)
