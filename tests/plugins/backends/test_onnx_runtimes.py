@@ -302,3 +302,24 @@ def test_an_int8_hf_encoder_runs_on_the_runtime_and_its_artifact_loads(cli, tmp_
         feed = {i.get_any_name(): batch[i.get_any_name()].numpy() for i in compiled.inputs}
         out = compiled(feed)[compiled.outputs[0]]
     assert _cosine(torch.from_numpy(out), expected) > 0.99
+
+
+def test_inductor_lowers_static_int8_layers_to_int8_kernels(tmp_path):
+    """Static int8 Linear and Conv2d layers are rewritten into the PT2E form and Inductor's x86
+    lowering (with freezing) turns them into oneDNN int8 kernels; outputs stay the model's."""
+    torch.manual_seed(0)
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 8, 10)).eval()
+    batches = [torch.randn(4, 3, 8, 8) for _ in range(4)]
+    model = inferopt.apply(cnn, "int8", data=batches, mode="static")
+    x = torch.randn(4, 3, 8, 8)
+    backend = InductorBackend()
+    prepared = backend.prepare(model, inferopt.PrepareContext(example_inputs=x,
+                                                              artifact_dir=tmp_path))
+    with torch.inference_mode():
+        assert _cosine(backend.forward(prepared, x), model(x)) > 0.999
+    facts = backend.describe()["prepared"]["baseline"]
+    assert facts["pt2e_groups"] == 2
+    lowered = facts["int8_lowerings"]
+    assert lowered.get("qlinear_unary_lower_count", 0) >= 1
+    assert any(k.startswith("qconv") for k in lowered)

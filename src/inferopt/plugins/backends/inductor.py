@@ -3,11 +3,12 @@
 weight freezing on.
 
 Freezing folds the weights into the compiled graph as constants, which is what lets Inductor's
-x86 int8 lowering replace the quantize/dequantize patterns of inferopt's int8 layers (their
-``torch.export`` form) with oneDNN int8 kernels (``qlinear_pointwise``/``qconv2d_pointwise``);
-without it they run as float arithmetic. The report's environment counts, per role, the int8
-kernels Inductor lowered. A model that ``torch.export`` cannot trace is compiled as it is
-(no ``.pt2``; the report says so).
+x86 int8 lowering replace quantize/dequantize patterns with oneDNN int8 kernels
+(``qlinear_pointwise``/``qconv2d_pointwise``). inferopt's int8 layers export in the form the ONNX
+runtimes fuse; :func:`pt2e_form` rewrites their statically quantized products into the form
+that lowering matches. Dynamic int8 layers compile to float arithmetic. The report's environment
+counts, per role, the rewritten groups and the int8 kernels Inductor lowered. A model that
+``torch.export`` cannot trace is compiled as it is (no ``.pt2``; the report says so).
 """
 
 from __future__ import annotations
@@ -62,7 +63,9 @@ class InductorBackend(Backend):
         # row, so that the batch size is dynamic afterwards. Freezing is set in the global
         # config around them: passed as a torch.compile option it does not reach the x86
         # int8 weight-prepack pass (measured: the prepack then fails in fake tensors).
-        with torch._inductor.config.patch(freezing=self.freezing), torch.no_grad():
+        # Warm-up and forward both run in inference mode: a call in another grad mode would
+        # fail the compiled code's guards and recompile, timed and without freezing.
+        with torch._inductor.config.patch(freezing=self.freezing), torch.inference_mode():
             call_model(compiled, ctx.example_inputs)
             smaller = _first_rows(ctx.example_inputs, 1)
             if smaller is not None:
@@ -96,14 +99,16 @@ class InductorBackend(Backend):
             return model, {"export": "failed"}
         path = ctx.artifact_path("model.pt2")
         torch.export.save(program, str(path))
-        return program.module(), {"export": "ok", "artifact": "model.pt2"}
+        module = program.module()
+        rewritten = pt2e_form(module)
+        return module, {"export": "ok", "artifact": "model.pt2", "pt2e_groups": rewritten}
 
     def forward(self, prepared: Any, inputs: Any) -> Any:
         import torch
 
         from inferopt.utils import call_model
 
-        with torch.no_grad():
+        with torch.inference_mode():
             return call_model(prepared, inputs)
 
     def describe(self) -> dict[str, Any]:
@@ -113,6 +118,91 @@ class InductorBackend(Backend):
                 "freezing": self.freezing, "threads": torch.get_num_threads(),
                 "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
                 "prepared": dict(self.facts)}
+
+
+def pt2e_form(gm: Any) -> int:
+    """Rewrite the statically quantized products of an exported graph into the form Inductor's
+    x86 int8 lowering matches (that of PT2E quantization); return how many were rewritten.
+
+    inferopt's int8 layers export for the ONNX runtimes: activation quantize/dequantize with
+    tensor scale and zero point, the weight dequantized as ``[in, out]`` for a ``matmul``, the
+    bias as int32 at the product's scale. Inductor wants the ``.default`` overloads with the
+    scale and zero point as numbers, the ``[out, in]`` weight in ``linear`` (or ``conv2d``)
+    and a float bias. Only groups whose activation scale is a constant (static mode) are
+    rewritten: the lowering has no pattern for a scale computed in the graph.
+    """
+    import torch
+    import torch.ao.quantization.fx._decomposed  # registers the quantized_decomposed ops
+
+    qd = torch.ops.quantized_decomposed
+    aten = torch.ops.aten
+    graph = gm.graph
+
+    def constant(node: Any) -> Any:
+        value = gm
+        for part in node.target.split("."):
+            value = getattr(value, part)
+        return value
+
+    def float_bias(node: Any) -> Any:
+        """The float bias buffer an int32 bias dequantize was computed from, or None."""
+        if (node is None or node.target is not qd.dequantize_per_channel.default
+                or node.args[4] != -(2 ** 31)):
+            return None
+        source = node.args[0]
+        while source.op == "call_function" and source.target is not aten.div.Tensor:
+            source = source.args[0]
+        bias = source.args[0] if source.op == "call_function" else None
+        return bias if bias is not None and bias.op == "get_attr" else None
+
+    count = 0
+    for dq in list(graph.nodes):
+        if dq.target is not qd.dequantize_per_tensor.tensor:
+            continue
+        q, scale, zero = dq.args[0], dq.args[1], dq.args[2]
+        if (q.target is not qd.quantize_per_tensor.tensor or scale.op != "get_attr"
+                or zero.op != "get_attr" or len(dq.users) != 1):
+            continue
+        (user,) = dq.users
+        weight = user.args[1] if len(user.args) > 1 else None
+        if weight is None or weight.target is not qd.dequantize_per_channel.default:
+            continue
+        if user.target is aten.matmul.default:
+            transposed = weight.args[0]
+            if (user.args[0] is not dq or weight.args[3] != 1
+                    or transposed.target is not aten.t.default):
+                continue
+            add = next(iter(user.users)) if len(user.users) == 1 else None
+            bias = float_bias(add.args[1]) if (add is not None and add.target is aten.add.Tensor
+                                               and add.args[0] is user) else None
+            replaced = user if bias is None else add
+        elif user.target is aten.conv2d.default and user.args[0] is dq:
+            bias = float_bias(user.args[2] if len(user.args) > 2 else None)
+            if bias is None and len(user.args) > 2 and user.args[2] is not None:
+                continue
+            replaced = user
+        else:
+            continue
+        s, z = float(constant(scale)), int(constant(zero))
+        with graph.inserting_before(replaced):
+            q_new = graph.call_function(qd.quantize_per_tensor.default,
+                                        (q.args[0], s, z, *q.args[3:]))
+            dq_new = graph.call_function(qd.dequantize_per_tensor.default,
+                                         (q_new, s, z, *dq.args[3:]))
+            if user.target is aten.matmul.default:
+                w = graph.call_function(qd.dequantize_per_channel.default,
+                                        (transposed.args[0], weight.args[1], weight.args[2], 0,
+                                         *weight.args[4:]))
+                new = graph.call_function(aten.linear.default, (dq_new, w, bias))
+            else:
+                new = graph.call_function(aten.conv2d.default,
+                                          (dq_new, weight, bias, *user.args[3:]))
+        replaced.replace_all_uses_with(new)
+        count += 1
+    if count:
+        graph.eliminate_dead_code()
+        gm.recompile()
+    return count
 
 
 def _first_rows(inputs: Any, n: int) -> Any:
