@@ -874,9 +874,7 @@ def _options_of(plugin_object: Any) -> dict[str, Any]:
     cls = type(plugin_object)
     if not attrs.has(cls):
         return {}
-    # fields with init=False are a plugin's own state (a backend's facts), not options
-    return {f.name: options.json_safe(getattr(plugin_object, f.name)) for f in attrs.fields(cls)
-            if f.init}
+    return {f.name: options.json_safe(getattr(plugin_object, f.name)) for f in attrs.fields(cls)}
 
 
 
