@@ -103,6 +103,24 @@ def test_torchrun_cli_run_reports_once_from_the_main_worker(tmp_path: Path, back
     assert (tmp_path / "run" / "report.json").is_file()
 
 
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_model_parallel_runs_an_int8_model(tmp_path: Path, mode: str) -> None:
+    """The default recipe's int8 layers trace (their torch.export form) and run as pipeline
+    stages, with the int8 model's outputs."""
+    proc = torchrun("-m", "inferopt", "run", "--model", "demo:digits-mlp-small",
+                    "-O", f"int8:mode={mode}", "--backend", "model-parallel",
+                    "--metric", "accuracy", "--metric", "fidelity", "--out", "run", "--json",
+                    cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["steps"][0]["details"]["quantized"]
+    optimized = report["optimized"]["metrics"]
+    assert optimized["accuracy"]["samples"] == 359
+    assert optimized["fidelity"]["cosine"] > 0.999
+    assert report["optimized"]["metrics"]["accuracy"]["top1"] > 0.9
+
+
 FREEZES = '''
 import os, signal, torch
 

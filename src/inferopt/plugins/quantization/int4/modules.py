@@ -64,6 +64,24 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return codes.reshape(rows, n)
 
 
+def unpack_arithmetic(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """:func:`unpack` with integer division and remainder instead of bit shifts (the same
+    codes), for exported graphs. The ONNX exporter computes integer floor division through
+    float32, so every dividend stays below 2**24: single bytes for 2 and 4 bits, 3-byte words
+    for 3 bits."""
+    rows = packed.shape[0]
+    p = packed.to(torch.int64)
+    if 8 % bits:
+        bytes_at = torch.tensor([256 ** i for i in range(bits)], device=packed.device)
+        p = (p.reshape(rows, n // 8, bits) * bytes_at).sum(-1)  # 8 codes: 8 * bits <= 24 bits
+        per = 8
+    else:
+        per = 8 // bits
+    codes_at = torch.tensor([(1 << bits) ** i for i in range(per)], device=packed.device)
+    return torch.remainder(torch.div(p.unsqueeze(-1), codes_at, rounding_mode="floor"),
+                           1 << bits).reshape(rows, n)
+
+
 def group_params(w: torch.Tensor, bits: int, symmetric: bool
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point (as floats) per row of ``w`` (``[rows, group]``)."""
@@ -217,9 +235,27 @@ class Int4Linear(PackedWeightModule):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_exporting():
+            return self._exported(x)
         if self.path == "int8":
             return self.int8_layer()(x)
         w = self.dequantized_weight().to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def _exported(self, x: torch.Tensor) -> torch.Tensor:
+        """For torch.export: the weights unpacked and dequantized by graph ops from the packed
+        codes (the int8 compute cache is built outside tracing and is not used), so an export
+        holds the 4-bit codes; runtimes that constant-fold it run the product in float. The
+        codes are unpacked with division and remainder, not bit shifts, which ONNX lacks for
+        these types."""
+        k = padded(self.in_features, self.group_size)
+        codes = unpack_arithmetic(self.weight_packed, self.bits, k).float()
+        n_groups = k // self.group_size
+        zero = (torch.full((self.out_features, n_groups), float(1 << (self.bits - 1)),
+                           device=codes.device) if self.symmetric else self.zeros.float())
+        w = codes.reshape(self.out_features, n_groups, self.group_size) - zero[..., None]
+        w = (w * self.scales.float()[..., None]).reshape(self.out_features, k)
+        w = w[:, : self.in_features].to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:

@@ -132,6 +132,56 @@ def _fake_quant_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x / scale), scale
 
 
+# -- the exported form ---------------------------------------------------------------------
+# Under torch.export (torch.compiler.is_exporting()) the modules compute the same int8 math
+# from quantize/dequantize ops instead of calling packed kernels, which torch.export cannot
+# trace: PyTorch's ``quantized_decomposed`` ops, the form PT2E quantization produces. The
+# ONNX exporter turns them into QuantizeLinear/DequantizeLinear (QDQ), which ONNX Runtime and
+# OpenVINO fuse into int8 kernels (QGemm, QLinearConv, int8 FullyConnected); Inductor's x86
+# int8 lowering matches the same patterns; torch.distributed.pipelining can cut the graph.
+# Activations are uint8 (x86 runtimes fuse u8 x s8); dynamic activations are quantized per
+# tensor, symmetrically (zero point 128), as one QuantizeLinear scale covers a whole tensor.
+# The bias is added as int32 at scale act_scale * weight_scale, as QDQ graphs carry it, so the
+# runtimes fold it into the int8 product.
+
+
+def _decomposed_ops() -> Any:
+    import torch.ao.quantization.fx._decomposed
+
+    return torch.ops.quantized_decomposed
+
+
+def exported_activation(x: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``x`` quantized to uint8 and dequantized, the scale used): calibrated ``scale``/
+    ``zero`` (static), or when they are None a per-tensor symmetric scale from ``x``."""
+    qd = _decomposed_ops()
+    if scale is None or zero is None:
+        absmax = x.abs().amax(dim=tuple(range(x.dim())))
+        scale = (absmax / 127.0).clamp(min=1e-12)
+        zero = torch.full((), 128, dtype=torch.int64, device=x.device)
+    xq = qd.quantize_per_tensor.tensor(x, scale, zero, 0, 255, torch.uint8)
+    return qd.dequantize_per_tensor.tensor(xq, scale, zero, 0, 255, torch.uint8), scale
+
+
+def exported_weight(weight_int8: torch.Tensor, weight_scale: torch.Tensor, axis: int
+                    ) -> torch.Tensor:
+    """The int8 weight dequantized per output channel (``axis``), as a graph op."""
+    zeros = torch.zeros(weight_scale.shape[0], dtype=torch.int64, device=weight_scale.device)
+    return _decomposed_ops().dequantize_per_channel(weight_int8, weight_scale, zeros, axis,
+                                                    -127, 127, torch.int8)
+
+
+def exported_bias(bias: torch.Tensor, act_scale: torch.Tensor, weight_scale: torch.Tensor
+                  ) -> torch.Tensor:
+    """The bias rounded to int32 at scale ``act_scale * weight_scale`` and dequantized."""
+    scale = (act_scale * weight_scale).clamp(min=1e-30)
+    q = torch.round(bias / scale).clamp(-(2 ** 31), 2 ** 31 - 1).to(torch.int32)
+    zeros = torch.zeros(scale.shape[0], dtype=torch.int64, device=scale.device)
+    return _decomposed_ops().dequantize_per_channel(q, scale, zeros, 0, -(2 ** 31),
+                                                    2 ** 31 - 1, torch.int32)
+
+
 class PackedWeightModule(torch.nn.Module):
     """Base of the quantized modules: they save plain tensors and derive kernel-specific forms
     (packed weights, the chosen kernel, caches) on first use. Loading weights or moving the
@@ -229,6 +279,8 @@ class Int8Linear(PackedWeightModule):
         return self.weight_int8.float() * self.weight_scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_exporting():
+            return self._exported(x)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != torch.float32:
@@ -241,6 +293,27 @@ class Int8Linear(PackedWeightModule):
             kernel = self.active_kernel
             out = getattr(self, f"_{kernel}")(x2.contiguous())
         return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def _exported(self, x: torch.Tensor) -> torch.Tensor:
+        """The same layer as quantize/dequantize graph ops, for torch.export (see above)."""
+        dtype = x.dtype
+        x = x.float()
+        if self.smooth_inv is not None:
+            x = x * self.smooth_inv
+        # [in, out], dequantized along axis 1: the layout runtimes fuse into an int8 MatMul
+        weight = exported_weight(self.weight_int8.t(), self.weight_scale, 1)
+        if self.mode == "weight-only":
+            out = torch.matmul(x, weight)
+            if self.bias is not None:
+                out = out + self.bias
+            return out.to(dtype)
+        static = self.mode == "static"
+        x, act_scale = exported_activation(x, self.act_scale if static else None,
+                                           self.act_zero if static else None)
+        out = torch.matmul(x, weight)
+        if self.bias is not None:
+            out = out + exported_bias(self.bias, act_scale, self.weight_scale)
+        return out.to(dtype)
 
     # -- kernels ----------------------------------------------------------------------------
 
@@ -373,6 +446,8 @@ class Int8Conv2d(PackedWeightModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d accepts
             return self.forward(x.unsqueeze(0)).squeeze(0)
+        if torch.compiler.is_exporting():
+            return self._exported(x)
         dtype = x.dtype
         xf = x.float()
         scale = float(self.act_scale)
@@ -394,6 +469,16 @@ class Int8Conv2d(PackedWeightModule):
             w = self.weight_int8.float() * self.weight_scale.reshape(-1, 1, 1, 1)
             out = F.conv2d((xq - zero) * scale, w, self.bias, self.stride, self.padding,
                            self.dilation, self.groups)
+        return out.to(dtype)
+
+    def _exported(self, x: torch.Tensor) -> torch.Tensor:
+        """The same convolution as quantize/dequantize graph ops, for torch.export."""
+        dtype = x.dtype
+        xf, act_scale = exported_activation(x.float(), self.act_scale, self.act_zero)
+        weight = exported_weight(self.weight_int8, self.weight_scale, 0)
+        bias = (None if self.bias is None
+                else exported_bias(self.bias, act_scale, self.weight_scale))
+        out = F.conv2d(xf, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         return out.to(dtype)
 
     def extra_repr(self) -> str:

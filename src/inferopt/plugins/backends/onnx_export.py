@@ -1,0 +1,200 @@
+"""What the ``onnxruntime`` and ``openvino`` backends share: exporting a model to ONNX with the
+dynamo exporter (batch dimension dynamic), mapping the run's inputs and outputs onto a graph's
+flat lists, and counting the quantized operators in a graph.
+
+Quantized inferopt modules export as QDQ graphs: under ``torch.export`` they compute their int8
+math from PyTorch's ``quantized_decomposed`` quantize/dequantize ops, which the exporter turns
+into ``QuantizeLinear``/``DequantizeLinear``. Its own translation of the ``.tensor`` overloads
+(scale and zero point given as tensors, as calibrated buffers and dynamic scales are) reads the
+zero point as a Python number; :func:`translations` gives it one that keeps it a tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from inferopt import UsageError
+
+#: the extra that installs each runtime, for the "not installed" messages
+EXTRAS = {"onnxruntime": "inferopt[onnxruntime]", "openvino": "inferopt[openvino]"}
+
+#: ONNX operators that compute in 8-bit integers (after a runtime's fusions) and the QDQ ops
+INT8_OPS = ("QGemm", "QLinearMatMul", "QLinearConv", "MatMulInteger", "ConvInteger",
+            "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits", "QAttention",
+            "DynamicQuantizeLinear")
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+
+def missing_modules(modules: tuple[str, ...]) -> list[str]:
+    """The modules of ``modules`` that cannot be imported (checked without importing them)."""
+    import importlib.util
+
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+@attrs.frozen
+class GraphIO:
+    """How the run's inputs and the model's outputs map onto an exported graph's flat lists."""
+
+    input_names: tuple[str, ...]
+    input_keys: tuple[str, ...]  # the dict keys of the inputs, in graph order ("" if positional)
+    output_kind: str  # "tensor", "tuple" or "dict"
+    output_keys: tuple[str, ...]
+
+    def feed(self, inputs: Any) -> dict[str, Any]:
+        """The graph's inputs as numpy arrays, by graph input name."""
+        args, kwargs = as_args(inputs)
+        values = [kwargs[k] for k in self.input_keys] if kwargs else list(args)
+        return {name: value.detach().cpu().numpy()
+                for name, value in zip(self.input_names, values, strict=True)}
+
+    def outputs(self, arrays: list[Any]) -> Any:
+        """The runtime's output arrays as torch tensors, in the model's own structure."""
+        import numpy as np
+        import torch
+
+        tensors = [torch.from_numpy(np.asarray(a)) for a in arrays]
+        if self.output_kind == "tensor":
+            return tensors[0]
+        if self.output_kind == "dict":
+            return dict(zip(self.output_keys, tensors, strict=True))
+        return tuple(tensors)
+
+
+def as_args(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if isinstance(inputs, dict):
+        return (), dict(inputs)
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs), {}
+    return (inputs,), {}
+
+
+def output_structure(output: Any, backend: str) -> tuple[str, tuple[str, ...]]:
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return "tensor", ()
+    if isinstance(output, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in output):
+        return "tuple", ()
+    if isinstance(output, dict) and all(isinstance(o, torch.Tensor) for o in output.values()):
+        return "dict", tuple(output)
+    if hasattr(output, "to_tuple") and hasattr(output, "keys"):  # transformers' ModelOutput
+        return "dict", tuple(output.keys())
+    raise UsageError(
+        f"{backend}: the model returns a {type(output).__name__}; this backend hands back a "
+        "tensor, a flat tuple or a flat dict of tensors")
+
+
+def translations() -> dict[Any, Any]:
+    """ONNX translations of the ``quantized_decomposed`` per-tensor ops whose scale and zero
+    point are tensors (the exporter's own reads the zero point as a Python int)."""
+    import torch
+    import torch.ao.quantization.fx._decomposed
+    from onnx import TensorProto
+    from onnxscript import opset21 as op
+
+    types = {torch.uint8: TensorProto.UINT8, torch.int8: TensorProto.INT8}
+
+    def onnx_type(dtype: Any) -> int:  # a torch dtype, or already an ONNX type (the exporter)
+        return types[dtype] if dtype in types else int(dtype)
+
+    def quantize(input: Any, scale: Any, zero_point: Any, quant_min: int, quant_max: int,
+                 dtype: Any) -> Any:
+        return op.QuantizeLinear(input, scale, op.Cast(zero_point, to=onnx_type(dtype)))
+
+    def dequantize(input: Any, scale: Any, zero_point: Any, quant_min: int, quant_max: int,
+                   dtype: Any, out_dtype: Any = None) -> Any:
+        return op.DequantizeLinear(input, scale, op.Cast(zero_point, to=onnx_type(dtype)))
+
+    qd = torch.ops.quantized_decomposed
+    return {qd.quantize_per_tensor.tensor: quantize, qd.dequantize_per_tensor.tensor: dequantize}
+
+
+def export_onnx(model: Any, inputs: Any, path: Path, *, opset: int, backend: str) -> GraphIO:
+    """Export ``model`` (on the CPU, in eval mode) to ``path`` with the dynamo exporter, every
+    input's first dimension dynamic; return how inputs and outputs map onto the graph."""
+    import onnx
+    import torch
+
+    from inferopt.utils import call_model
+
+    with torch.inference_mode():
+        reference = call_model(model, inputs)
+    kind, keys = output_structure(reference, backend)
+    args, kwargs = as_args(inputs)
+    dim = torch.export.Dim.DYNAMIC
+    shapes: Any = ({k: {0: dim} for k in kwargs} if kwargs else tuple({0: dim} for _ in args))
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    try:
+        with quiet_exporter():
+            torch.onnx.export(model, args, str(path), kwargs=kwargs or None,
+                              dynamic_shapes=shapes, opset_version=opset, dynamo=True,
+                              custom_translation_table=translations(), verbose=False,
+                              # one self-contained file unless past protobuf's 2 GB limit
+                              external_data=weight_bytes > 1_500_000_000)
+    except Exception as exc:
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
+        raise UsageError(
+            f"{backend}: torch.onnx could not export the model ({type(exc).__name__}: "
+            f"{first[0] if first else ''}); run it on --backend cpu") from exc
+    graph = onnx.load(str(path), load_external_data=False).graph
+    names = tuple(i.name for i in graph.input)
+    input_keys: tuple[str, ...] = ()
+    if kwargs:
+        # the exporter names graph inputs after the forward's parameters; keep the batch's
+        # keys that made it into the graph, in graph order
+        if set(names) - set(kwargs):
+            raise UsageError(f"{backend}: the exported graph takes inputs {list(names)} that "
+                             f"the batch does not have ({sorted(kwargs)})")
+        input_keys = names
+    elif len(names) != len(args):
+        raise UsageError(
+            f"{backend}: the exported graph takes {len(names)} inputs ({', '.join(names)}) "
+            f"but the batch has {len(args)}; inputs the model ignores or turns into constants "
+            "cannot be fed")
+    return GraphIO(names, input_keys, kind, keys)
+
+
+def op_counts(model_proto: Any) -> dict[str, int]:
+    """How many nodes of each quantized or QDQ operator type a graph holds (subgraphs and
+    functions included)."""
+    counts: Counter[str] = Counter()
+
+    def walk(nodes: Any) -> None:
+        for node in nodes:
+            if node.op_type in INT8_OPS or node.op_type in QDQ_OPS:
+                counts[node.op_type] += 1
+            for attr in node.attribute:
+                if attr.g is not None and len(attr.g.node):
+                    walk(attr.g.node)
+
+    walk(model_proto.graph.node)
+    for function in model_proto.functions:
+        walk(function.node)
+    return dict(sorted(counts.items()))
+
+
+@contextlib.contextmanager
+def quiet_exporter() -> Iterator[None]:
+    """torch.onnx logs a line per optional library it lacks and warns about its own
+    internals; none of it is the user's business during a run."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        logger.setLevel(level)

@@ -1,0 +1,325 @@
+"""The built-in runtime backends: ``onnxruntime`` and ``openvino`` run float and int8 models
+exported to ONNX (int8 layers as QDQ graphs that the runtimes fuse into int8 kernels), and
+``inductor`` compiles the torch.export-ed model; each leaves the artifact that ran in the run
+directory, and that artifact loads and gives the run's outputs."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import inferopt
+from inferopt.plugins.backends.inductor import InductorBackend
+from inferopt.plugins.backends.onnxruntime import OnnxRuntimeBackend
+from inferopt.plugins.backends.openvino import OpenVinoBackend
+
+
+def _needs(*modules: str) -> pytest.MarkDecorator:
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"{', '.join(missing)} not installed "
+                                                    "(pip install 'inferopt[test]')")
+
+
+needs_ort = _needs("onnxruntime", "onnx", "onnxscript")
+needs_ov = _needs("openvino", "onnx", "onnxscript")
+
+
+def _mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),
+                               torch.nn.ReLU(), torch.nn.Linear(64, 10)).eval()
+
+
+def _quantized(mode: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(1)
+    batches = [torch.randn(16, 32) for _ in range(4)]
+    model = _mlp()
+    if mode != "float":
+        model = inferopt.apply(copy.deepcopy(model), "int8", data=batches, mode=mode)
+    return model, torch.randn(16, 32)
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+
+@needs_ort
+@pytest.mark.parametrize("mode", ["float", "dynamic", "static"])
+def test_onnxruntime_runs_the_model_and_its_int8_layers_in_int8(mode, tmp_path):
+    model, x = _quantized(mode)
+    backend = OnnxRuntimeBackend()
+    ctx = inferopt.PrepareContext(example_inputs=x, role="optimized", artifact_dir=tmp_path)
+    prepared = backend.prepare(model, ctx)
+    with torch.inference_mode():
+        expected = model(x)
+    # the last batch may be smaller: the batch dimension stays dynamic
+    for inputs, want in ((x, expected), (x[:3], expected[:3])):
+        got = backend.forward(prepared, inputs)
+        assert got.shape == want.shape
+        assert _cosine(got, want) > 0.999
+    facts = backend.describe()["prepared"]["optimized"]
+    if mode == "float":
+        assert facts["int8_ops"] == {} and facts["exported_qdq_ops"] == {}
+    else:
+        # three Linear layers: three QDQ groups, fused by ONNX Runtime into int8 GEMMs
+        assert facts["exported_qdq_ops"]["QuantizeLinear"] == 3
+        assert facts["int8_ops"] == {"QGemm": 3}
+    # the artifact is what ran: a plain session on it gives the same outputs
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert _cosine(torch.from_numpy(out), backend.forward(prepared, x)) > 0.99999
+
+
+@needs_ov
+@pytest.mark.parametrize("mode", ["float", "static"])
+def test_openvino_runs_the_ir_and_its_int8_layers_in_int8(mode, tmp_path):
+    model, x = _quantized(mode)
+    backend = OpenVinoBackend(precision="f32")
+    ctx = inferopt.PrepareContext(example_inputs=x, role="optimized", artifact_dir=tmp_path)
+    prepared = backend.prepare(model, ctx)
+    with torch.inference_mode():
+        expected = model(x)
+    for inputs, want in ((x, expected), (x[:3], expected[:3])):
+        got = backend.forward(prepared, inputs)
+        assert got.shape == want.shape
+        assert _cosine(got, want) > 0.999
+    facts = backend.describe()["prepared"]["optimized"]
+    assert facts["inference_precision"] == "f32"
+    int8_fc = facts["int8_layers"].get("FullyConnected", 0)
+    assert int8_fc == (0 if mode == "float" else 3)
+    # the IR is what ran: OpenVINO reads it back and gives the same outputs
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(tmp_path / "model.xml"), "CPU",
+                                       {"INFERENCE_PRECISION_HINT": "f32"})
+    out = torch.from_numpy(compiled(x.numpy())[compiled.outputs[0]])
+    assert _cosine(out, backend.forward(prepared, x)) > 0.99999
+    assert (tmp_path / "model.bin").stat().st_size > 0
+
+
+@needs_ort
+@needs_ov
+@pytest.mark.parametrize(("backend_class", "bits"), [(OnnxRuntimeBackend, 4),
+                                                     (OnnxRuntimeBackend, 3),
+                                                     (OpenVinoBackend, 4)])
+def test_int4_models_run_on_the_runtimes_in_float(backend_class, bits, tmp_path):
+    """int4 layers export their packed codes, unpacked by graph ops: the runtimes fold them
+    into float weights, and the report shows no int8 operator."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.ReLU(),
+                                torch.nn.Linear(256, 16)).eval()
+    model = inferopt.apply(model, "int4", group_size=32, bits=bits)
+    x = torch.randn(8, 128)
+    backend = (backend_class(precision="f32") if backend_class is OpenVinoBackend
+               else backend_class())
+    prepared = backend.prepare(model, inferopt.PrepareContext(example_inputs=x,
+                                                              artifact_dir=tmp_path))
+    with torch.inference_mode():
+        assert _cosine(backend.forward(prepared, x), model(x)) > 0.999
+    facts = backend.describe()["prepared"]["baseline"]
+    assert not facts.get("int8_ops") and not facts.get("int8_layers")
+
+
+def test_a_missing_runtime_names_the_extra_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("onnxruntime", "openvino")
+                        else real(name, *a))
+    assert OnnxRuntimeBackend().available() == (
+        "onnxruntime not installed: pip install 'inferopt[onnxruntime]'")
+    assert OpenVinoBackend().available() == (
+        "openvino not installed: pip install 'inferopt[openvino]'")
+
+
+def test_a_missing_runtime_is_listed_and_refused_with_the_extra(cli, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "openvino" else real(name, *a))
+    listed = cli("plugins")
+    assert listed.returncode == 0
+    for name in ("onnxruntime", "openvino", "inductor"):
+        assert name in listed.stdout
+    result = cli("run", "--backend", "openvino")
+    assert result.returncode == 2
+    assert "openvino not installed: pip install 'inferopt[openvino]'" in result.stderr
+
+
+@needs_ort
+def test_onnxruntime_run_keeps_the_graph_that_ran(cli, tmp_path):
+    """The default recipe (int8) on the demo: the optimized model.onnx is a QDQ graph, loads in
+    ONNX Runtime and gives the saved model's outputs; module-reading metrics are skipped."""
+    result = cli("run", "--backend", "onnxruntime", "--metric", "fidelity", "--metric",
+                 "latency:min_runs=3,min_seconds=0,warmup=1", "--metric", "memory",
+                 "--metric", "compute", "--out", "run", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["optimized"]["metrics"]["fidelity"]["cosine"] > 0.999
+    for name in ("memory", "compute"):
+        assert "onnxruntime" in report["skipped_metrics"][name]
+    facts = report["environment"]["prepared"]
+    assert facts["baseline"]["int8_ops"] == {}
+    assert facts["optimized"]["int8_ops"].get("QGemm", 0) >= 3
+    onnx_path = tmp_path / report["artifacts"]["backend"]["optimized"]["model.onnx"]
+    assert onnx_path == tmp_path / "run" / "backend" / "optimized" / "model.onnx"
+
+    import onnxruntime as ort
+
+    model = inferopt.load(tmp_path / "run")
+    x = torch.rand(5, 64)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.inference_mode():
+        assert _cosine(torch.from_numpy(out), model(x)) > 0.999
+
+
+@pytest.mark.slow
+@needs_ov
+def test_openvino_run_keeps_the_ir_that_ran(cli, tmp_path):
+    result = cli("run", "--backend", "openvino:precision=f32", "--metric", "fidelity",
+                 "--metric", "latency:min_runs=3,min_seconds=0,warmup=1", "--out", "run",
+                 "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["optimized"]["metrics"]["fidelity"]["cosine"] > 0.999
+    assert report["environment"]["prepared"]["optimized"]["int8_layers"]["FullyConnected"] >= 3
+    xml = tmp_path / report["artifacts"]["backend"]["optimized"]["model.xml"]
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    x = torch.rand(5, 64)
+    model = inferopt.load(tmp_path / "run")
+    with torch.inference_mode():
+        assert _cosine(torch.from_numpy(compiled(x.numpy())[compiled.outputs[0]]),
+                       model(x)) > 0.999
+
+
+@pytest.mark.slow
+def test_inductor_run_keeps_the_exported_program(cli, tmp_path):
+    result = cli("run", "--backend", "inductor", "--metric", "fidelity",
+                 "--metric", "latency:min_runs=3,min_seconds=0,warmup=1", "--metric", "compute",
+                 "--out", "run", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["optimized"]["metrics"]["fidelity"]["cosine"] > 0.999
+    assert "inductor" in report["skipped_metrics"]["compute"]
+    facts = report["environment"]["prepared"]["optimized"]
+    assert facts["export"] == "ok" and facts["freezing"] is True
+    pt2 = tmp_path / report["artifacts"]["backend"]["optimized"]["model.pt2"]
+    program = torch.export.load(str(pt2))
+    x = torch.rand(5, 64)
+    model = inferopt.load(tmp_path / "run")
+    with torch.inference_mode():
+        assert _cosine(program.module()(x), model(x)) > 0.999
+
+
+def test_inductor_compiles_an_int8_model_with_a_dynamic_batch(tmp_path):
+    model, x = _quantized("dynamic")
+    backend = InductorBackend()
+    ctx = inferopt.PrepareContext(example_inputs=x, role="optimized", artifact_dir=tmp_path)
+    prepared = backend.prepare(model, ctx)
+    with torch.inference_mode():
+        expected = model(x)
+    for inputs, want in ((x, expected), (x[:3], expected[:3])):
+        assert _cosine(backend.forward(prepared, inputs), want) > 0.999
+    assert (tmp_path / "model.pt2").stat().st_size > 0
+    assert backend.describe()["prepared"]["optimized"]["export"] == "ok"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_an_int8_hf_encoder_runs_on_the_runtime_and_its_artifact_loads(cli, tmp_path, backend):
+    transformers = pytest.importorskip("transformers")
+    from tests.plugins.sources.test_hf import WORDS
+
+    if (needs_ort if backend == "onnxruntime" else needs_ov).args[0]:
+        pytest.skip(f"{backend} not installed")
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+                                                 *WORDS]) + "\n")
+    tokenizer = transformers.BertTokenizer(vocab_file=str(folder / "vocab.txt"))
+    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=64,
+                                     num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=128, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.BertModel(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    text = tmp_path / "sentences.txt"
+    text.write_text("\n".join(" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(3 + i % 9))
+                              for i in range(24)) + "\n")
+    spec = backend if backend == "onnxruntime" else f"{backend}:precision=f32"
+    result = cli("run", "--model", f"hf:{folder}", "--data", f"text:{text}", "--batch-size", "8",
+                 "--backend", spec, "--metric", "fidelity",
+                 "--metric", "latency:min_runs=3,min_seconds=0,warmup=1", "--out", "run",
+                 "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["optimized"]["metrics"]["fidelity"]["cosine"] > 0.99
+    facts = report["environment"]["prepared"]["optimized"]
+    listed = report["artifacts"]["backend"]["optimized"]
+    # the export fixed the sequence length the run's text batches were padded to
+    import onnx
+
+    onnx_path = tmp_path / "run" / "backend" / "optimized" / "model.onnx"
+    length = (onnx.load(str(onnx_path)).graph.input[0].type.tensor_type.shape.dim[1].dim_value
+              if backend == "onnxruntime" else None)
+    if backend == "openvino":
+        import openvino as ov
+
+        length = ov.Core().read_model(str(tmp_path / listed["model.xml"])).inputs[0] \
+            .get_partial_shape()[1].get_length()
+    batch = dict(tokenizer(["the cat sat on the mat", "a dog ran"], padding="max_length",
+                           max_length=length, return_tensors="pt"))
+    with torch.inference_mode():
+        expected = inferopt.load(tmp_path / "run")(**batch).last_hidden_state
+    if backend == "onnxruntime":
+        # 12 encoder matmuls (3-D inputs) and the pooler (2-D) ran as int8 kernels
+        assert sum(facts["int8_ops"].values()) == 13
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(tmp_path / listed["model.onnx"]),
+                                       providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        out = session.run(None, {n: batch[n].numpy() for n in names})[0]
+    else:
+        assert facts["int8_layers"]["FullyConnected"] == 13
+        import openvino as ov
+
+        compiled = ov.Core().compile_model(str(tmp_path / listed["model.xml"]), "CPU",
+                                           {"INFERENCE_PRECISION_HINT": "f32"})
+        feed = {i.get_any_name(): batch[i.get_any_name()].numpy() for i in compiled.inputs}
+        out = compiled(feed)[compiled.outputs[0]]
+    assert _cosine(torch.from_numpy(out), expected) > 0.99
+
+
+def test_inductor_lowers_static_int8_layers_to_int8_kernels(tmp_path):
+    """Static int8 Linear and Conv2d layers are rewritten into the PT2E form and Inductor's x86
+    lowering (with freezing) turns them into oneDNN int8 kernels; outputs stay the model's."""
+    torch.manual_seed(0)
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 8, 10)).eval()
+    batches = [torch.randn(4, 3, 8, 8) for _ in range(4)]
+    model = inferopt.apply(cnn, "int8", data=batches, mode="static")
+    x = torch.randn(4, 3, 8, 8)
+    backend = InductorBackend()
+    prepared = backend.prepare(model, inferopt.PrepareContext(example_inputs=x,
+                                                              artifact_dir=tmp_path))
+    with torch.inference_mode():
+        assert _cosine(backend.forward(prepared, x), model(x)) > 0.999
+    facts = backend.describe()["prepared"]["baseline"]
+    assert facts["pt2e_groups"] == 2
+    lowered = facts["int8_lowerings"]
+    assert lowered.get("qlinear_unary_lower_count", 0) >= 1
+    assert any(k.startswith("qconv") for k in lowered)
