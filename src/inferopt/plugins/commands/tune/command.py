@@ -41,15 +41,13 @@ OLD_LOG = "trials.jsonl"  # an older tune's trial log
 @click.option("--max-accuracy-drop", default="1.0", show_default=True, metavar="POINTS|PCT%",
               help="The accuracy budget: points of top-1 accuracy (1.0) or a share of the "
                    "baseline's accuracy (2%).")
-@click.option("--objective", default="latency", show_default=True,
-              metavar="METRIC[.FIELD]",
+@click.option("--objective", default="latency", show_default=True, metavar="METRIC[.FIELD]",
               help="What the chosen candidate is best at, among those within the budget: any "
                    "installed metric (its primary quantity: latency, size, throughput, ...) or "
                    "any quantity a metric declares with a direction (METRIC.FIELD).")
 @click.option("--budget-minutes", type=click.FloatRange(min=0, min_open=True), default=10.0,
-              show_default=True, help="Stop starting trials when this much time is spent "
-                                      "(shared by the study's workers; a rerun after it "
-                                      "passed gets a new one).")
+              show_default=True, help="Stop starting trials when this much time is spent (shared "
+              "by the study's workers; a rerun after it passed gets a new one).")
 @click.option("--trials", "max_trials", type=click.IntRange(min=1), default=40,
               show_default=True, help="At most this many trials in the study (every "
                                       "worker's and earlier runs' included).")

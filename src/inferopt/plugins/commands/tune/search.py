@@ -1,9 +1,6 @@
-"""The search: the space, the goal, what to enqueue ahead of the sampler, and the worker that
-claims and runs the study's trials until the study's trial or time budget is spent.
-
-A trial is one recipe (optimizer steps with their options) run with :meth:`inferopt.Session.run`
-on the baseline loaded once per worker; it is keyed by its recipe, so that no recipe is enqueued
-or run twice whichever worker plans it."""
+"""The search: the space, the goal, and the worker that plans, claims and runs the study's
+trials. A trial is one recipe run with :meth:`inferopt.Session.run` on the baseline loaded once
+per worker, keyed by its recipe so that no recipe is enqueued or run twice."""
 
 from __future__ import annotations
 
@@ -372,8 +369,8 @@ class Worker:
         from optuna.storages import RDBStorage, RetryFailedTrialCallback
 
         # SQLite: wait for the other workers' writes instead of failing on a locked file
-        engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else \
-            {"pool_pre_ping": True}
+        sqlite = url.startswith("sqlite")
+        engine = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
         for attempt in range(5):
             try:
                 with warnings.catch_warnings():  # heartbeats are "experimental" to Optuna
