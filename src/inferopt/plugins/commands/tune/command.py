@@ -1,17 +1,27 @@
-"""The ``inferopt tune`` command: its flags and its output (the search: :mod:`.tuner`)."""
+"""The ``inferopt tune`` command: its flags, one worker of the search, and its output (the
+search itself: :mod:`.search`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 
-from inferopt import InferoptError, hookimpl
+from inferopt import InferoptError, UsageError, hookimpl
 from inferopt.utils import cli_fail, cli_logging_options
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+# what --restart may delete in --out: the files inferopt tune writes
+OURS = {"study.db", "tune.json", "tune.md", "pareto.png", "importance.png", "best",
+        ".tune.lock", ".best-trial"}
+OLD_LOG = "trials.jsonl"  # an older tune's trial log
 
 
 @click.command(context_settings=CONTEXT)
@@ -31,15 +41,13 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 @click.option("--max-accuracy-drop", default="1.0", show_default=True, metavar="POINTS|PCT%",
               help="The accuracy budget: points of top-1 accuracy (1.0) or a share of the "
                    "baseline's accuracy (2%).")
-@click.option("--objective", default="latency", show_default=True,
-              metavar="METRIC[.FIELD]",
+@click.option("--objective", default="latency", show_default=True, metavar="METRIC[.FIELD]",
               help="What the chosen candidate is best at, among those within the budget: any "
                    "installed metric (its primary quantity: latency, size, throughput, ...) or "
                    "any quantity a metric declares with a direction (METRIC.FIELD).")
 @click.option("--budget-minutes", type=click.FloatRange(min=0, min_open=True), default=10.0,
-              show_default=True, help="Stop starting trials when this much time is spent "
-                                      "(shared by the study's workers; a rerun after it "
-                                      "passed gets a new one).")
+              show_default=True, help="Stop starting trials when this much time is spent (shared "
+              "by the study's workers; a rerun after it passed gets a new one).")
 @click.option("--trials", "max_trials", type=click.IntRange(min=1), default=40,
               show_default=True, help="At most this many trials in the study (every "
                                       "worker's and earlier runs' included).")
@@ -76,9 +84,7 @@ def tune(**flags: Any) -> None:
     configure_logging(flags["log_format"], flags["log_level"])
     disable_progress(as_json)
     try:
-        from inferopt.plugins.commands.tune.tuner import tune_search
-
-        doc = tune_search(flags, echo=lambda line: click.echo(line, err=True))
+        doc = _search(flags, echo=lambda line: click.echo(line, err=True))
     except InferoptError as exc:
         cli_fail(exc, debug)
     except KeyboardInterrupt:
@@ -92,15 +98,13 @@ def tune(**flags: Any) -> None:
         click.echo(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
                    err=True)
         sys.exit(2)
-    from inferopt.plugins.commands.tune.results import result_lines, table_rows
+    from inferopt.plugins.commands.tune.results import COLUMNS, result_lines, table_rows
 
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     else:
         from rich.console import Console
         from rich.table import Table
-
-        from inferopt.plugins.commands.tune.results import COLUMNS
 
         table = Table(title=f"inferopt tune: {len(doc['trials'])} trials")
         for col in COLUMNS:
@@ -119,6 +123,116 @@ def tune(**flags: Any) -> None:
                                                                          "closest"))]
         click.echo("error: " + "\n  ".join(lines), err=True)
         sys.exit(1)
+
+
+def _search(flags: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any]:
+    """Check the flags and ``--out``, load the baseline once, open or join the study, run
+    trials until the study's budget is spent, then summarize and save: the ``inferopt.tune/2``
+    document."""
+    import inferopt
+    from inferopt.plugins.commands.tune.results import finish
+    from inferopt.plugins.commands.tune.search import (
+        SCHEMA,
+        Goal,
+        Worker,
+        fingerprint,
+        search_space,
+        spec_text,
+    )
+    from inferopt.utils import parse_accuracy_budget, parse_spec
+
+    gate = parse_accuracy_budget(flags["max_accuracy_drop"])
+    budget, relative = next(iter(gate.values())) or 0.0, "max_relative_accuracy_drop" in gate
+    objective, out, storage = flags["objective"], Path(flags["out"]), flags["storage"]
+    budget_seconds = flags["budget_minutes"] * 60
+    techniques = tuple(parse_spec(t, "--technique") for t in flags["techniques"])
+    load = {k: flags[k] for k in ("model", "data", "split", "batch_size", "seed", "trust_model")}
+
+    started = time.monotonic()
+    session = inferopt.Session(strict=True if flags["strict_plugins"] else None)
+    goal = Goal.parse(objective, budget, relative)
+    if goal.metric not in session.names("metric"):
+        raise UsageError(f"--objective {objective!r}: no installed metric {goal.metric!r}; "
+                         f"metrics: {', '.join(session.names('metric'))} (METRIC or "
+                         "METRIC.FIELD)")
+    space, notes = search_space(session, techniques)
+    _check_out(out, storage, flags["restart"], flags["study_name"])
+    model, data, resolved = session.load_inputs(flags["recipe"], **load)
+    load_seconds = time.monotonic() - started
+    given = list(flags["metrics"]) or (resolved["metrics"] if resolved["metrics_explicit"] else [])
+    names = [m.partition(":")[0] for m in given]
+    always = ("latency", "accuracy", "size", goal.metric)
+    metrics = list(dict.fromkeys(given + [m for m in always if m not in names]))
+    settings = {"model": resolved["model"], "data": resolved["data"], "split": resolved["split"],
+                "batch_size": resolved["batch_size"], "seed": resolved["seed"],
+                "backend": flags["backend"] or resolved["backend"], "metrics": given,
+                "output": flags["output"] or resolved["output"]}
+    goal_json = {"objective": objective, "max_accuracy_drop": budget, "relative": relative}
+    identity = {"fingerprint": fingerprint(model, data, settings), "settings": settings,
+                "goal": goal_json, "space": [t.to_json() for t in space]}
+    batch_size = settings["batch_size"] if resolved["batch_size_explicit"] else None
+    inputs = {"model": model, "data": data, "backend": settings["backend"],
+              "seed": settings["seed"], "output": settings["output"], "batch_size": batch_size}
+    url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    out.mkdir(parents=True, exist_ok=True)
+    worker = Worker(session, inputs, metrics, space, goal, flags["max_trials"], budget_seconds,
+                    load_seconds, flags["heartbeat_seconds"], echo)
+    worker.open(url, flags["study_name"], identity)
+    worker.work()
+
+    def save(chosen: dict[str, Any]) -> Any:
+        """The chosen recipe, run again as an ordinary ``inferopt run`` into ``OUT/best``."""
+        echo(f"saving trial {chosen['id']} ({chosen['key']}) to {out / 'best'}")
+        split = resolved["split"]
+        return session.run(
+            flags["recipe"], model=settings["model"], data=settings["data"], metrics=metrics,
+            optimize=[spec_text(s["name"], s["options"]) for s in chosen["steps"]],
+            backend=settings["backend"], seed=settings["seed"], output=settings["output"],
+            batch_size=batch_size, trust_model=load["trust_model"],
+            split=",".join(f"{k}={v}" for k, v in split.items()) if split else None,
+            gates={"max_relative_accuracy_drop" if relative else "max_accuracy_drop": budget},
+            out=out / "best", overwrite=True)
+
+    head = {"schema": SCHEMA, "settings": {
+        **settings, **goal_json, "budget_minutes": round(budget_seconds / 60, 3),
+        "max_trials": flags["max_trials"], "techniques": [str(t) for t in techniques] or None},
+        "fingerprint": identity["fingerprint"], "notes": notes}
+    doc = finish(worker, head, out, save)
+    doc["artifacts"]["study"] = url if storage is None else f"{url.split('://')[0]}://..."
+    doc["artifacts"]["study_name"] = flags["study_name"]
+    doc["seconds"] = round(time.monotonic() - started, 2)
+    return doc
+
+
+def _check_out(out: Path, storage: str | None, restart: bool, study_name: str) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} exists and is not a directory; choose another")
+    cwd = Path.cwd().resolve()
+    if cwd == out.resolve() or out.resolve() in cwd.parents:
+        raise UsageError(f"--out {str(out)!r} is the current directory or contains it; give a "
+                         "new subdirectory, for example --out tune-runs/mine")
+    names = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    stray = names - OURS - {OLD_LOG}
+    if OLD_LOG in names and not restart:
+        raise UsageError(f"--out {str(out)!r} holds a trial log of an older inferopt tune "
+                         f"({OLD_LOG}); tune now keeps its trials in an Optuna study and cannot "
+                         "continue that log. Use another --out, or --restart to discard it")
+    if stray and not names & OURS and not restart:
+        raise UsageError(f"--out {str(out)!r} is not empty and holds no study.db, so it is "
+                         "not an earlier tune to continue; choose another directory")
+    if restart:
+        if stray:
+            raise UsageError(f"--restart: {str(out)!r} holds files inferopt tune did not write "
+                             f"({', '.join(sorted(stray))}); remove them or choose another "
+                             "--out")
+        for name in names:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if storage is not None:
+            import optuna
+
+            with contextlib.suppress(KeyError):
+                optuna.delete_study(study_name=study_name, storage=storage)
 
 
 @hookimpl

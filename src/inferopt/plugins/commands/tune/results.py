@@ -6,16 +6,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
-from inferopt.plugins.commands.tune.search import Goal, done
+from inferopt.plugins.commands.tune.search import Goal, done, num
 
-SUMMARY = "tune.json"
-MARKDOWN = "tune.md"
-PARETO_PLOT = "pareto.png"
-IMPORTANCE_PLOT = "importance.png"
-BEST = "best"
 COLUMNS = ("#", "phase", "recipe", "speedup [CI]", "latency", "acc. drop", "size", "objective",
            "budget", "note")
 
@@ -23,9 +20,13 @@ COLUMNS = ("#", "phase", "recipe", "speedup [CI]", "latency", "acc. drop", "size
 def document(worker: Any, head: dict[str, Any], out: Path) -> dict[str, Any]:
     """The summary of every trial in the study, whichever worker ran it."""
     goal: Goal = worker.goal
-    trials = sorted(worker._trials(), key=lambda t: t["number"])
+    trials = sorted(worker.trials(), key=lambda t: t["number"])
     measured = [t for t in trials if done(t) and "skipped" not in t and "key" in t]
-    rows = [_row(t, goal, worker.mine) for t in measured if t["phase"] != "sensitivity"]
+    rows = [{**{k: v for k, v in t.items() if k not in ("report", "machine", "state", "number")},
+             "id": t["number"], "status": t.get("status", "failed"),
+             "within_budget": goal.within(t), "meets_goal": goal.meets(t),
+             "objective": goal.value(t), "replayed": t["number"] not in worker.mine}
+            for t in measured if t["phase"] != "sensitivity"]
     ids = {r["id"] for r in rows}
     chosen = max((r for r in rows if r["meets_goal"]),
                  key=lambda t: (goal.value(t) or 0.0, -(goal.drop(t) or 0.0),
@@ -34,42 +35,29 @@ def document(worker: Any, head: dict[str, Any], out: Path) -> dict[str, Any]:
     closest = [] if chosen is not None else sorted(
         candidates, key=lambda t: (goal.excess(t), not t["improves"],
                                    -(goal.value(t) or 0.0)))[:3]
-    worker.planner.plan(trials)  # its decisions on the pairs, for the record
-    base = next((t for t in measured if t["phase"] == "baseline"), None)
+    worker.plan(trials)  # its decisions on the pairs, for the record
+    base = next((t for t in measured if t["phase"] == "baseline"), {})
+    metrics = base["report"]["baseline"]["metrics"] if base.get("status") == "ok" else None
     return {
         **head, "goal": goal.text(), "stopped": worker.stopped,
         "space": [t.to_json() for t in worker.space],
-        "baseline": _baseline_of(base, worker.study.user_attrs.get("machine")),
+        "baseline": {} if metrics is None else {
+            "accuracy": metrics.get("accuracy", {}).get("top1"),
+            "size_bytes": metrics.get("size", {}).get("bytes"),
+            "latency_p50_ms": metrics.get("latency", {}).get("p50_ms"),
+            "a_a_speedup": base.get("speedup"), "a_a_speedup_ci": base.get("speedup_ci"),
+            "environment": worker.study.user_attrs.get("machine") or {}},
         "trials": rows,
         "sensitivity": [{k: t.get(k) for k in ("key", "of", "layer", "status", "error",
                                                "accuracy_drop_points", "accuracy_drop_percent")}
                         for t in measured if t["phase"] == "sensitivity"],
-        "decisions": worker.planner.decisions,
+        "decisions": worker.decisions,
         "pareto": sorted(t.number for t in worker.study.best_trials if t.number in ids),
         "chosen": chosen["id"] if chosen is not None else None,
         "closest": [t["id"] for t in closest],
-        "artifacts": {"dir": str(out), "summary": str(out / SUMMARY),
-                      "markdown": str(out / MARKDOWN)},
+        "artifacts": {"dir": str(out), "summary": str(out / "tune.json"),
+                      "markdown": str(out / "tune.md")},
     }
-
-
-def _row(t: dict[str, Any], goal: Goal, mine: set[int]) -> dict[str, Any]:
-    row = {k: v for k, v in t.items() if k not in ("report", "machine", "state", "number")}
-    row.update(id=t["number"], status=t.get("status", "failed"), within_budget=goal.within(t),
-               meets_goal=goal.meets(t), objective=goal.value(t),
-               replayed=t["number"] not in mine)
-    return row
-
-
-def _baseline_of(t: dict[str, Any] | None, machine: dict[str, Any] | None) -> dict[str, Any]:
-    if t is None or t.get("status") != "ok":
-        return {}
-    base = t["report"]["baseline"]["metrics"]
-    return {"accuracy": base.get("accuracy", {}).get("top1"),
-            "size_bytes": base.get("size", {}).get("bytes"),
-            "latency_p50_ms": base.get("latency", {}).get("p50_ms"),
-            "a_a_speedup": t.get("speedup"), "a_a_speedup_ci": t.get("speedup_ci"),
-            "environment": machine or {}}
 
 
 def finish(worker: Any, head: dict[str, Any], out: Path, save: Any) -> dict[str, Any]:
@@ -85,26 +73,27 @@ def finish(worker: Any, head: dict[str, Any], out: Path, save: Any) -> dict[str,
             fcntl.flock(lock, fcntl.LOCK_EX)
         doc = document(worker, head, out)
         chosen = next((t for t in doc["trials"] if t["id"] == doc["chosen"]), None)
-        marker = out / ".best-trial"
+        marker, best = out / ".best-trial", out / "best"
         if chosen is not None:
-            saved = marker.is_file() and marker.read_text() == f"{head['fingerprint']}:" \
-                f"{chosen['id']}" and (out / BEST).is_dir()
-            if not saved:
+            stamp = f"{head['fingerprint']}:{chosen['id']}"
+            if not (marker.is_file() and marker.read_text() == stamp and best.is_dir()):
                 report = save(chosen)
-                marker.write_text(f"{head['fingerprint']}:{chosen['id']}")
+                marker.write_text(stamp)
                 doc["best_run"] = {"run_id": report.run_id, "verdict": report.verdict,
                                    "gates": report.gates}
-            doc["artifacts"]["best"] = str(out / BEST)
-        elif (out / BEST).is_dir():
+            doc["artifacts"]["best"] = str(best)
+        elif best.is_dir():
             # an earlier choice this search does not confirm must not pass for its result
-            import shutil
-
-            shutil.rmtree(out / BEST)
+            shutil.rmtree(best)
             marker.unlink(missing_ok=True)
-            worker.echo(f"removed {out / BEST}: no candidate meets this goal")
+            worker.echo(f"removed {best}: no candidate meets this goal")
         doc["notes"] = head.get("notes", []) + plots(worker, out, doc)
-        _write(out / SUMMARY, json.dumps(finite_json(doc), indent=2) + "\n")
-        _write(out / MARKDOWN, to_markdown(doc))
+        for name, text in (("tune.json", json.dumps(finite_json(doc), indent=2) + "\n"),
+                           ("tune.md", to_markdown(doc))):
+            # through a temporary file and a rename: an interruption never leaves half a file
+            tmp = out / f".{name}.{os.getpid()}.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, out / name)
     return doc
 
 
@@ -115,17 +104,15 @@ def plots(worker: Any, out: Path, doc: dict[str, Any]) -> list[str]:
         from optuna.visualization.matplotlib import plot_param_importances, plot_pareto_front
     except ImportError:
         return ["plots skipped: matplotlib is not installed (pip install 'inferopt[plot]')"]
-    import warnings
-
     notes = []
     size = ["size ratio"] if len(worker.directions) == 3 else []
     names = [f"{doc['settings']['objective']} (x better than the baseline)", *size,
              "accuracy drop"]
     sampled = [t for t in worker.study.get_trials(deepcopy=False) if t.params and t.values]
     for path, draw, enough in (
-            (PARETO_PLOT, lambda: plot_pareto_front(worker.study, target_names=names),
+            ("pareto.png", lambda: plot_pareto_front(worker.study, target_names=names),
              bool(doc["trials"])),
-            (IMPORTANCE_PLOT, lambda: plot_param_importances(
+            ("importance.png", lambda: plot_param_importances(
                 worker.study, target=lambda t: t.values[0], target_name=names[0]),
              len(sampled) > 1)):
         if not enough:
@@ -141,36 +128,6 @@ def plots(worker: Any, out: Path, doc: dict[str, Any]) -> list[str]:
         except Exception as exc:  # a plotting problem must not lose the search
             notes.append(f"{path} not drawn: {type(exc).__name__}: {exc}")
     return notes
-
-
-def _write(path: Path, text: str) -> None:
-    """Through a temporary file and a rename: an interruption never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _num(x: Any) -> str:
-    return f"{x:.2f}" if isinstance(x, int | float) else "-"
-
-
-def describe(rec: dict[str, Any], goal: Goal) -> str:
-    if rec.get("status") != "ok":
-        return f"failed: {rec.get('error')}"
-    parts = []
-    if rec.get("speedup") is not None:
-        ci = rec.get("speedup_ci") or [None, None]
-        parts.append(f"x{rec['speedup']:.2f} [{_num(ci[0])}-{_num(ci[1])}] "
-                     f"{rec.get('latency_verdict')}")
-    drop = goal.drop(rec)
-    if drop is not None:
-        parts.append(f"accuracy drop {drop:.3g}{'%' if goal.relative else ' pts'}")
-    if rec.get("size_ratio") is not None:
-        parts.append(f"size {rec['size_ratio'] * 100:.1f}%")
-    if rec.get("objective") is not None and goal.metric not in ("latency", "size"):
-        parts.append(f"{goal.metric} x{rec['objective']:.2f}")
-    parts.append(f"{rec['seconds']:.1f} s")
-    return ", ".join(parts)
 
 
 def table_rows(doc: dict[str, Any]) -> list[tuple[str, ...]]:
@@ -190,11 +147,11 @@ def table_rows(doc: dict[str, Any]) -> list[tuple[str, ...]]:
                                  ("earlier/other worker", t.get("replayed"))) if on]
         rows.append((
             str(t["id"]), t["phase"], t["key"],
-            f"x{_num(t.get('speedup'))} [{_num(ci[0])}-{_num(ci[1])}]",
+            f"x{num(t.get('speedup'))} [{num(ci[0])}-{num(ci[1])}]",
             str(t.get("latency_verdict") or "-"),
             "-" if drop is None else f"{drop:.2f}{'%' if relative else ''}",
             "-" if t.get("size_ratio") is None else f"{t['size_ratio'] * 100:.1f}%",
-            f"x{_num(t.get('objective'))}", "within" if t["within_budget"] else "OUT",
+            f"x{num(t.get('objective'))}", "within" if t["within_budget"] else "OUT",
             ", ".join(notes)))
     return rows
 
@@ -222,14 +179,14 @@ def result_lines(doc: dict[str, Any]) -> list[str]:
     lines = []
     if doc.get("chosen") is not None:
         t = by_id[doc["chosen"]]
-        lines.append(f"chosen: trial {t['id']} {t['key']} ({describe(t, goal)})")
+        lines.append(f"chosen: trial {t['id']} {t['key']} ({goal.describe(t)})")
         if doc.get("artifacts", {}).get("best"):
             lines.append(f"saved: {doc['artifacts']['best']} (load with inferopt.load)")
     else:
         lines.append(f"no candidate met the goal ({doc['goal']})")
         for i, tid in enumerate(doc.get("closest") or [], start=1):
             t = by_id[tid]
-            lines.append(f"closest {i}: trial {t['id']} {t['key']} ({describe(t, goal)})")
+            lines.append(f"closest {i}: trial {t['id']} {t['key']} ({goal.describe(t)})")
     front = ", ".join(f"{i} ({by_id[i]['key']})" for i in doc["pareto"])
     lines.append(f"pareto front (objective, size, accuracy drop; from the study): "
                  f"{front or 'none'}")

@@ -1,8 +1,6 @@
-"""The search: the space, the goal, what to enqueue ahead of the sampler, and one trial.
-
-A trial is one recipe (optimizer steps with their options) run with :meth:`inferopt.Session.run`
-on the baseline loaded once per worker; it is keyed by its recipe, so that no recipe is enqueued
-or run twice whichever worker plans it (the worker loop is in :mod:`.study`)."""
+"""The search: the space, the goal, and the worker that plans, claims and runs the study's
+trials. A trial is one recipe run with :meth:`inferopt.Session.run` on the baseline loaded once
+per worker, keyed by its recipe so that no recipe is enqueued or run twice."""
 
 from __future__ import annotations
 
@@ -14,14 +12,16 @@ import os
 import socket
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import attrs
 
-from inferopt import Interrupted, UsageError
+from inferopt import InferoptError, Interrupted, UsageError
 from inferopt.utils import cpu_flags, iter_tensors, weights_bytes
 
+SCHEMA = "inferopt.tune/2"
 # the order techniques are tried in and combined in: structural changes before quantization
 KIND_RANK = {"quantization": 0, "pruning": 1, "": 2, "distillation": 3}
 COMBINE_RANK = {"distillation": 0, "pruning": 1, "": 2, "quantization": 3}
@@ -48,6 +48,15 @@ def spec_text(name: str, options: dict[str, Any]) -> str:
 
 def key_of(steps: list[dict[str, Any]]) -> str:
     return " + ".join(spec_text(s["name"], s["options"]) for s in steps) or "none"
+
+
+def planned(steps: list[dict[str, Any]], phase: str, **extra: Any) -> dict[str, Any]:
+    """A trial to enqueue, as its user attributes."""
+    return {"key": key_of(steps), "phase": phase, "steps": steps, **extra}
+
+
+def num(x: Any) -> str:
+    return f"{x:.2f}" if isinstance(x, int | float) else "-"
 
 
 @attrs.define
@@ -77,21 +86,21 @@ class Technique:
         return [self.step(c) for c in combos]
 
     def to_json(self) -> dict[str, Any]:
-        return {"technique": self.name, **attrs.asdict(self, filter=lambda a, _v: a.name in (
-            "kind", "plugin", "distribution", "fixed")), "search": self.dims,
-            "skip_option": self.has_skip}
+        return {"technique": self.name, "kind": self.kind, "plugin": self.plugin,
+                "distribution": self.distribution, "fixed": self.fixed, "search": self.dims,
+                "skip_option": self.has_skip}
 
 
 def search_space(session: Any, techniques: tuple[Any, ...]) -> tuple[list[Technique], list[str]]:
     """The techniques to search, and notes on searchable values a plugin itself rejects.
     Without ``techniques`` (``parse_spec`` results), every installed optimizer that declares
     searchable values (``inferopt.option(..., searchable=...)``); a spec's options are fixed."""
+    from inferopt.utils import parse_spec
+
     names = [s.name for s in techniques]
     if twice := sorted({n for n in names if names.count(n) > 1}):
         raise UsageError(f"--technique {', '.join(twice)} is given twice; give each technique "
                          "once (fix options with NAME:key=value)")
-    from inferopt.utils import parse_spec
-
     techniques = techniques or tuple(
         parse_spec(n, "-t") for n in session.names("optimizer")
         if any(o.get("searchable") for o in session.describe("optimizer", n)["options"]))
@@ -142,17 +151,6 @@ def machine() -> dict[str, Any]:
             "torch": torch.__version__}
 
 
-def machine_mismatch(study_machine: dict[str, Any], mine: dict[str, Any]) -> str | None:
-    """What differs between the study's machine and this one, in words (None: the same)."""
-    diffs = [f"{key} {study_machine.get(key)!r} here {mine.get(key)!r}"
-             for key in ("cpu", "cores", "gpu", "torch") if study_machine.get(key) != mine.get(key)]
-    theirs, ours = set(study_machine.get("cpu_flags", [])), set(mine.get("cpu_flags", []))
-    if theirs != ours:
-        diffs.append(f"CPU flags (only the study's: {' '.join(sorted(theirs - ours)[:8]) or '-'}"
-                     f"; only here: {' '.join(sorted(ours - theirs)[:8]) or '-'})")
-    return "; ".join(diffs) or None
-
-
 def fingerprint(model: Any, data: Any, settings: dict[str, Any]) -> str:
     """A hash of the baseline: its weights, every sample of the data, the settings."""
     import torch
@@ -166,15 +164,6 @@ def fingerprint(model: Any, data: Any, settings: dict[str, Any]) -> str:
                 raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
                 digest.update(raw.numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def weighted_layers(model: Any) -> list[str]:
-    """Leaf modules with a weight matrix or kernel: what quantizers and pruners act on."""
-    import torch
-
-    return [name for name, m in model.named_modules()
-            if name and not list(m.children())
-            and isinstance(getattr(m, "weight", None), torch.nn.Parameter) and m.weight.dim() >= 2]
 
 
 @attrs.frozen
@@ -211,16 +200,29 @@ class Goal:
         v = t.get("objective")
         return float(v) if isinstance(v, int | float) else None
 
-    def rank(self, t: dict[str, Any]) -> tuple[bool, bool, float, float]:
-        """Meets the goal, then within the budget, then closest to it, then the objective."""
-        return self.meets(t), self.within(t), -self.excess(t), self.value(t) or -math.inf
-
     def text(self) -> str:
         budget = (f"{self.budget:g}% of the baseline's accuracy" if self.relative
                   else f"{self.budget:g} points")
         what = f"{self.metric}.{self.field}" if self.field else self.metric
         return (f"accuracy drop <= {budget} and better {what} than the baseline (a paired "
                 f"metric: its confidence interval; else by more than its noise)")
+
+    def describe(self, rec: dict[str, Any]) -> str:
+        """A trial's numbers in one line."""
+        if rec.get("status") != "ok":
+            return f"failed: {rec.get('error')}"
+        parts = []
+        if rec.get("speedup") is not None:
+            ci = rec.get("speedup_ci") or [None, None]
+            parts.append(f"x{rec['speedup']:.2f} [{num(ci[0])}-{num(ci[1])}] "
+                         f"{rec.get('latency_verdict')}")
+        if (drop := self.drop(rec)) is not None:
+            parts.append(f"accuracy drop {drop:.3g}{'%' if self.relative else ' pts'}")
+        if rec.get("size_ratio") is not None:
+            parts.append(f"size {rec['size_ratio'] * 100:.1f}%")
+        if rec.get("objective") is not None and self.metric not in ("latency", "size"):
+            parts.append(f"{self.metric} x{rec['objective']:.2f}")
+        return ", ".join([*parts, f"{rec['seconds']:.1f} s"])
 
     def judge(self, report: Any) -> tuple[float | None, bool]:
         """(how many times better than the baseline, whether that is an improvement) of the
@@ -295,25 +297,152 @@ def counted(t: dict[str, Any]) -> bool:
         and (done(t) or t["state"] == "RUNNING")
 
 
-def planned(steps: list[dict[str, Any]], phase: str, **extra: Any) -> dict[str, Any]:
-    """A trial to enqueue, as its user attributes."""
-    return {"key": key_of(steps), "phase": phase, "steps": steps, **extra}
+@attrs.define
+class Worker:
+    """One worker of the study: opens or joins it, enqueues the planned trials, claims and runs
+    them. The plan is derived from the trials in the study only, so workers agree on it."""
 
+    session: Any
+    inputs: dict[str, Any]  # session.run keyword arguments: the loaded model and data, ...
+    metrics: list[str]
+    space: list[Technique]
+    goal: Goal
+    max_trials: int
+    budget_seconds: float
+    load_seconds: float
+    heartbeat: float
+    echo: Callable[[str], None]
+    study: Any = None
+    machine: dict[str, Any] = attrs.field(init=False, factory=machine)
+    layers: list[str] = attrs.field(init=False)
+    mine: set[int] = attrs.field(factory=set)  # trials this worker ran
+    decisions: list[dict[str, Any]] = attrs.field(factory=list)  # pairs not run, and why
+    stopped: str | None = None
+    deadline: float = 0.0
 
-class Planner:
-    """What to enqueue next, from the trials in the study; the same trials give the same
-    plan, so workers agree, and a key already taken is never enqueued again."""
+    @layers.default
+    def _weighted_layers(self) -> list[str]:
+        """Leaf modules with a weight matrix or kernel: what quantizers and pruners act on."""
+        import torch
 
-    def __init__(self, space: list[Technique], goal: Goal, layers: list[str]) -> None:
-        self.space, self.goal, self.layers = space, goal, layers
-        self.decisions: list[dict[str, Any]] = []
+        return [name for name, m in self.inputs["model"].named_modules()
+                if name and not list(m.children())
+                and isinstance(getattr(m, "weight", None), torch.nn.Parameter)
+                and m.weight.dim() >= 2]
+
+    @property
+    def directions(self) -> list[str]:
+        size = [] if self.goal.metric == "size" else ["minimize"]  # the size ratio
+        return ["maximize", *size, "minimize"]  # objective, (size), accuracy drop
+
+    def open(self, url: str, name: str, identity: dict[str, Any]) -> None:
+        """Create the study (and enqueue its first trials), or join it after checking that it
+        is the same search: baseline, goal, space and kind of machine."""
+        import optuna
+
+        storage = self._storage(url)
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
+        # the accuracy budget is each trial's constraint (trial.set_constraint), which NSGA-II
+        # and study.best_trials respect
+        sampler = optuna.samplers.NSGAIISampler(seed=identity["settings"]["seed"],
+                                                population_size=8)
+        try:
+            self.study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
+                                             directions=self.directions)
+        except optuna.exceptions.DuplicatedStudyError:
+            self.study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+            self._check(name, identity)
+        else:
+            for key, value in {**identity, "schema": SCHEMA, "machine": self.machine}.items():
+                self.study.set_user_attr(key, value)
+            self._enqueue(self.plan([]))
+            self.study.set_user_attr("ready", True)  # the others wait for this
+        deadline = self.study.user_attrs.get("deadline")
+        if not isinstance(deadline, float) or deadline < time.time():
+            deadline = time.time() + self.budget_seconds  # a new session of this study
+            self.study.set_user_attr("deadline", deadline)
+        self.deadline = deadline
+
+    def _storage(self, url: str) -> Any:
+        """With heartbeats: a trial whose worker died is failed after the grace period and
+        enqueued again (``RetryFailedTrialCallback``), so another worker runs it."""
+        from optuna.storages import RDBStorage, RetryFailedTrialCallback
+
+        # SQLite: wait for the other workers' writes instead of failing on a locked file
+        sqlite = url.startswith("sqlite")
+        engine = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
+        for attempt in range(5):
+            try:
+                with warnings.catch_warnings():  # heartbeats are "experimental" to Optuna
+                    warnings.simplefilter("ignore")
+                    return RDBStorage(url, engine_kwargs=engine,
+                                      heartbeat_interval=max(1, round(self.heartbeat)),
+                                      grace_period=max(2, round(3 * self.heartbeat)),
+                                      heartbeat_stale_trial_callback=RetryFailedTrialCallback(
+                                          max_retry=3))
+            except ImportError as exc:
+                raise UsageError(f"--storage {url.split('://')[0]}://...: its database driver "
+                                 f"is not installed ({exc}); for PostgreSQL: pip install "
+                                 "'inferopt[postgres]'") from exc
+            except Exception as exc:
+                if attempt == 4 or type(exc).__name__ not in ("OperationalError",
+                                                              "IntegrityError"):
+                    raise UsageError(f"--storage: cannot open the study storage "
+                                     f"({type(exc).__name__}: {exc})") from exc
+                time.sleep(0.5)  # another worker is creating the tables at the same time
+        raise AssertionError("unreachable")
+
+    def _check(self, name: str, identity: dict[str, Any]) -> None:
+        for _ in range(600):  # the creator is still setting the study up
+            if self.study.user_attrs.get("ready"):
+                break
+            time.sleep(0.1)
+        attrs_ = self.study.user_attrs
+        if attrs_.get("schema") != SCHEMA:
+            raise UsageError(f"study {name!r} is not an inferopt tune study (or one of another "
+                             "version); use another --study or --out")
+        if attrs_.get("fingerprint") != identity["fingerprint"]:
+            old, new = attrs_.get("settings", {}), identity["settings"]
+            changed = [k for k in new if old.get(k) != new[k]] or ["the baseline model's "
+                                                                   "weights or data"]
+            raise UsageError(f"study {name!r} holds a tune of a different baseline (changed: "
+                             f"{', '.join(changed)}); its trials cannot be reused. Choose "
+                             "another --out/--study, or --restart to discard them")
+        for key, flag in (("goal", "--objective/--max-accuracy-drop"),
+                          ("space", "--technique")):
+            if attrs_.get(key) != identity[key]:
+                raise UsageError(f"study {name!r} searches another {key} ({flag}: "
+                                 f"{attrs_.get(key)}, here {identity[key]}); give the same "
+                                 "flags, or use another --study/--out")
+        theirs, mine = attrs_.get("machine", {}), self.machine
+        diffs = [f"{k} {theirs.get(k)!r} here {mine.get(k)!r}"
+                 for k in ("cpu", "cores", "gpu", "torch") if theirs.get(k) != mine.get(k)]
+        their_flags, my_flags = set(theirs.get("cpu_flags", [])), set(mine["cpu_flags"])
+        if their_flags != my_flags:
+            diffs.append(f"CPU flags (only the study's: "
+                         f"{' '.join(sorted(their_flags - my_flags)[:8]) or '-'}; only here: "
+                         f"{' '.join(sorted(my_flags - their_flags)[:8]) or '-'})")
+        if diffs:
+            raise UsageError(f"study {name!r} was measured on another kind of machine, so its "
+                             f"timings do not compare with this one's: {'; '.join(diffs)}. Run "
+                             "this worker on a machine like the study's, or use another --study")
+
+    def _enqueue(self, plan: list[dict[str, Any]]) -> None:
+        for item in plan:
+            self.study.enqueue_trial(self._params(item["steps"]) or {}, user_attrs=item)
+
+    def trials(self) -> list[dict[str, Any]]:
+        return [attrs_of(t) for t in self.study.get_trials(deepcopy=False)]
+
+    # -- the plan: what to enqueue ahead of the sampler ---------------------------------------
 
     def plan(self, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The next trials to enqueue (as user attributes: key, phase, steps)."""
+        """The next trials to enqueue (as user attributes: key, phase, steps); the same trials
+        give the same plan, and a key already taken is never enqueued again."""
         keys = {t["key"]: t for t in trials if "key" in t and taken(t)}
         # the space is in KIND_RANK order: cheap kinds first, training ones last
         wanted = [planned([], "baseline")] + [planned([t.points()[0]], "single")
-                                                  for t in self.space]
+                                              for t in self.space]
         missing = [w for w in wanted if w["key"] not in keys]
         if missing or any(not done(keys[w["key"]]) for w in wanted):
             return missing
@@ -333,18 +462,16 @@ class Planner:
             return None
         mine = [t for t in keys.values() if done(t) and t.get("phase") not in NOT_COUNTED
                 and [s["name"] for s in t["steps"]] == [tech.name]]
-        if any(self.goal.meets(t) for t in mine):
-            return None
         worth = [t for t in mine if t.get("improves") and not self.goal.within(t)
                  and t.get("phase") != "sensitivity-retry"]
-        if not worth:
+        if any(self.goal.meets(t) for t in mine) or not worth:
             return None
         start = min(worth, key=lambda t: (self.goal.excess(t), t["number"]))
         opts = dict(start["steps"][0]["options"])
         before = list(opts.get("skip") or [])
         layers = [n for n in self.layers if n not in before][:MAX_SENSITIVITY_LAYERS]
         runs = [planned([{"name": tech.name, "options": {**opts, "skip": [*before, n]}}],
-                            "sensitivity", layer=n, of=start["key"]) for n in layers]
+                        "sensitivity", layer=n, of=start["key"]) for n in layers]
         runs = [dict(r, key=r["key"] + " (accuracy only)") for r in runs]
         todo = [r for r in runs if r["key"] not in keys]
         if todo or any(not done(keys[r["key"]]) for r in runs):
@@ -355,9 +482,8 @@ class Planner:
         ranked = sorted(gain, key=lambda n: -gain[n])
         most = min(len(ranked), len(layers) - 1)  # never all of them: that is the baseline
         for k in sorted({*(2 ** i for i in range(most.bit_length())), most} - {0}):
-            retry = planned([{"name": tech.name,
-                                  "options": {**opts, "skip": before + ranked[:k]}}],
-                                "sensitivity-retry")
+            retry = planned([{"name": tech.name, "options": {**opts, "skip": before + ranked[:k]}}],
+                            "sensitivity-retry")
             t = keys.get(retry["key"])
             if t is None:
                 return [retry]
@@ -371,9 +497,11 @@ class Planner:
         """Pairs of the techniques' best single candidates that meet the goal, structural
         techniques first, best predicted first; pairs predicted to break the budget or to be
         dominated by a measured trial are recorded in ``decisions`` instead."""
+        g = self.goal
         best: dict[str, dict[str, Any]] = {}
-        for t in sorted((t for t in keys.values() if done(t) and self.goal.meets(t)
-                         and len(t["steps"]) == 1), key=self.goal.rank):
+        for t in sorted((t for t in keys.values() if done(t) and g.meets(t)
+                         and len(t["steps"]) == 1),
+                        key=lambda t: (-g.excess(t), g.value(t) or -math.inf)):
             best[t["steps"][0]["name"]] = t
         rank = {tech.name: COMBINE_RANK.get(tech.kind, COMBINE_RANK[""]) for tech in self.space}
         plans = []
@@ -382,20 +510,18 @@ class Planner:
                 if rank.get(a_name, 2) >= rank.get(b_name, 2):
                     continue
                 pair = planned(a["steps"] + b["steps"], "combine")
-                drop = max(self.goal.drop(a) or 0.0, 0.0) + max(self.goal.drop(b) or 0.0, 0.0)
-                value = (self.goal.value(a) or 0.0) * (self.goal.value(b) or 0.0)
+                drop = max(g.drop(a) or 0.0, 0.0) + max(g.drop(b) or 0.0, 0.0)
+                value = (g.value(a) or 0.0) * (g.value(b) or 0.0)
                 reason = None
-                if drop > self.goal.budget + EPSILON:
+                if drop > g.budget + EPSILON:
                     reason = (f"predicted accuracy drop {drop:.3g} (sum of the two steps') "
-                              f"exceeds the budget {self.goal.budget:g}")
-                else:
-                    dom = next((t for t in keys.values() if done(t) and t.get("status") == "ok"
-                                and t.get("phase") not in NOT_COUNTED
-                                and (self.goal.value(t) or -math.inf) >= value
-                                and (self.goal.drop(t) or 0.0) <= drop), None)
-                    if dom is not None:
-                        reason = (f"predicted point (objective {value:.3g}, drop {drop:.3g}) "
-                                  f"is dominated by trial {dom['number']} ({dom['key']})")
+                              f"exceeds the budget {g.budget:g}")
+                elif dom := next((t for t in keys.values() if done(t) and t.get("status") == "ok"
+                                  and t.get("phase") not in NOT_COUNTED
+                                  and (g.value(t) or -math.inf) >= value
+                                  and (g.drop(t) or 0.0) <= drop), None):
+                    reason = (f"predicted point (objective {value:.3g}, drop {drop:.3g}) "
+                              f"is dominated by trial {dom['number']} ({dom['key']})")
                 if reason and pair["key"] not in keys:
                     self.decisions.append({"candidate": pair["key"], "decision": "skipped",
                                            "reason": reason})
@@ -403,71 +529,144 @@ class Planner:
                     plans.append((value, pair))
         return [p for _v, p in sorted(plans, key=lambda p: -p[0])]
 
-    def unvisited(self, keys: set[str]) -> dict[str, Any] | None:
+    def _unvisited(self, keys: set[str]) -> dict[str, Any] | None:
         """The first point of the space not measured yet (what replaces a repeated sample)."""
-        for tech in self.space:
-            for step in tech.points():
-                if key_of([step]) not in keys:
-                    return planned([step], "search")
+        return next((planned([step], "search") for tech in self.space
+                     for step in tech.points() if key_of([step]) not in keys), None)
+
+    def _params(self, steps: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """A single-technique point as sampler parameters (None for other recipes)."""
+        tech = next((t for t in self.space if len(steps) == 1 and t.name == steps[0]["name"]),
+                    None)
+        if tech is None or set(steps[0]["options"]) - set(tech.dims) - set(tech.fixed):
+            return None
+        values = {**tech.defaults, **steps[0]["options"]}
+        return {"technique": tech.name, **{f"{tech.name}.{d}": values[d] for d in tech.dims}}
+
+    def _sample(self, trial: Any) -> list[dict[str, Any]]:
+        """The sampler's point: a technique, then a value of each of its searchable options."""
+        name = trial.suggest_categorical("technique", [t.name for t in self.space])
+        tech = next(t for t in self.space if t.name == name)
+        return [tech.step({d: trial.suggest_categorical(f"{name}.{d}", values)
+                           for d, values in tech.dims.items()})]
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def work(self) -> None:
+        from optuna.storages import fail_stale_trials
+
+        while True:
+            trials = self.trials()
+            base = next((t for t in trials if t.get("phase") == "baseline" and done(t)), None)
+            if base is not None and base.get("status") != "ok":
+                raise UsageError(f"the baseline itself could not be measured: {base['error']}")
+            stop = self._limit(trials, base is not None)
+            if stop is None:
+                self._enqueue(self.plan(trials))
+                trials = self.trials()
+                if not any(t["state"] == "WAITING" for t in trials) and self._unvisited({
+                        t["key"] for t in trials if "key" in t and
+                        (done(t) or t["state"] == "RUNNING")}) is None:
+                    stop = ""  # the whole space is measured (or being measured)
+            if stop is not None:
+                if any(t["state"] == "RUNNING" for t in trials):
+                    # another worker's trial: wait for it; a dead worker's is failed after
+                    # the grace period and enqueued again, so it runs here
+                    time.sleep(min(self.heartbeat, 1.0))
+                    fail_stale_trials(self.study)
+                    continue
+                self.stopped = stop or None
+                return
+            self.study.optimize(self._objective, n_trials=1, catch=(TrialFailed,))
+
+    def _limit(self, trials: list[dict[str, Any]], started: bool) -> str | None:
+        if sum(counted(t) for t in trials) >= self.max_trials:
+            return f"trial limit reached ({self.max_trials} trials)"
+        if not started:
+            return None  # the A/A baseline runs whatever the time budget
+        # the next trial's length: from the trials of the same techniques so far (else the
+        # median trial); and time kept back for saving the choice, which reruns it
+        ok = [t for t in trials if t["state"] == "COMPLETE" and isinstance(t.get("seconds"), float)]
+        median = statistics.median_low([t["seconds"] for t in ok]) if ok else 0.0
+        waiting = next((t for t in trials if t["state"] == "WAITING"), {})
+        names = {s["name"] for s in waiting.get("steps") or []}
+        estimate = max((t["seconds"] for t in ok
+                        if names & {s["name"] for s in t.get("steps") or []}), default=median)
+        reserve = max((t["seconds"] for t in ok if self.goal.meets(t)), default=median) \
+            + self.load_seconds
+        if time.time() + estimate + reserve > self.deadline:
+            spent = self.budget_seconds - (self.deadline - time.time())
+            return (f"time budget reached ({self.budget_seconds / 60:g} min; {spent:.0f} s "
+                    f"spent, the next trial would take about {estimate:.0f} s)")
         return None
 
+    def _skip(self, trial: Any, reason: str) -> None:
+        import optuna
 
-def params_of(space: list[Technique], steps: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """A single-technique point as sampler parameters (None for other recipes)."""
-    tech = next((t for t in space if len(steps) == 1 and t.name == steps[0]["name"]), None)
-    if tech is None or set(steps[0]["options"]) - set(tech.dims) - set(tech.fixed):
-        return None
-    values = {**tech.defaults, **steps[0]["options"]}
-    return {"technique": tech.name, **{f"{tech.name}.{d}": values[d] for d in tech.dims}}
+        trial.set_user_attr("skipped", reason)
+        raise optuna.TrialPruned(reason)
 
+    def _objective(self, trial: Any) -> list[float]:
+        import optuna
 
-def sample(trial: Any, space: list[Technique]) -> list[dict[str, Any]]:
-    """The sampler's point: a technique, then a value of each of its searchable options."""
-    name = trial.suggest_categorical("technique", [t.name for t in space])
-    tech = next(t for t in space if t.name == name)
-    return [tech.step({d: trial.suggest_categorical(f"{name}.{d}", values)
-                       for d, values in tech.dims.items()})]
-
-
-def run_trial(session: Any, inputs: dict[str, Any], steps: list[dict[str, Any]],
-              metrics: list[str], goal: Goal) -> dict[str, Any]:
-    """Run one recipe on the loaded baseline; a failing step raises :class:`TrialFailed` with
-    the record (``status: failed`` and the error) as its argument."""
-    from inferopt import InferoptError
-
-    started = time.monotonic()
-    try:
-        # a trial that wrecks the model is scored by the accuracy budget, not refused
-        report = session.run(optimize=[spec_text(s["name"], s["options"]) for s in steps],
-                             metrics=metrics, allow_collapse=True, save=False, **inputs)
-    except KeyboardInterrupt:
-        raise
-    except Interrupted:  # the pipeline turns Ctrl-C into this: stop the search, not a trial
-        raise KeyboardInterrupt from None
-    except InferoptError as exc:
-        error = str(exc)
-    except BaseException as exc:  # a broken plugin (even sys.exit) costs its own trial only
-        error = f"{type(exc).__name__}: {exc}"
-    else:
-        return record(report, goal, started)
-    raise TrialFailed({"status": "failed", "error": error,
-                       "seconds": round(time.monotonic() - started, 3)})
-
-
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def estimate_seconds(trials: list[dict[str, Any]], steps: list[dict[str, Any]] | None,
-                     goal: Goal, load_seconds: float) -> tuple[float, float]:
-    """(the next trial's length, time kept back for saving the choice): from the trials of
-    the same techniques so far (else the median trial); saving reruns the chosen recipe."""
-    ok = [t for t in trials if t["state"] == "COMPLETE" and isinstance(t.get("seconds"), float)]
-    median = statistics.median_low([t["seconds"] for t in ok]) if ok else 0.0
-    names = {s["name"] for s in steps or []}
-    same = [t["seconds"] for t in ok if names & {s["name"] for s in t.get("steps") or []}]
-    reserve = max((t["seconds"] for t in ok if goal.meets(t)), default=median) + load_seconds
-    return max(same, default=median), reserve
-
-
-Echo = Callable[[str], None]
+        item = dict(trial.user_attrs)
+        trials = self.trials()
+        if "steps" not in item:
+            # the sampler's proposal is enqueued, not run: an enqueued trial carries its key
+            # from its creation and is claimed atomically, so the lowest-numbered trial of a
+            # key is the one that runs (below), whichever workers plan or sample it
+            steps = self._sample(trial)
+            taken_keys = {t["key"] for t in trials if "key" in t and taken(t)}
+            nxt = (planned(steps, "search") if key_of(steps) not in taken_keys
+                   else self._unvisited(taken_keys))  # a repeat: something new
+            self._enqueue([nxt] if nxt else [])
+            self._skip(trial, "sampler proposal, enqueued" if nxt else "sampler repeat")
+        if self._params(item["steps"]) is not None:
+            self._sample(trial)  # the sampler learns from it (the values are fixed)
+        dup = next((t for t in trials if t.get("key") == item["key"] and "skipped" not in t
+                    and t["number"] != trial.number and (done(t) or (
+                        t["number"] < trial.number and t["state"] in ("RUNNING", "WAITING")))),
+                   None)
+        if dup is not None:
+            self._skip(trial, f"duplicate of trial {dup['number']}")
+        me = dict(item, number=trial.number, state="RUNNING")
+        if counted(me) and sum(counted(t) for t in trials if t["number"] < trial.number) \
+                >= self.max_trials:
+            self._skip(trial, "trial limit")
+        # one write per attribute: the trial's own (sampled ones), then who runs it where
+        trial.set_user_attr("run", {**item, "worker": f"{socket.gethostname()}:{os.getpid()}",
+                                    "machine": self.machine})
+        self.mine.add(trial.number)
+        started = time.monotonic()
+        try:
+            # a trial that wrecks the model is scored by the accuracy budget, not refused
+            report = self.session.run(
+                optimize=[spec_text(s["name"], s["options"]) for s in item["steps"]],
+                metrics=["accuracy"] if item["phase"] == "sensitivity" else self.metrics,
+                allow_collapse=True, save=False, **self.inputs)
+        except (KeyboardInterrupt, Interrupted):  # the pipeline turns Ctrl-C into Interrupted
+            trial.set_user_attr("interrupted", True)  # FAIL without a status: runs again
+            raise KeyboardInterrupt from None
+        except BaseException as exc:  # a broken plugin (even sys.exit) costs its own trial only
+            error = str(exc) if isinstance(exc, InferoptError) else f"{type(exc).__name__}: {exc}"
+            rec = {"status": "failed", "error": error,
+                   "seconds": round(time.monotonic() - started, 3)}
+        else:
+            rec = record(report, self.goal, started)
+        trial.set_user_attr("result", rec)
+        if item["phase"] == "sensitivity":
+            drop = self.goal.drop(rec)
+            self.echo(f"  sensitivity {item['layer']}: " + (
+                f"accuracy drop {drop:.3g} with it left out" if drop is not None
+                else f"failed: {rec.get('error')}"))
+        else:
+            self.echo(f"trial {trial.number} [{item['phase']}] {item['key']}: "
+                      f"{self.goal.describe(rec)}")
+        if rec["status"] != "ok":
+            raise TrialFailed(rec["error"])
+        if item["phase"] == "sensitivity":
+            raise optuna.TrialPruned("accuracy-only sensitivity run")
+        drop = self.goal.drop(rec)
+        trial.set_constraint("accuracy_budget", 1e9 if drop is None else drop - self.goal.budget)
+        size = [] if self.goal.metric == "size" else [rec.get("size_ratio") or 1.0]
+        return [rec["objective"] or 0.0, *size, 1e9 if drop is None else drop]
