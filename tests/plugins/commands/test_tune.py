@@ -298,3 +298,13 @@ def test_a_study_refuses_another_kind_of_machine_and_an_old_trial_log(cli: Any,
     result = cli("tune", *FAST, "--out", str(old))
     assert result.returncode == 2 and "trials.jsonl" in result.stderr
     assert "--restart" in result.stderr
+
+
+def test_tune_json_names_its_study(cli, tmp_path):
+    out = tmp_path / "t"
+    result = cli("tune", "--model", "demo:digits-mlp-small", "--trials", "1", "-t", "int8",
+                 "--metric", "latency:min_runs=5,min_seconds=0,warmup=1", "--out", str(out))
+    assert result.returncode in (0, 1), result.stderr
+    doc = json.loads((out / "tune.json").read_text())
+    assert doc["artifacts"]["study"].startswith("sqlite:///")
+    assert doc["artifacts"]["study_name"] == "inferopt-tune" and "study" not in doc

@@ -196,10 +196,11 @@ def _search(flags: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any
     head = {"schema": SCHEMA, "settings": {
         **settings, **goal_json, "budget_minutes": round(budget_seconds / 60, 3),
         "max_trials": flags["max_trials"], "techniques": [str(t) for t in techniques] or None},
-        "fingerprint": identity["fingerprint"], "notes": notes}
+        "fingerprint": identity["fingerprint"], "notes": notes,
+        # in tune.json's artifacts too (a database URL's credentials are never written)
+        "study": {"study": url if storage is None else f"{url.split('://')[0]}://...",
+                  "study_name": flags["study_name"]}}
     doc = finish(worker, head, out, save)
-    doc["artifacts"]["study"] = url if storage is None else f"{url.split('://')[0]}://..."
-    doc["artifacts"]["study_name"] = flags["study_name"]
     doc["seconds"] = round(time.monotonic() - started, 2)
     return doc
 

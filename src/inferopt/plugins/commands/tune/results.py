@@ -39,7 +39,8 @@ def document(worker: Any, head: dict[str, Any], out: Path) -> dict[str, Any]:
     base = next((t for t in measured if t["phase"] == "baseline"), {})
     metrics = base["report"]["baseline"]["metrics"] if base.get("status") == "ok" else None
     return {
-        **head, "goal": goal.text(), "stopped": worker.stopped,
+        **{k: v for k, v in head.items() if k != "study"},
+        "goal": goal.text(), "stopped": worker.stopped,
         "space": [t.to_json() for t in worker.space],
         "baseline": {} if metrics is None else {
             "accuracy": metrics.get("accuracy", {}).get("top1"),
@@ -56,7 +57,7 @@ def document(worker: Any, head: dict[str, Any], out: Path) -> dict[str, Any]:
         "chosen": chosen["id"] if chosen is not None else None,
         "closest": [t["id"] for t in closest],
         "artifacts": {"dir": str(out), "summary": str(out / "tune.json"),
-                      "markdown": str(out / "tune.md")},
+                      "markdown": str(out / "tune.md"), **head.get("study", {})},
     }
 
 
