@@ -535,8 +535,9 @@ def test_a_layer_too_sensitive_for_int8_stays_in_float_and_is_named():
     assert ctx.details["worst_layers"][0][0] == "0"
     assert "too sensitive for int8 kept in float" in ctx.details["summary"]
     _qm, ctx = apply(torch.nn.Sequential(torch.nn.Linear(64, 64)), data=data, mode="static",
-                     fallback=0)
-    assert ctx.details["quantized"] == ["0"] and "sensitivity" not in ctx.details
+                     observer="percentile", percentile=99.0, fallback=0)
+    assert ctx.details["quantized"] == ["0"]  # measured, named, but kept in int8
+    assert ctx.details["sensitivity"]["errors"]["0"] > 0.1
 
 
 def test_auto_mode_is_static_for_conv_nets_with_calibration_data_else_dynamic():

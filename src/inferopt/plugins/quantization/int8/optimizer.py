@@ -190,8 +190,7 @@ class Int8Quantizer(Optimizer):
                           if info.get("static") and n in targets}
 
         samples: dict[str, Any] = {}
-        if self.fallback > 0 and not ctx.restoring and ctx.data is not None \
-                and ctx.data.calibration:
+        if not ctx.restoring and ctx.data is not None and ctx.data.calibration:
             from inferopt.plugins.quantization.int8 import sensitivity
 
             measured = {n: m for n, m in targets.items() if _kind(m) in ("linear", "conv")}
@@ -231,7 +230,7 @@ class Int8Quantizer(Optimizer):
                 from inferopt.plugins.quantization.int8 import sensitivity
 
                 errors[name] = sensitivity.layer_error(module, new, samples[name])
-                if errors[name] > self.fallback:
+                if 0 < self.fallback < errors[name]:
                     fell_back[name] = errors[name]
                     skipped[name] = (f"int8 output error {errors[name]:.3f} on calibration "
                                      f"inputs is above fallback={self.fallback:g}; kept in "
@@ -287,7 +286,7 @@ class Int8Quantizer(Optimizer):
             }
             # read by the collapse guard to name the layers most likely to blame
             ctx.details["worst_layers"] = [[n, round(e, 4)] for n, e in worst[:5]]
-        elif self.fallback > 0 and not ctx.restoring:
+        elif not ctx.restoring:
             ctx.details["sensitivity"] = "not measured: no calibration data"
         return model
 
