@@ -344,27 +344,61 @@ def gpt2_data(n: int = 4) -> inferopt.Data:
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "static", "weight-only"])
-def test_gpt2_conv1d_layers_are_quantized_and_the_tied_head_is_skipped(mode):
+def test_gpt2_conv1d_layers_embeddings_and_the_tied_head_are_quantized(mode):
     from inferopt.utils import weights_bytes
 
     model = tiny_gpt2()
     ids = torch.randint(0, 512, (2, 16))
     ref = model(ids).detach()
     fp32_bytes = len(weights_bytes(model))
-    qm, ctx = apply(model, data=gpt2_data(), mode=mode)
+    qm, ctx = apply(model, data=gpt2_data(), mode=mode, fallback=0)
     blocks = [f"lm.transformer.h.{i}.{layer}" for i in range(2)
               for layer in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
-    assert sorted(ctx.details["quantized"]) == sorted(blocks)
-    assert ctx.details["summary"].startswith("8 layers quantized")
-    assert ctx.details["skipped"]["lm.lm_head"].startswith("weight tied to lm.transformer.wte")
-    assert qm.lm.lm_head.weight is qm.lm.transformer.wte.weight  # still tied
-    assert len(weights_bytes(qm)) < 0.6 * fp32_bytes
+    tables = ["lm.transformer.wte", "lm.transformer.wpe", "lm.lm_head"]
+    assert sorted(ctx.details["quantized"]) == sorted(blocks + tables)
+    assert ctx.details["summary"].startswith("11 layers quantized")
+    assert ctx.state["layers"]["lm.lm_head"]["shares_table"] == "lm.transformer.wte"
+    # still tied: the head reads the table's int8 rows, stored once
+    assert qm.lm.lm_head.weight_int8 is qm.lm.transformer.wte.weight_int8
+    assert len(weights_bytes(qm)) < 0.3 * fp32_bytes
     with torch.inference_mode():
         out = qm(ids)
     assert out.shape == ref.shape and torch.isfinite(out).all()
     if mode != "static":  # static: per-tensor ranges on x50 outliers lose more; see smooth
         assert float(torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(),
                                                            dim=0)) > 0.95
+
+
+def test_without_embeddings_the_tied_head_stays_in_float_with_its_table():
+    model = tiny_gpt2()
+    qm, ctx = apply(model, embeddings=False)
+    assert len(ctx.details["quantized"]) == 8
+    assert ctx.details["skipped"]["lm.lm_head"].startswith("weight tied to lm.transformer.wte")
+    assert qm.lm.lm_head.weight is qm.lm.transformer.wte.weight  # still tied
+
+
+def test_a_saved_gpt2_with_int8_tables_reloads_tied_and_equal(tmp_path):
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(4))
+    data = inferopt.Data(eval=[inferopt.Batch(ids)], calibration=gpt2_data().calibration)
+    inferopt.run(model=tiny_gpt2(), data=data, optimize=["int8"], metrics=["size"],
+                 out=tmp_path / "r")
+    loaded = inferopt.load(tmp_path / "r", model=tiny_gpt2())
+    assert type(loaded.lm.transformer.wte).__name__ == "Int8Embedding"
+    assert loaded.lm.lm_head.weight_int8 is loaded.lm.transformer.wte.weight_int8
+    qm, _ = apply(tiny_gpt2(), data=gpt2_data())
+    with torch.inference_mode():
+        assert torch.allclose(loaded(ids), qm(ids), atol=1e-4)
+
+
+def test_int8_embedding_lookup_is_close_and_a_quarter_of_the_size():
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(100, 32, padding_idx=0)
+    ids = torch.tensor([[0, 5, 99], [3, 3, 7]])
+    new = q.Int8Embedding.from_float(emb, 127)
+    out = new(ids)
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 32)
+    assert (out - emb(ids)).abs().max() <= emb.weight.abs().amax(dim=1).max() / 127
+    assert new.weight_int8.dtype == torch.int8 and new.weight_scale.shape == (100,)
 
 
 def test_conv1d_output_matches_the_float_layer_and_rebuilds_from_saved_state():
@@ -421,14 +455,18 @@ def test_linear_like_layers_left_alone_are_named_with_the_reason():
 
 
 def test_layers_sharing_one_weight_are_quantized_together_or_not_at_all():
-    emb = torch.nn.Embedding(16, 8)
-    head = torch.nn.Linear(8, 16, bias=False)
-    head.weight = emb.weight
-    model = torch.nn.ModuleDict({"emb": emb, "head": head, "other": torch.nn.Linear(8, 8)})
-    model.forward = lambda x: model["head"](model["other"](model["emb"](x)))
-    _qm, ctx = apply(model)
+    def build():
+        emb = torch.nn.Embedding(16, 8)
+        head = torch.nn.Linear(8, 16, bias=False)
+        head.weight = emb.weight
+        return torch.nn.ModuleDict({"emb": emb, "head": head, "other": torch.nn.Linear(8, 8)})
+
+    _qm, ctx = apply(build(), embeddings=False)
     assert ctx.details["quantized"] == ["other"]
     assert ctx.details["skipped"]["head"].startswith("weight tied to emb")
+    qm, ctx = apply(build())  # the table quantized too: the head shares its int8 rows
+    assert sorted(ctx.details["quantized"]) == ["emb", "head", "other"]
+    assert qm["head"].weight_int8 is qm["emb"].weight_int8
     a, b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
     b.weight = a.weight  # two linears tied together: both can be quantized
     _qm, ctx = apply(torch.nn.Sequential(a, torch.nn.ReLU(), b))

@@ -435,6 +435,64 @@ class Int8Conv2d(PackedWeightModule):
                 f"stride={tuple(self.stride)}, padding={tuple(self.padding)}, mode=static")
 
 
+class Int8Embedding(PackedWeightModule):
+    """An ``nn.Embedding`` whose table is int8 with one float32 scale per row: the lookup
+    gathers int8 rows and scales them (4x smaller table, no int8 kernel needed). A language
+    model's head tied to the table shares these very tensors (see :meth:`share_with`)."""
+
+    _layer_kind = "embedding"
+
+    def __init__(self, num_embeddings: int, embedding_dim: int,
+                 padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.padding_idx = padding_idx
+        self.mode = "weight-only"
+        self.kernel = "gather"
+        self.register_buffer("weight_int8", torch.zeros(num_embeddings, embedding_dim,
+                                                        dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(num_embeddings))
+        self.register_buffer("qmax", torch.tensor(127, dtype=torch.int16))
+
+    @staticmethod
+    def supported(emb: torch.nn.Embedding) -> str | None:
+        if emb.max_norm is not None:
+            return "max_norm renormalizes the float table in place at every lookup"
+        if emb.sparse:
+            return "sparse gradients (a training setting) are not supported"
+        return None
+
+    @classmethod
+    def from_float(cls, emb: torch.nn.Embedding, qmax: int) -> Int8Embedding:
+        mod = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx)
+        q, scale = quantize_weight(emb.weight, qmax, per_channel=True)  # one scale per row
+        mod.weight_int8.copy_(q)
+        mod.weight_scale.copy_(scale)
+        mod.qmax.fill_(qmax)
+        return mod.to(emb.weight.device)
+
+    @property
+    def active_kernel(self) -> str:
+        return "gather"
+
+    def share_with(self, linear: Int8Linear) -> None:
+        """Make ``linear`` (a head tied to this table: weight ``[num_embeddings, dim]``) read
+        this module's int8 rows and scales, so the tie holds and the table is stored once."""
+        linear.weight_int8 = self.weight_int8
+        linear.weight_scale = self.weight_scale
+        linear.qmax = self.qmax
+        linear._cache.clear()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.weight_int8).float()
+        return rows * F.embedding(ids, self.weight_scale[:, None])
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, int8 rows"
+                + (f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""))
+
+
 class Int8MultiheadAttention(torch.nn.Module):
     """``nn.MultiheadAttention`` with int8 input and output projections (dynamic activations)
     and PyTorch's scaled-dot-product attention in float. Same call signature and outputs."""

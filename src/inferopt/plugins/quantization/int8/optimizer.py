@@ -92,6 +92,10 @@ class Int8Quantizer(Optimizer):
         help="dynamic mode: one activation scale per row (token), or per tensor (FBGEMM's own, "
              "7 bits without VNNI: a little faster, loses precision on outlier tokens)")
 
+    embeddings: bool = option(
+        True, searchable=(True, False),
+        help="int8 embedding tables too (one scale per row; a head tied to a table shares its "
+             "int8 rows, so the tie holds)")
     fallback: float = option(
         0.1, min=0.0, max=10.0,
         help="with calibration data: a layer whose int8 output error (relative, on calibration "
@@ -200,16 +204,36 @@ class Int8Quantizer(Optimizer):
 
         layers: dict[str, dict[str, Any]] = {}
         bits: set[int] = set()
-        for name, module in targets.items():
+        tables: dict[int, tuple[str, Any]] = {}  # float table storage -> (name, Int8Embedding)
+        # tables first, so that a head tied to one (GPT-2's lm_head) can share its int8 rows
+        ordered = sorted(targets.items(), key=lambda kv: _kind(kv[1]) != "embedding")
+        for name, module in ordered:
             kind = _kind(module)
             mode = "dynamic" if kind == "attention" else self.mode
-            _kernel, qmax = q.plan_kernel(self.kernel, mode, kind or "linear", device)
+            plan_kind = "linear" if kind == "embedding" else kind or "linear"
+            _kernel, qmax = q.plan_kernel(self.kernel, mode, plan_kind, device)
             if saved is not None and "qmax" in saved.get(name, {}):
                 qmax = saved[name]["qmax"]
             bits.add(8 if qmax == 127 else 7)
             activations = self.activations
             if saved is not None:  # runs saved before per-row existed (version 1): per tensor
                 activations = saved.get(name, {}).get("activations", "per-tensor")
+            tied_table = None
+            if kind == "embedding":
+                new = q.Int8Embedding.from_float(module, qmax)
+                tables[module.weight.untyped_storage().data_ptr()] = (name, new)
+                kernel = "gather"
+                set_submodule(model, name, new)
+                layers[name] = {"type": type(module).__name__, "kernel": kernel, "qmax": qmax,
+                                "smooth": False, "static": False}
+                continue
+            if isinstance(module, torch.nn.Linear):
+                tied_table = tables.get(module.weight.untyped_storage().data_ptr())
+                if tied_table is not None and (
+                        tied_table[1].weight_int8.shape != module.weight.shape
+                        or name in smooth_scales or not per_channel):
+                    # its int8 weight would differ from the table's rows: its own copy
+                    tied_table = None
             if isinstance(module, torch.nn.MultiheadAttention):
                 new = q.Int8MultiheadAttention.from_float(
                     module, kernel=self.kernel, qmax=qmax, per_channel=per_channel,
@@ -230,16 +254,20 @@ class Int8Quantizer(Optimizer):
                 from inferopt.plugins.quantization.int8 import sensitivity
 
                 errors[name] = sensitivity.layer_error(module, new, samples[name])
-                if 0 < self.fallback < errors[name]:
+                if 0 < self.fallback < errors[name] and tied_table is None:
                     fell_back[name] = errors[name]
                     skipped[name] = (f"int8 output error {errors[name]:.3f} on calibration "
                                      f"inputs is above fallback={self.fallback:g}; kept in "
                                      "float")
                     continue
+            if tied_table is not None:
+                tied_table[1].share_with(new)
             set_submodule(model, name, new)
             layers[name] = {"type": type(module).__name__, "kernel": kernel, "qmax": qmax,
                             "smooth": name in smooth_scales, "static": name in act_ranges,
                             "activations": activations}
+            if tied_table is not None:
+                layers[name]["shares_table"] = tied_table[0]
         q.disable_transformer_fast_path(model)
         ctx.state["layers"] = layers
         kernels = sorted({info["kernel"] for info in layers.values()})
@@ -295,7 +323,11 @@ class Int8Quantizer(Optimizer):
     def _select(self, model: Any, ctx: Any) -> tuple[dict[str, Any], dict[str, str]]:
         import torch
 
-        from inferopt.plugins.quantization.int8.modules import Int8Conv2d, Int8MultiheadAttention
+        from inferopt.plugins.quantization.int8.modules import (
+            Int8Conv2d,
+            Int8Embedding,
+            Int8MultiheadAttention,
+        )
 
         targets: dict[str, Any] = {}
         skipped: dict[str, str] = {}
@@ -332,6 +364,13 @@ class Int8Quantizer(Optimizer):
                                      "activation scale with the weights)")
                     continue
                 reason = Int8Conv2d.supported(module)
+                if reason:
+                    skipped[name] = reason
+                    continue
+            elif kind == "embedding":
+                if not self.embeddings:
+                    continue
+                reason = Int8Embedding.supported(module)
                 if reason:
                     skipped[name] = reason
                     continue
@@ -421,6 +460,8 @@ def _kind(module: Any) -> str | None:
         return "linear"
     if type(module) is torch.nn.Conv2d:
         return "conv"
+    if type(module) is torch.nn.Embedding:
+        return "embedding"
     return None
 
 
