@@ -600,3 +600,10 @@ def test_a_version_1_run_reloads_with_per_tensor_fbgemm_activations():
     rebuilt = Int8Quantizer(mode="dynamic").apply(torch.nn.Sequential(torch.nn.Linear(64, 32)),
                                                   restore)
     assert rebuilt[0].activations == "per-tensor"
+
+
+def test_quantized_layers_run_outside_inference_mode_on_inputs_that_require_grad():
+    model = mlp()
+    qm, _ = apply(mlp())
+    x = torch.randn(4, 64, requires_grad=True)  # e.g. after a float layer that is trainable
+    assert cos(qm(x).detach(), model(x).detach()) > 0.998

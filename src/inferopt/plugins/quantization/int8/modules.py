@@ -282,6 +282,8 @@ class Int8Linear(PackedWeightModule):
         # in place: a new output-sized tensor costs more than the arithmetic (page faults)
         if self.bias is None:
             return acc.mul_(absmax)
+        if acc.requires_grad:  # called outside inference mode on a graph: no out=
+            return torch.addcmul(self.bias, acc, absmax)
         return torch.addcmul(self.bias, acc, absmax, out=acc)
 
     def _onednn(self, x: torch.Tensor) -> torch.Tensor:
