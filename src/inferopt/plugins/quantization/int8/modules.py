@@ -275,10 +275,12 @@ class Int8Linear(PackedWeightModule):
         if packed is None:
             packed = _fbgemm_pack(self.weight_int8, self.weight_scale, None)
             self._cache["fbgemm_rows"] = packed
+        if x.shape[0] == 1:  # one row: the kernel's own range is that row's (asymmetric)
+            acc = torch.ops.quantized.linear_dynamic(x, packed, fbgemm_reduce_range())
+            return acc if self.bias is None else acc.add_(self.bias)
         absmax = torch.maximum(x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True).neg_())
         absmax.clamp_(min=1e-12)
-        acc = torch.ops.quantized.linear_dynamic(x * absmax.reciprocal(), packed,
-                                                 fbgemm_reduce_range())
+        acc = torch.ops.quantized.linear_dynamic(x / absmax, packed, fbgemm_reduce_range())
         # in place: a new output-sized tensor costs more than the arithmetic (page faults)
         if self.bias is None:
             return acc.mul_(absmax)
