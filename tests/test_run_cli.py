@@ -80,7 +80,8 @@ def test_json_report_schema_and_field_names(cli):
     assert {"cosine", "max_abs_err", "agreement"} <= set(report["optimized"]["metrics"]["fidelity"])
     assert base["size"]["bytes"] > 0
     [step] = report["steps"]
-    assert step["name"] == "int8" and step["options"]["mode"] == "dynamic"
+    assert step["name"] == "int8" and step["options"]["mode"] == "auto"
+    assert step["details"]["mode"] == "dynamic"  # an MLP: auto picks dynamic
     assert step["seconds"] >= 0
     cmp = report["comparison"]["latency"]["p50_ms"]
     assert set(cmp) == {"baseline", "optimized", "ratio"}
