@@ -67,7 +67,7 @@ class Int8Quantizer(Optimizer):
     version = 2
     summary = "int8 quantization (dynamic, static or weight-only) with int8 matrix products"
 
-    mode: str = option("auto", choices=MODES, searchable=("auto", "dynamic", "static"),
+    mode: str = option("auto", choices=MODES, searchable=("dynamic", "static"),
                        help="auto: static when the model has Conv2d layers and calibration "
                             "data is given, else dynamic; dynamic: activations quantized at "
                             "run time; static: calibrated activation ranges (also Conv2d); "
@@ -88,12 +88,12 @@ class Int8Quantizer(Optimizer):
     kernel: str = option("auto", choices=KERNEL_CHOICES,
                          help="int8 kernel; auto picks the fastest that runs here")
     activations: str = option(
-        "per-row", choices=ACTIVATIONS, searchable=ACTIVATIONS,
+        "per-row", choices=ACTIVATIONS,
         help="dynamic mode: one activation scale per row (token), or per tensor (FBGEMM's own, "
              "7 bits without VNNI: a little faster, loses precision on outlier tokens)")
 
     embeddings: bool = option(
-        True, searchable=(True, False),
+        True,
         help="int8 embedding tables too (one scale per row; a head tied to a table shares its "
              "int8 rows, so the tie holds)")
     fallback: float = option(
