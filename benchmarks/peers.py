@@ -479,8 +479,9 @@ CANDIDATES: dict[str, tuple[Callable[..., Prepared], bool]] = {
 
 def quality(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     """(mean, worst) cosine to fp32 over the samples of the batch."""
-    a = out.float().reshape(ref.shape[0], -1)
-    b = ref.float().reshape(ref.shape[0], -1)
+    # float64: a GPT-2 sample has 6.4M logits, too many for a float32 dot product
+    a = out.double().reshape(ref.shape[0], -1)
+    b = ref.double().reshape(ref.shape[0], -1)
     cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
     return float(cos.mean()), float(cos.min())
 

@@ -233,7 +233,10 @@ def test_demo_accuracy_within_half_a_point(mode, tmp_path):
                           metrics=["accuracy", "size"], save=False)
     drop = report.verdict["accuracy_drop_points"]
     assert drop <= 0.5
-    assert report.verdict["size_ratio"] < 0.3
+    # 0.25 for the int8 weights; smoothed layers add a float32 scale per input channel, which
+    # on this 38 KB demo model is 2-2.5 KB (0.303-0.311 measured with smooth=auto, the
+    # default); on real models it is under 0.5% (MiniLM: 0.254)
+    assert report.verdict["size_ratio"] < 0.32
 
 
 @pytest.mark.cuda

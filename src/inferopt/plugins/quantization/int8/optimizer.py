@@ -77,9 +77,10 @@ class Int8Quantizer(Optimizer):
     granularity: str = option("per-channel", choices=GRANULARITY, searchable=GRANULARITY,
                               help="weight scales per output channel or one per tensor")
     smooth: float | str = option(
-        0.0, min=0.0, max=1.0, searchable=(0.0, "auto"),
-        help="SmoothQuant migration strength ALPHA (0 = off; 0.5 is typical) or auto (try "
-             "0.25/0.5/0.75 and none per layer, keep the most faithful); needs calibration data")
+        "auto", min=0.0, max=1.0, searchable=("auto", 0.0),
+        help="SmoothQuant migration strength ALPHA (0 = off; 0.5 is typical; needs calibration "
+             "data) or auto (with calibration data: try 0.25/0.5/0.75 and none per layer, keep "
+             "the most faithful; without: off)")
     observer: str = option("minmax", choices=OBSERVERS,
                            help="static mode: activation range from min/max or a percentile")
     percentile: float = option(99.99, min=50.0, max=100.0,
@@ -89,9 +90,8 @@ class Int8Quantizer(Optimizer):
                          help="int8 kernel; auto picks the fastest that runs here")
     activations: str = option(
         "per-row", choices=ACTIVATIONS,
-        help="dynamic mode: one activation scale per row (token), or per tensor (FBGEMM's own, "
-             "7 bits without VNNI: a little faster, loses precision on outlier tokens)")
-
+        help="dynamic mode on FBGEMM: one activation scale per row (token), or per tensor "
+             "(FBGEMM's own 7-bit range: fewer passes, loses precision on outlier tokens)")
     embeddings: bool = option(
         True,
         help="int8 embedding tables too (one scale per row; a head tied to a table shares its "
@@ -160,7 +160,15 @@ class Int8Quantizer(Optimizer):
         saved = _saved_layers(ctx.state) if ctx.restoring else None
         smooth_scales: dict[str, Any] = {}
         act_ranges: dict[str, tuple[float, int]] = {}
-        needs_data = self.mode == "static" or self.smoothing
+        has_data = ctx.data is not None and bool(ctx.data.calibration)
+        # smooth=auto (the default) smooths when there is calibration data; a number insists
+        smoothing = self.smoothing and (has_data or self.smooth != "auto")
+        if self.smooth == "auto" and self.mode == "weight-only":
+            smoothing = False  # float activations have no range to win back
+        if self.smooth == "auto" and not has_data and not ctx.restoring:
+            ctx.details["smoothing"] = {"alphas": {},
+                                        "summary": "not smoothed (no calibration data)"}
+        needs_data = self.mode == "static" or smoothing
         if needs_data and not ctx.restoring:
             data = ctx.data
             if data is None or not data.calibration:
@@ -168,7 +176,7 @@ class Int8Quantizer(Optimizer):
                     f"step 'int8' with mode={self.mode}, smooth={self.smooth} needs calibration "
                     "data; give --data (the run's calibration split is used)")
             batches = data.calibration[: self.calibration_batches]
-            if self.smoothing:
+            if smoothing:
                 smooth_scales = self._smoothing(model, targets, batches, device, ctx)
             if self.mode == "static":
                 act_ranges, unseen = self._calibrate(model, targets, batches, device,
@@ -399,7 +407,11 @@ class Int8Quantizer(Optimizer):
         from inferopt.plugins.quantization.int8 import modules as q
         from inferopt.plugins.quantization.int8 import smoothing
 
-        linears = {n: m for n, m in targets.items() if _kind(m) == "linear"}
+        tables = {m.weight.untyped_storage().data_ptr() for m in targets.values()
+                  if _kind(m) == "embedding"}
+        # a head tied to an int8 table shares the table's rows: smoothing would change them
+        linears = {n: m for n, m in targets.items() if _kind(m) == "linear"
+                   and as_linear(m).weight.untyped_storage().data_ptr() not in tables}
         seen = smoothing.collect(model, linears, batches, device)
         qmax = q.plan_kernel(self.kernel, self.mode, "linear", device)[1]
 

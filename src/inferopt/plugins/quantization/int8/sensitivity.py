@@ -51,7 +51,9 @@ def collect(model: Any, layers: dict[str, Any], batches: list[Any], device: Any
 def layer_error(float_layer: Any, quantized: Any, x: torch.Tensor) -> float:
     """Relative output error of ``quantized`` against ``float_layer`` on ``x``."""
     device = next(iter(quantized.buffers())).device
-    x = x.to(device)
+    weight = getattr(float_layer, "weight", None)
+    # the layer's own dtype (a model cast to bf16 by an earlier step): the reference must run
+    x = x.to(device=device, dtype=weight.dtype if weight is not None else x.dtype)
     with torch.inference_mode():
         ref = float_layer(x).float()
         out = quantized(x).float()
