@@ -13,7 +13,8 @@ torchvision; random init with BatchNorm statistics from random images) and ``mlp
 (1024-4096-1024).
 
 Candidates: fp32 eager (the baseline), torch.compile, bf16, inferopt's recipes (int8 default,
-int8 per-tensor activations, int8 smooth=auto, int8 static, int4 RTN, int4 GPTQ), torch.ao
+int8 without smoothing, the int8 default before issue 18 (FBGEMM per-tensor activations, no
+smoothing, no fallback, float embeddings), int8 static, int4 RTN, int4 GPTQ), torch.ao
 ``quantize_dynamic``, torchao (int8 dynamic eager and compiled, PT2E X86InductorQuantizer
 compiled with freezing), ONNX Runtime (fp32, dynamic int8, static QDQ int8), OpenVINO (its
 default precision) and OpenVINO + NNCF int8. A peer that is not installed is skipped with a
@@ -456,9 +457,13 @@ CANDIDATES: dict[str, tuple[Callable[..., Prepared], bool]] = {
     "fp32": (c_fp32, False),
     "torch.compile": (c_compile, False),
     "bf16": (c_bf16, False),
+    # the default: mode=auto, per-row activations, smooth=auto, sensitivity fallback, embeddings
     "inferopt-int8": (inferopt_recipe("int8"), False),
-    "inferopt-int8-per-tensor": (inferopt_recipe("int8", activations="per-tensor"), False),
-    "inferopt-int8-smooth-auto": (inferopt_recipe("int8", smooth="auto"), False),
+    "inferopt-int8-no-smooth": (inferopt_recipe("int8", smooth=0.0), False),
+    # the default before issue 18: FBGEMM per-tensor activations, nothing else
+    "inferopt-int8-old-default": (inferopt_recipe(
+        "int8", mode="dynamic", activations="per-tensor", smooth=0.0, fallback=0.0,
+        embeddings=False), False),
     "inferopt-int8-static": (inferopt_recipe("int8", mode="static"), False),
     "inferopt-int4": (inferopt_recipe("int4"), False),
     "inferopt-int4-gptq": (inferopt_recipe("int4", method="gptq"), False),
