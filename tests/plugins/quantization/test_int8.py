@@ -610,3 +610,32 @@ def test_quantized_layers_run_outside_inference_mode_on_inputs_that_require_grad
     qm, _ = apply(mlp())
     x = torch.randn(4, 64, requires_grad=True)  # e.g. after a float layer that is trainable
     assert cos(qm(x).detach(), model(x).detach()) > 0.998
+
+
+def test_a_smoothed_tied_head_and_its_table_share_one_int8_table(tmp_path):
+    def build():
+        model = tiny_gpt2()
+        with torch.no_grad():  # outlier channels reach the head too, as in trained GPT-2
+            model.lm.transformer.ln_f.weight[:3] *= 50.0
+        return model
+
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(9))
+    ref = build()(ids).detach()
+    qm, ctx = apply(build(), data=gpt2_data())
+    layers = ctx.state["layers"]
+    assert layers["lm.lm_head"]["smooth"] and layers["lm.transformer.wte"]["smooth"]
+    assert layers["lm.lm_head"]["shares_table"] == "lm.transformer.wte"
+    assert qm.lm.lm_head.weight_int8 is qm.lm.transformer.wte.weight_int8
+    plain, _ = apply(build(), data=gpt2_data(), smooth=0)
+    with torch.inference_mode():
+        smoothed, unsmoothed = qm(ids), plain(ids)
+    assert cos(smoothed, ref) > cos(unsmoothed, ref)
+    # the table's lookups are unchanged by holding the head's smoothing
+    emb = build().lm.transformer.wte
+    assert torch.allclose(qm.lm.transformer.wte(ids), emb(ids).detach(), atol=0.02)
+    restore = StepContext(log=get_logger(), data=None, restoring=True, state=ctx.state)
+    rebuilt = Int8Quantizer().apply(build(), restore)
+    rebuilt.load_state_dict(qm.state_dict())
+    assert rebuilt.lm.lm_head.weight_int8 is rebuilt.lm.transformer.wte.weight_int8
+    with torch.inference_mode():
+        assert torch.allclose(rebuilt(ids), smoothed, atol=1e-4)

@@ -447,7 +447,7 @@ class Int8Embedding(PackedWeightModule):
     _layer_kind = "embedding"
 
     def __init__(self, num_embeddings: int, embedding_dim: int,
-                 padding_idx: int | None = None) -> None:
+                 padding_idx: int | None = None, smooth: bool = False) -> None:
         super().__init__()
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
@@ -458,6 +458,9 @@ class Int8Embedding(PackedWeightModule):
                                                         dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(num_embeddings))
         self.register_buffer("qmax", torch.tensor(127, dtype=torch.int16))
+        #: a tied head's SmoothQuant scales: the table holds ``W * s`` (what the smoothed head
+        #: multiplies by), so a lookup divides its row by ``s`` again
+        self.register_buffer("smooth_inv", torch.ones(embedding_dim) if smooth else None)
 
     @staticmethod
     def supported(emb: torch.nn.Embedding) -> str | None:
@@ -468,9 +471,15 @@ class Int8Embedding(PackedWeightModule):
         return None
 
     @classmethod
-    def from_float(cls, emb: torch.nn.Embedding, qmax: int) -> Int8Embedding:
-        mod = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx)
-        q, scale = quantize_weight(emb.weight, qmax, per_channel=True)  # one scale per row
+    def from_float(cls, emb: torch.nn.Embedding, qmax: int,
+                   smooth_scale: torch.Tensor | None = None) -> Int8Embedding:
+        mod = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx,
+                  smooth=smooth_scale is not None)
+        table = emb.weight.detach().float()
+        if smooth_scale is not None:
+            table = table * smooth_scale[None, :].to(table.device)
+            mod.smooth_inv.copy_(1.0 / smooth_scale)
+        q, scale = quantize_weight(table, qmax, per_channel=True)  # one scale per row
         mod.weight_int8.copy_(q)
         mod.weight_scale.copy_(scale)
         mod.qmax.fill_(qmax)
@@ -490,7 +499,8 @@ class Int8Embedding(PackedWeightModule):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(ids, self.weight_int8).float()
-        return rows * F.embedding(ids, self.weight_scale[:, None])
+        rows = rows * F.embedding(ids, self.weight_scale[:, None])
+        return rows if self.smooth_inv is None else rows * self.smooth_inv
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, int8 rows"

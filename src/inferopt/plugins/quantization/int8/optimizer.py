@@ -197,7 +197,8 @@ class Int8Quantizer(Optimizer):
         if saved is not None:  # rebuilding a saved model: the same layers, the same structure
             targets = {n: m for n, m in targets.items() if n in saved}
             smooth_scales = {n: torch.ones(as_linear(targets[n]).in_features)
-                             for n, info in saved.items() if info.get("smooth") and n in targets}
+                             for n, info in saved.items() if info.get("smooth") and n in targets
+                             and _kind(targets[n]) != "embedding"}
             act_ranges = {n: (1.0, 0) for n, info in saved.items()
                           if info.get("static") and n in targets}
 
@@ -213,6 +214,7 @@ class Int8Quantizer(Optimizer):
         layers: dict[str, dict[str, Any]] = {}
         bits: set[int] = set()
         tables: dict[int, tuple[str, Any]] = {}  # float table storage -> (name, Int8Embedding)
+        table_smooth: dict[str, str] = {}  # table -> the tied head whose smoothing it holds
         # tables first, so that a head tied to one (GPT-2's lm_head) can share its int8 rows
         ordered = sorted(targets.items(), key=lambda kv: _kind(kv[1]) != "embedding")
         for name, module in ordered:
@@ -228,18 +230,30 @@ class Int8Quantizer(Optimizer):
                 activations = saved.get(name, {}).get("activations", "per-tensor")
             tied_table = None
             if kind == "embedding":
-                new = q.Int8Embedding.from_float(module, qmax)
+                # a smoothed head tied to this table: the table takes the head's scales, so
+                # that both read the same int8 rows (the lookup divides them out again)
+                ptr = module.weight.untyped_storage().data_ptr()
+                head = next((n for n, m in targets.items() if n in smooth_scales
+                             and isinstance(m, torch.nn.Linear)
+                             and m.weight.untyped_storage().data_ptr() == ptr
+                             and m.weight.shape == module.weight.shape), None)
+                new = q.Int8Embedding.from_float(
+                    module, qmax, None if head is None else smooth_scales[head])
                 tables[module.weight.untyped_storage().data_ptr()] = (name, new)
                 kernel = "gather"
                 set_submodule(model, name, new)
                 layers[name] = {"type": type(module).__name__, "kernel": kernel, "qmax": qmax,
-                                "smooth": False, "static": False}
+                                "smooth": head is not None, "static": False}
+                if head is not None:
+                    table_smooth[name] = head
                 continue
             if isinstance(module, torch.nn.Linear):
                 tied_table = tables.get(module.weight.untyped_storage().data_ptr())
                 if tied_table is not None and (
                         tied_table[1].weight_int8.shape != module.weight.shape
-                        or name in smooth_scales or not per_channel):
+                        or not per_channel
+                        or table_smooth.get(tied_table[0])
+                        != (name if name in smooth_scales else None)):
                     # its int8 weight would differ from the table's rows: its own copy
                     tied_table = None
             if isinstance(module, torch.nn.MultiheadAttention):
@@ -407,11 +421,7 @@ class Int8Quantizer(Optimizer):
         from inferopt.plugins.quantization.int8 import modules as q
         from inferopt.plugins.quantization.int8 import smoothing
 
-        tables = {m.weight.untyped_storage().data_ptr() for m in targets.values()
-                  if _kind(m) == "embedding"}
-        # a head tied to an int8 table shares the table's rows: smoothing would change them
-        linears = {n: m for n, m in targets.items() if _kind(m) == "linear"
-                   and as_linear(m).weight.untyped_storage().data_ptr() not in tables}
+        linears = {n: m for n, m in targets.items() if _kind(m) == "linear"}
         seen = smoothing.collect(model, linears, batches, device)
         qmax = q.plan_kernel(self.kernel, self.mode, "linear", device)[1]
 
