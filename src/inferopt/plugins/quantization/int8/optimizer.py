@@ -13,7 +13,8 @@ Modes:
 
 ``smooth=ALPHA`` (SmoothQuant) moves activation outliers into the weights before quantizing:
 per input channel ``s = max|X|^ALPHA / max|W|^(1-ALPHA)``, ``W' = W s``, ``X' = X / s``;
-``smooth=auto`` tries several alphas. Channels unseen in calibration are guarded, and a layer
+``smooth=auto`` (the default; it needs calibration data and is off without it) tries several
+alphas. Channels unseen in calibration are guarded, and a layer
 keeps its smoothing only where it lowers the layer's int8 error on calibration inputs (see
 :mod:`inferopt.plugins.quantization.int8.smoothing`).
 
