@@ -87,13 +87,17 @@ def variants(kind: str, device: str) -> list[tuple[str, Callable[[torch.nn.Modul
     def ours(**opts: Any) -> Callable[[torch.nn.Module, Any], Any]:
         return lambda m, d: inferopt.apply(m, "int8", data=d, **opts)
 
-    out.append(("inferopt int8 dynamic (auto)", ours()))
+    # the default: mode=auto (static for the CNN: calibration data is given), per-row
+    out.append(("inferopt int8 default (mode=auto)", ours()))
     if kind == "mlp" and device == "cpu":  # the run goes through the default cpu backend
-        out.append(("inferopt int8 dynamic, saved + loaded", saved_and_loaded))
+        out.append(("inferopt int8 default, saved + loaded", saved_and_loaded))
     if device == "cpu":
-        out.append(("inferopt int8 dynamic kernel=onednn", ours(kernel="onednn")))
+        out.append(("inferopt int8 dynamic kernel=onednn", ours(mode="dynamic",
+                                                                kernel="onednn")))
+        if kind != "cnn":
+            out.append(("inferopt int8 dynamic per-tensor", ours(activations="per-tensor")))
     if kind != "cnn":
-        out.append(("inferopt int8 dynamic smooth=0.5", ours(smooth=0.5)))
+        out.append(("inferopt int8 dynamic smooth=0.5", ours(mode="dynamic", smooth=0.5)))
         out.append(("inferopt int8 weight-only", ours(mode="weight-only")))
     out.append(("inferopt int8 static", ours(mode="static")))
     if device == "cpu" and kind != "cnn":

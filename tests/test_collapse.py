@@ -4,6 +4,7 @@ resembling the baseline's stops the run, naming the step, unless the user allows
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -81,3 +82,34 @@ def test_output_cosine_compares_every_float_output():
     assert output_cosine({"logits": -torch.ones(2, 4), "ids": torch.tensor([0, 0])},
                          base) == pytest.approx(-1.0)
     assert output_cosine(torch.zeros(3), torch.zeros(3)) is None
+
+
+def test_a_collapsing_int8_step_names_the_step_and_its_worst_layers():
+    import torch
+
+    import inferopt
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(4):
+        x = torch.randn(16, 32, generator=g)
+        x[:, :4] *= 100.0  # the channels that carry the signal
+        batches.append(inferopt.Batch(x))
+    data = inferopt.Data(eval=batches, calibration=batches)
+    # a median range clips the loud channels away: the step wrecks the outputs
+    bad = "int8:mode=static,observer=percentile,percentile=50,fallback=0"
+    with pytest.raises(inferopt.StepFailed) as failed:
+        inferopt.run(model=model, data=data, optimize=[bad], metrics=["size"], save=False)
+    message = str(failed.value)
+    assert "step 1 'int8' collapsed the model's outputs" in message
+    assert re.search(r"worst layers: [02] \(error 0\.\d+\), [02] \(error", message)
+
+
+def test_worst_layers_are_read_from_the_step_details_when_given():
+    from inferopt._collapse import worst_layers
+
+    assert worst_layers({"worst_layers": [["a.b", 0.51234], ["c", 0.2]]}) == (
+        "; worst layers: a.b (error 0.512), c (error 0.2)")
+    assert worst_layers({}) == "" and worst_layers(None) == ""

@@ -80,7 +80,8 @@ def test_json_report_schema_and_field_names(cli):
     assert {"cosine", "max_abs_err", "agreement"} <= set(report["optimized"]["metrics"]["fidelity"])
     assert base["size"]["bytes"] > 0
     [step] = report["steps"]
-    assert step["name"] == "int8" and step["options"]["mode"] == "dynamic"
+    assert step["name"] == "int8" and step["options"]["mode"] == "auto"
+    assert step["details"]["mode"] == "dynamic"  # an MLP: auto picks dynamic
     assert step["seconds"] >= 0
     cmp = report["comparison"]["latency"]["p50_ms"]
     assert set(cmp) == {"baseline", "optimized", "ratio"}
@@ -107,7 +108,8 @@ def test_close_name_is_suggested(cli):
 def test_bad_option_value_names_step_option_value_and_allowed(cli):
     result = cli("run", "--optimize", "int8:mode=turbo")
     assert result.returncode == 2
-    assert "step 1 'int8': option 'mode' got 'turbo'; allowed: one of dynamic" in result.stderr
+    assert ("step 1 'int8': option 'mode' got 'turbo'; allowed: one of auto, dynamic"
+            in result.stderr)
 
 
 def test_bad_backend_and_metric_options(cli):

@@ -156,7 +156,7 @@ def test_the_session_lists_what_is_installed_with_options_for_every_kind():
     assert {"int8", "prune-l1"} <= set(session.names("optimizer"))
     assert "synthetic" in session.names("data source")
     int8 = session.describe("optimizer", "int8")
-    assert int8["plugin"] and int8["optimizer_version"] == 1
+    assert int8["plugin"] and int8["optimizer_version"] == 2
     assert {"mode", "skip"} <= {o["name"] for o in int8["options"]}
     synthetic = session.describe("data source", "synthetic")
     shape = next(o for o in synthetic["options"] if o["name"] == "shape")

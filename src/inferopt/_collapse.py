@@ -35,17 +35,35 @@ def output_cosine(out: Any, baseline: Any) -> float | None:
     return worst
 
 
+def worst_layers(details: dict[str, Any] | None) -> str:
+    """The step's own list of its worst layers (``details["worst_layers"]``: ``[[name,
+    error], ...]``, worst first), as words; empty when the step gives none."""
+    listed = (details or {}).get("worst_layers")
+    if not isinstance(listed, list) or not listed:
+        return ""
+    parts = []
+    for entry in listed[:5]:
+        if isinstance(entry, list | tuple) and len(entry) == 2:
+            layer, error = entry
+            parts.append(f"{layer} (error {error:.3g})" if isinstance(error, int | float)
+                         else str(layer))
+        else:
+            parts.append(str(entry))
+    return "; worst layers: " + ", ".join(parts)
+
+
 def check_collapse(ctx: Any, step: Any, name: str, out: Any, baseline: Any,
-                   stopped: str) -> None:
+                   stopped: str, details: dict[str, Any] | None = None) -> None:
     """Raise :class:`StepFailed` (exit 2) if ``out`` collapsed against ``baseline``; with
-    ``allow_collapse`` record a warning instead."""
+    ``allow_collapse`` record a warning instead. The message names the step and, when the
+    step measured them (``details["worst_layers"]``), its worst layers."""
     if str(getattr(step.instance, "kind", "") or "") in CHANGES_FUNCTION:
         return
     cos = output_cosine(out, baseline)
     if cos is None or cos >= MIN_COSINE:
         return
     what = (f"{name} collapsed the model's outputs: cosine {cos:.3f} against the baseline on the "
-            f"first batch (at least {MIN_COSINE} expected)")
+            f"first batch (at least {MIN_COSINE} expected){worst_layers(details)}")
     if str(getattr(step.instance, "kind", "") or "") == "quantization":
         what += (". Leave the most sensitive layers in float (skip=...), try smooth=auto or "
                  "mode=weight-only")

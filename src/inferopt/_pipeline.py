@@ -698,7 +698,7 @@ def _run_steps(ctx: RunContext, model: Any, prepared: Any, probe: Any, signature
             ctx.preparer.changed(model)  # the step may have changed it in place
             new_prepared = _prepare_stepped(ctx, step, new_model)
             _check_step(ctx, step, new_model, new_prepared, probe, signature, baseline,
-                        baseline_outputs)
+                        baseline_outputs, rec.details)
         except InferoptError as exc:
             if before is None:
                 raise
@@ -756,8 +756,9 @@ def _copy_for_undo(ctx: RunContext, step: Resolved, model: Any) -> Any:
 
 def _check_step(ctx: RunContext, step: Resolved, model: Any, prepared: Any, probe: Any,
                 signature: Any, baseline: dict[str, dict[str, Any]],
-                baseline_outputs: list[Any]) -> None:
-    """The numeric guards after a step: finite outputs, same output shapes, accuracy budget."""
+                baseline_outputs: list[Any], details: dict[str, Any] | None = None) -> None:
+    """The numeric guards after a step: finite outputs, same output shapes, accuracy budget.
+    ``details`` are the step's own (its ``worst_layers`` name the suspects of a collapse)."""
     import torch
 
     from inferopt._model_io import all_finite, output_signature
@@ -782,7 +783,7 @@ def _check_step(ctx: RunContext, step: Resolved, model: Any, prepared: Any, prob
         )
     from inferopt._collapse import check_collapse
 
-    check_collapse(ctx, step, name, out, baseline_outputs[0], _stopped(ctx))
+    check_collapse(ctx, step, name, out, baseline_outputs[0], _stopped(ctx), details)
     _check_accuracy_budget(ctx, name, model, prepared, baseline, baseline_outputs)
 
 

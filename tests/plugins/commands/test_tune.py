@@ -212,9 +212,9 @@ def test_default_space_lists_the_builtins_searchable_options() -> None:
     space, notes = search_space(inferopt.Session(), ())
     by_name = {t.name: t for t in space}
     assert {"int8", "int4", "prune-l1", "prune-activations", "distill"} <= set(by_name)
-    assert by_name["int8"].dims == {"mode": ["dynamic", "static"],
+    assert by_name["int8"].dims == {"mode": ["auto", "dynamic", "static"],
                                     "granularity": ["per-channel", "per-tensor"],
-                                    "smooth": [0.0, "auto"]}
+                                    "smooth": ["auto", 0.0]}
     assert by_name["prune-l1"].dims == {"sparsity": [0.5, 0.25], "structured": [False, True]}
     assert by_name["distill"].dims == {"ratio": [0.25, 0.5]}
     # cheap kinds first: quantization, pruning, then distillation

@@ -139,8 +139,10 @@ def test_static_mode_calibrates_linear_and_conv():
 def test_percentile_observer_clips_outliers_more_than_minmax():
     model = mlp()
     data = calib(32, 64, outlier=True)
-    a, _ = apply(mlp(), data=data, mode="static", observer="minmax")
-    b, _ = apply(mlp(), data=data, mode="static", observer="percentile", percentile=99.0)
+    # fallback=0: the x50 outlier channel makes layer 0 too sensitive for the default check
+    a, _ = apply(mlp(), data=data, mode="static", observer="minmax", fallback=0)
+    b, _ = apply(mlp(), data=data, mode="static", observer="percentile", percentile=99.0,
+                 fallback=0)
     assert float(b[0].act_scale) < float(a[0].act_scale)
     del model
 
@@ -217,7 +219,10 @@ def test_static_smoothed_model_saves_loads_and_keeps_kernel_and_outputs(tmp_path
     details = report.steps[0].details
     assert details["mode"] == "static"
     loaded = inferopt.load(tmp_path / "r")
-    assert loaded[0].smooth_inv is not None and float(loaded[0].act_scale) != 1.0
+    # the guard keeps smoothing only where it helps (on the demo: nowhere); the rebuilt layers
+    # carry exactly what was chosen
+    smoothed = details["smoothing"]["alphas"]["0"] > 0
+    assert (loaded[0].smooth_inv is not None) == smoothed and float(loaded[0].act_scale) != 1.0
     assert loaded[0].active_kernel == details["kernels"]["0"]
     assert demo_correct(loaded) == report.optimized["accuracy"]["correct"]
 
@@ -228,7 +233,10 @@ def test_demo_accuracy_within_half_a_point(mode, tmp_path):
                           metrics=["accuracy", "size"], save=False)
     drop = report.verdict["accuracy_drop_points"]
     assert drop <= 0.5
-    assert report.verdict["size_ratio"] < 0.3
+    # 0.25 for the int8 weights; smoothed layers add a float32 scale per input channel, which
+    # on this 38 KB demo model is 2-2.5 KB (0.303-0.311 measured with smooth=auto, the
+    # default); on real models it is under 0.5% (MiniLM: 0.254)
+    assert report.verdict["size_ratio"] < 0.32
 
 
 @pytest.mark.cuda
@@ -339,27 +347,61 @@ def gpt2_data(n: int = 4) -> inferopt.Data:
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "static", "weight-only"])
-def test_gpt2_conv1d_layers_are_quantized_and_the_tied_head_is_skipped(mode):
+def test_gpt2_conv1d_layers_embeddings_and_the_tied_head_are_quantized(mode):
     from inferopt.utils import weights_bytes
 
     model = tiny_gpt2()
     ids = torch.randint(0, 512, (2, 16))
     ref = model(ids).detach()
     fp32_bytes = len(weights_bytes(model))
-    qm, ctx = apply(model, data=gpt2_data(), mode=mode)
+    qm, ctx = apply(model, data=gpt2_data(), mode=mode, fallback=0)
     blocks = [f"lm.transformer.h.{i}.{layer}" for i in range(2)
               for layer in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
-    assert sorted(ctx.details["quantized"]) == sorted(blocks)
-    assert ctx.details["summary"].startswith("8 layers quantized")
-    assert ctx.details["skipped"]["lm.lm_head"].startswith("weight tied to lm.transformer.wte")
-    assert qm.lm.lm_head.weight is qm.lm.transformer.wte.weight  # still tied
-    assert len(weights_bytes(qm)) < 0.6 * fp32_bytes
+    tables = ["lm.transformer.wte", "lm.transformer.wpe", "lm.lm_head"]
+    assert sorted(ctx.details["quantized"]) == sorted(blocks + tables)
+    assert ctx.details["summary"].startswith("11 layers quantized")
+    assert ctx.state["layers"]["lm.lm_head"]["shares_table"] == "lm.transformer.wte"
+    # still tied: the head reads the table's int8 rows, stored once
+    assert qm.lm.lm_head.weight_int8 is qm.lm.transformer.wte.weight_int8
+    assert len(weights_bytes(qm)) < 0.3 * fp32_bytes
     with torch.inference_mode():
         out = qm(ids)
     assert out.shape == ref.shape and torch.isfinite(out).all()
     if mode != "static":  # static: per-tensor ranges on x50 outliers lose more; see smooth
         assert float(torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(),
                                                            dim=0)) > 0.95
+
+
+def test_without_embeddings_the_tied_head_stays_in_float_with_its_table():
+    model = tiny_gpt2()
+    qm, ctx = apply(model, embeddings=False)
+    assert len(ctx.details["quantized"]) == 8
+    assert ctx.details["skipped"]["lm.lm_head"].startswith("weight tied to lm.transformer.wte")
+    assert qm.lm.lm_head.weight is qm.lm.transformer.wte.weight  # still tied
+
+
+def test_a_saved_gpt2_with_int8_tables_reloads_tied_and_equal(tmp_path):
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(4))
+    data = inferopt.Data(eval=[inferopt.Batch(ids)], calibration=gpt2_data().calibration)
+    inferopt.run(model=tiny_gpt2(), data=data, optimize=["int8"], metrics=["size"],
+                 out=tmp_path / "r")
+    loaded = inferopt.load(tmp_path / "r", model=tiny_gpt2())
+    assert type(loaded.lm.transformer.wte).__name__ == "Int8Embedding"
+    assert loaded.lm.lm_head.weight_int8 is loaded.lm.transformer.wte.weight_int8
+    qm, _ = apply(tiny_gpt2(), data=gpt2_data())
+    with torch.inference_mode():
+        assert torch.allclose(loaded(ids), qm(ids), atol=1e-4)
+
+
+def test_int8_embedding_lookup_is_close_and_a_quarter_of_the_size():
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(100, 32, padding_idx=0)
+    ids = torch.tensor([[0, 5, 99], [3, 3, 7]])
+    new = q.Int8Embedding.from_float(emb, 127)
+    out = new(ids)
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 32)
+    assert (out - emb(ids)).abs().max() <= emb.weight.abs().amax(dim=1).max() / 127
+    assert new.weight_int8.dtype == torch.int8 and new.weight_scale.shape == (100,)
 
 
 def test_conv1d_output_matches_the_float_layer_and_rebuilds_from_saved_state():
@@ -416,14 +458,18 @@ def test_linear_like_layers_left_alone_are_named_with_the_reason():
 
 
 def test_layers_sharing_one_weight_are_quantized_together_or_not_at_all():
-    emb = torch.nn.Embedding(16, 8)
-    head = torch.nn.Linear(8, 16, bias=False)
-    head.weight = emb.weight
-    model = torch.nn.ModuleDict({"emb": emb, "head": head, "other": torch.nn.Linear(8, 8)})
-    model.forward = lambda x: model["head"](model["other"](model["emb"](x)))
-    _qm, ctx = apply(model)
+    def build():
+        emb = torch.nn.Embedding(16, 8)
+        head = torch.nn.Linear(8, 16, bias=False)
+        head.weight = emb.weight
+        return torch.nn.ModuleDict({"emb": emb, "head": head, "other": torch.nn.Linear(8, 8)})
+
+    _qm, ctx = apply(build(), embeddings=False)
     assert ctx.details["quantized"] == ["other"]
     assert ctx.details["skipped"]["head"].startswith("weight tied to emb")
+    qm, ctx = apply(build())  # the table quantized too: the head shares its int8 rows
+    assert sorted(ctx.details["quantized"]) == ["emb", "head", "other"]
+    assert qm["head"].weight_int8 is qm["emb"].weight_int8
     a, b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
     b.weight = a.weight  # two linears tied together: both can be quantized
     _qm, ctx = apply(torch.nn.Sequential(a, torch.nn.ReLU(), b))
@@ -486,3 +532,110 @@ def test_gpt2_with_outlier_channels_gains_from_smoothing():
 def test_smooth_takes_a_number_or_auto():
     with pytest.raises(inferopt.UsageError, match="'auto'"):
         inferopt.apply(mlp(), "int8", data=calib(4, 64), smooth="sometimes")
+
+
+# --- real-model outliers: per-row activations, sensitivity fallback, mode=auto ----------------
+
+
+def outlier_tokens(n: int = 64, dim: int = 64) -> torch.Tensor:
+    """Rows as a transformer's hidden states have them: a few tokens (here every 8th) with a
+    norm 30x the others', and one channel x20 in every token."""
+    x = torch.randn(n, dim, generator=torch.Generator().manual_seed(3))
+    x[::8] *= 30.0
+    x[:, 5] *= 20.0
+    return x
+
+
+@pytest.mark.skipif(not q.fbgemm_available(), reason="FBGEMM is not available here")
+def test_default_fbgemm_activations_are_per_row_and_keep_quiet_tokens():
+    x = outlier_tokens()
+    ref = mlp()(x).detach()
+    row, ctx = apply(mlp())
+    tensor, _ = apply(mlp(), activations="per-tensor")
+    assert row[0].activations == "per-row" and ctx.details["kernels"]["0"] == "fbgemm"
+    assert ctx.state["layers"]["0"]["activations"] == "per-row"
+    with torch.inference_mode():
+        quiet = torch.ones(64, dtype=torch.bool)
+        quiet[::8] = False
+        err_row = float((row(x) - ref)[quiet].norm() / ref[quiet].norm())
+        err_tensor = float((tensor(x) - ref)[quiet].norm() / ref[quiet].norm())
+    # per tensor, the loud tokens set the one scale and the quiet ones lose their precision
+    assert err_row < 0.3 * err_tensor
+    assert cos(row(x)[quiet], ref[quiet]) > 0.999
+
+
+def test_a_layer_too_sensitive_for_int8_stays_in_float_and_is_named():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    # channel 3 x50, clipped by a 99th-percentile range: layer 0 loses that channel
+    data = calib(32, 64, outlier=True)
+    qm, ctx = apply(model, data=data, mode="static", observer="percentile", percentile=99.0)
+    assert type(qm[0]) is torch.nn.Linear
+    assert ctx.details["skipped"]["0"].startswith("int8 output error")
+    assert "0" in ctx.details["sensitivity"]["kept_in_float"]
+    assert ctx.details["worst_layers"][0][0] == "0"
+    assert "too sensitive for int8 kept in float" in ctx.details["summary"]
+    _qm, ctx = apply(torch.nn.Sequential(torch.nn.Linear(64, 64)), data=data, mode="static",
+                     observer="percentile", percentile=99.0, fallback=0)
+    assert ctx.details["quantized"] == ["0"]  # measured, named, but kept in int8
+    assert ctx.details["sensitivity"]["errors"]["0"] > 0.1
+
+
+def test_auto_mode_is_static_for_conv_nets_with_calibration_data_else_dynamic():
+    data = calib(4, 3, 16, 16)
+    qm, ctx = apply(cnn(), data=data)
+    assert ctx.details["mode"] == "static" and ctx.state["mode"] == "static"
+    assert type(qm[0]).__name__ == "Int8Conv2d"
+    assert ctx.details["mode_chosen"].startswith("auto -> static")
+    _qm, ctx = apply(cnn())
+    assert ctx.details["mode"] == "dynamic" and "no calibration data" in ctx.details["mode_chosen"]
+    _qm, ctx = apply(mlp(), data=calib(4, 64))
+    assert ctx.details["mode"] == "dynamic"
+
+
+def test_a_version_1_run_reloads_with_per_tensor_fbgemm_activations():
+    lin = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    _qm, ctx = apply(lin)
+    state = {"layers": {n: {k: v for k, v in info.items() if k != "activations"}
+                        for n, info in ctx.state["layers"].items()}}  # as version 1 saved it
+    restore = StepContext(log=get_logger(), data=None, restoring=True, state=state,
+                          saved_version=1)
+    rebuilt = Int8Quantizer(mode="dynamic").apply(torch.nn.Sequential(torch.nn.Linear(64, 32)),
+                                                  restore)
+    assert rebuilt[0].activations == "per-tensor"
+
+
+def test_quantized_layers_run_outside_inference_mode_on_inputs_that_require_grad():
+    model = mlp()
+    qm, _ = apply(mlp())
+    x = torch.randn(4, 64, requires_grad=True)  # e.g. after a float layer that is trainable
+    assert cos(qm(x).detach(), model(x).detach()) > 0.998
+
+
+def test_a_smoothed_tied_head_and_its_table_share_one_int8_table(tmp_path):
+    def build():
+        model = tiny_gpt2()
+        with torch.no_grad():  # outlier channels reach the head too, as in trained GPT-2
+            model.lm.transformer.ln_f.weight[:3] *= 50.0
+        return model
+
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(9))
+    ref = build()(ids).detach()
+    qm, ctx = apply(build(), data=gpt2_data())
+    layers = ctx.state["layers"]
+    assert layers["lm.lm_head"]["smooth"] and layers["lm.transformer.wte"]["smooth"]
+    assert layers["lm.lm_head"]["shares_table"] == "lm.transformer.wte"
+    assert qm.lm.lm_head.weight_int8 is qm.lm.transformer.wte.weight_int8
+    plain, _ = apply(build(), data=gpt2_data(), smooth=0)
+    with torch.inference_mode():
+        smoothed, unsmoothed = qm(ids), plain(ids)
+    assert cos(smoothed, ref) > cos(unsmoothed, ref)
+    # the table's lookups are unchanged by holding the head's smoothing
+    emb = build().lm.transformer.wte
+    assert torch.allclose(qm.lm.transformer.wte(ids), emb(ids).detach(), atol=0.02)
+    restore = StepContext(log=get_logger(), data=None, restoring=True, state=ctx.state)
+    rebuilt = Int8Quantizer().apply(build(), restore)
+    rebuilt.load_state_dict(qm.state_dict())
+    assert rebuilt.lm.lm_head.weight_int8 is rebuilt.lm.transformer.wte.weight_int8
+    with torch.inference_mode():
+        assert torch.allclose(rebuilt(ids), smoothed, atol=1e-4)

@@ -70,6 +70,13 @@ def fbgemm_available() -> bool:
 
 
 @functools.cache
+def fbgemm_reduce_range() -> bool:
+    """FBGEMM quantizes activations to 7 bits unless the CPU has VNNI: without it, its u8 x s8
+    pair sums (``vpmaddubsw``) saturate int16 with full 8-bit activations."""
+    return not cpu_has_vnni()
+
+
+@functools.cache
 def onednn_available() -> bool:
     try:
         w = torch.ones(8, 8, dtype=torch.int8)
@@ -245,12 +252,16 @@ class Int8Linear(PackedWeightModule):
     calibrated scales (``static``), or kept in float (``weight-only``)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, *, mode: str,
-                 kernel: str = "auto", smooth: bool = False) -> None:
+                 kernel: str = "auto", smooth: bool = False,
+                 activations: str = "per-row") -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.mode = mode
         self.kernel = kernel
+        #: dynamic mode on FBGEMM: "per-row" (one scale per token) or "per-tensor" (FBGEMM's
+        #: own, 7 bits). The other kernels quantize dynamic activations per row.
+        self.activations = activations
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features,
                                                         dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features))
@@ -264,12 +275,14 @@ class Int8Linear(PackedWeightModule):
     @classmethod
     def from_float(cls, linear: torch.nn.Linear, *, mode: str, kernel: str, qmax: int,
                    per_channel: bool = True, smooth_scale: torch.Tensor | None = None,
-                   act_range: tuple[float, int] | None = None) -> Int8Linear:
+                   act_range: tuple[float, int] | None = None,
+                   activations: str = "per-row") -> Int8Linear:
         weight = linear.weight.detach().float()
         if smooth_scale is not None:
             weight = weight * smooth_scale[None, :].to(weight.device)
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                  mode=mode, kernel=kernel, smooth=smooth_scale is not None)
+                  mode=mode, kernel=kernel, smooth=smooth_scale is not None,
+                  activations=activations)
         mod._fill(weight, linear.bias, qmax, per_channel, act_range)
         if smooth_scale is not None:
             mod.smooth_inv.copy_(1.0 / smooth_scale)
@@ -318,11 +331,35 @@ class Int8Linear(PackedWeightModule):
     # -- kernels ----------------------------------------------------------------------------
 
     def _fbgemm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activations == "per-row":
+            return self._fbgemm_rows(x)
         packed = self._cache.get("fbgemm")
         if packed is None:
             packed = _fbgemm_pack(self.weight_int8, self.weight_scale, self.bias)
             self._cache["fbgemm"] = packed
         return torch.ops.quantized.linear_dynamic(x, packed, True)
+
+    def _fbgemm_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-row activation scales on FBGEMM's per-tensor kernel: each row is divided by its
+        largest magnitude first, so the kernel's one range [-1, 1] is every row's own range;
+        the row scale is applied to the output with the bias. Two cheap passes over the input
+        (row max/min, one multiply) on top of the kernel's own quantization."""
+        packed = self._cache.get("fbgemm_rows")
+        if packed is None:
+            packed = _fbgemm_pack(self.weight_int8, self.weight_scale, None)
+            self._cache["fbgemm_rows"] = packed
+        if x.shape[0] == 1:  # one row: the kernel's own range is that row's (asymmetric)
+            acc = torch.ops.quantized.linear_dynamic(x, packed, fbgemm_reduce_range())
+            return acc if self.bias is None else acc.add_(self.bias)
+        absmax = torch.maximum(x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True).neg_())
+        absmax.clamp_(min=1e-12)
+        acc = torch.ops.quantized.linear_dynamic(x / absmax, packed, fbgemm_reduce_range())
+        # in place: a new output-sized tensor costs more than the arithmetic (page faults)
+        if self.bias is None:
+            return acc.mul_(absmax)
+        if acc.requires_grad:  # called outside inference mode on a graph: no out=
+            return torch.addcmul(self.bias, acc, absmax)
+        return torch.addcmul(self.bias, acc, absmax, out=acc)
 
     def _onednn(self, x: torch.Tensor) -> torch.Tensor:
         packed = self._cache.get("onednn")
@@ -392,7 +429,8 @@ class Int8Linear(PackedWeightModule):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"mode={self.mode}, kernel={self.kernel}, weight_bits="
-                f"{8 if int(self.qmax) > 63 else 7}, smooth={self.smooth_inv is not None}")
+                f"{8 if int(self.qmax) > 63 else 7}, smooth={self.smooth_inv is not None}, "
+                f"activations={self.activations}")
 
 
 class Int8Conv2d(PackedWeightModule):
@@ -486,6 +524,74 @@ class Int8Conv2d(PackedWeightModule):
                 f"stride={tuple(self.stride)}, padding={tuple(self.padding)}, mode=static")
 
 
+class Int8Embedding(PackedWeightModule):
+    """An ``nn.Embedding`` whose table is int8 with one float32 scale per row: the lookup
+    gathers int8 rows and scales them (4x smaller table, no int8 kernel needed). A language
+    model's head tied to the table shares these very tensors (see :meth:`share_with`)."""
+
+    _layer_kind = "embedding"
+
+    def __init__(self, num_embeddings: int, embedding_dim: int,
+                 padding_idx: int | None = None, smooth: bool = False) -> None:
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.padding_idx = padding_idx
+        self.mode = "weight-only"
+        self.kernel = "gather"
+        self.register_buffer("weight_int8", torch.zeros(num_embeddings, embedding_dim,
+                                                        dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(num_embeddings))
+        self.register_buffer("qmax", torch.tensor(127, dtype=torch.int16))
+        #: a tied head's SmoothQuant scales: the table holds ``W * s`` (what the smoothed head
+        #: multiplies by), so a lookup divides its row by ``s`` again
+        self.register_buffer("smooth_inv", torch.ones(embedding_dim) if smooth else None)
+
+    @staticmethod
+    def supported(emb: torch.nn.Embedding) -> str | None:
+        if emb.max_norm is not None:
+            return "max_norm renormalizes the float table in place at every lookup"
+        if emb.sparse:
+            return "sparse gradients (a training setting) are not supported"
+        return None
+
+    @classmethod
+    def from_float(cls, emb: torch.nn.Embedding, qmax: int,
+                   smooth_scale: torch.Tensor | None = None) -> Int8Embedding:
+        mod = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx,
+                  smooth=smooth_scale is not None)
+        table = emb.weight.detach().float()
+        if smooth_scale is not None:
+            table = table * smooth_scale[None, :].to(table.device)
+            mod.smooth_inv.copy_(1.0 / smooth_scale)
+        q, scale = quantize_weight(table, qmax, per_channel=True)  # one scale per row
+        mod.weight_int8.copy_(q)
+        mod.weight_scale.copy_(scale)
+        mod.qmax.fill_(qmax)
+        return mod.to(emb.weight.device)
+
+    @property
+    def active_kernel(self) -> str:
+        return "gather"
+
+    def share_with(self, linear: Int8Linear) -> None:
+        """Make ``linear`` (a head tied to this table: weight ``[num_embeddings, dim]``) read
+        this module's int8 rows and scales, so the tie holds and the table is stored once."""
+        linear.weight_int8 = self.weight_int8
+        linear.weight_scale = self.weight_scale
+        linear.qmax = self.qmax
+        linear._cache.clear()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.weight_int8).float()
+        rows = rows * F.embedding(ids, self.weight_scale[:, None])
+        return rows if self.smooth_inv is None else rows * self.smooth_inv
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, int8 rows"
+                + (f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""))
+
+
 class Int8MultiheadAttention(torch.nn.Module):
     """``nn.MultiheadAttention`` with int8 input and output projections (dynamic activations)
     and PyTorch's scaled-dot-product attention in float. Same call signature and outputs."""
@@ -515,16 +621,17 @@ class Int8MultiheadAttention(torch.nn.Module):
 
     @classmethod
     def from_float(cls, mha: torch.nn.MultiheadAttention, *, kernel: str, qmax: int,
-                   per_channel: bool) -> Int8MultiheadAttention:
+                   per_channel: bool, activations: str = "per-row") -> Int8MultiheadAttention:
         e = mha.embed_dim
         in_lin = torch.nn.Linear(e, 3 * e, bias=mha.in_proj_bias is not None)
         in_lin.weight.data = mha.in_proj_weight.detach()
         if mha.in_proj_bias is not None:
             in_lin.bias.data = mha.in_proj_bias.detach()
         in_proj = Int8Linear.from_float(in_lin, mode="dynamic", kernel=kernel, qmax=qmax,
-                                        per_channel=per_channel)
+                                        per_channel=per_channel, activations=activations)
         out_proj = Int8Linear.from_float(mha.out_proj, mode="dynamic", kernel=kernel,
-                                         qmax=qmax, per_channel=per_channel)
+                                         qmax=qmax, per_channel=per_channel,
+                                         activations=activations)
         return cls(e, mha.num_heads, mha.batch_first, in_proj, out_proj)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -2,18 +2,24 @@
 
 Modes:
 
-* ``dynamic`` (default): int8 weights (symmetric, per output channel); activations quantized
-  at run time; int8 x int8 -> int32 products rescaled in float. Linear layers and the projections
-  of ``nn.MultiheadAttention``; Conv2d needs ``static``.
+* ``auto`` (default): ``static`` for models with Conv2d layers when calibration data is given,
+  else ``dynamic``.
+* ``dynamic``: int8 weights (symmetric, per output channel); activations quantized at run time,
+  one scale per row (token); int8 x int8 -> int32 products rescaled in float. Linear layers and
+  the projections of ``nn.MultiheadAttention``; Conv2d needs ``static``.
 * ``static``: activation ranges calibrated on the run's calibration data (``minmax`` or
   ``percentile`` observer); Linear and Conv2d. Attention projections stay dynamic.
 * ``weight-only``: int8 weights, float activations (4x smaller; speed depends on the device).
 
 ``smooth=ALPHA`` (SmoothQuant) moves activation outliers into the weights before quantizing:
 per input channel ``s = max|X|^ALPHA / max|W|^(1-ALPHA)``, ``W' = W s``, ``X' = X / s``;
-``smooth=auto`` tries several alphas. Channels unseen in calibration are guarded, and a layer
+``smooth=auto`` (the default; it needs calibration data and is off without it) tries several
+alphas. Channels unseen in calibration are guarded, and a layer
 keeps its smoothing only where it lowers the layer's int8 error on calibration inputs (see
 :mod:`inferopt.plugins.quantization.int8.smoothing`).
+
+With calibration data, each layer's int8 output error is measured on calibration inputs and
+layers above ``fallback`` stay in float (:mod:`inferopt.plugins.quantization.int8.sensitivity`).
 
 The modules and kernels are in :mod:`inferopt.plugins.quantization.int8.modules`; this module
 stays light so
@@ -42,9 +48,10 @@ from inferopt.utils import (
     set_submodule,
 )
 
-MODES = ("dynamic", "static", "weight-only")
+MODES = ("auto", "dynamic", "static", "weight-only")
 GRANULARITY = ("per-channel", "per-tensor")
 OBSERVERS = ("minmax", "percentile")
+ACTIVATIONS = ("per-row", "per-tensor")
 KERNEL_CHOICES = ("auto", "fbgemm", "onednn", "cuda", "reference")
 
 
@@ -55,19 +62,26 @@ class Int8Quantizer(Optimizer):
 
     name = "int8"
     kind = "quantization"
+    #: 2: per-row FBGEMM activations (``layers[...].activations``), resolved ``mode`` and
+    #: layers left in float by the sensitivity check in the state; version 1 runs reload with
+    #: per-tensor FBGEMM activations, as they were saved
+    version = 2
     summary = "int8 quantization (dynamic, static or weight-only) with int8 matrix products"
 
-    mode: str = option("dynamic", choices=MODES, searchable=("dynamic", "static"),
-                       help="dynamic: activations quantized at run time; static: calibrated "
-                            "activation ranges (also Conv2d); weight-only: float activations")
+    mode: str = option("auto", choices=MODES, searchable=("dynamic", "static"),
+                       help="auto: static when the model has Conv2d layers and calibration "
+                            "data is given, else dynamic; dynamic: activations quantized at "
+                            "run time; static: calibrated activation ranges (also Conv2d); "
+                            "weight-only: float activations")
     skip: tuple[str, ...] = option(
         (), help="layer name patterns (fnmatch) to leave in float, e.g. 'head|*.classifier'")
     granularity: str = option("per-channel", choices=GRANULARITY, searchable=GRANULARITY,
                               help="weight scales per output channel or one per tensor")
     smooth: float | str = option(
-        0.0, min=0.0, max=1.0, searchable=(0.0, "auto"),
-        help="SmoothQuant migration strength ALPHA (0 = off; 0.5 is typical) or auto (try "
-             "0.25/0.5/0.75 and none per layer, keep the most faithful); needs calibration data")
+        "auto", min=0.0, max=1.0, searchable=("auto", 0.0),
+        help="SmoothQuant migration strength ALPHA (0 = off; 0.5 is typical; needs calibration "
+             "data) or auto (with calibration data: try 0.25/0.5/0.75 and none per layer, keep "
+             "the most faithful; without: off)")
     observer: str = option("minmax", choices=OBSERVERS,
                            help="static mode: activation range from min/max or a percentile")
     percentile: float = option(99.99, min=50.0, max=100.0,
@@ -75,6 +89,18 @@ class Int8Quantizer(Optimizer):
     calibration_batches: int = option(32, min=1, help="calibration batches to observe")
     kernel: str = option("auto", choices=KERNEL_CHOICES,
                          help="int8 kernel; auto picks the fastest that runs here")
+    activations: str = option(
+        "per-row", choices=ACTIVATIONS,
+        help="dynamic mode on FBGEMM: one activation scale per row (token), or per tensor "
+             "(FBGEMM's own 7-bit range: fewer passes, loses precision on outlier tokens)")
+    embeddings: bool = option(
+        True,
+        help="int8 embedding tables too (one scale per row; a head tied to a table shares its "
+             "int8 rows, so the tie holds)")
+    fallback: float = option(
+        0.1, min=0.0, max=10.0,
+        help="with calibration data: a layer whose int8 output error (relative, on calibration "
+             "inputs) is above this stays in float, named in the report; 0 = never")
 
     def __attrs_post_init__(self) -> None:
         if isinstance(self.smooth, str) and self.smooth != "auto":
@@ -85,13 +111,47 @@ class Int8Quantizer(Optimizer):
         return self.smooth == "auto" or float(self.smooth) > 0
 
     def apply(self, model: Any, ctx: Any) -> Any:
+        require_swappable(model, "int8")
+        device = device_of(model)
+        per_channel = self.granularity == "per-channel"
+        data = None if ctx.restoring else ctx.data
+        has_calibration = data is not None and bool(data.calibration)
+        mode = self._resolve_mode(model, ctx, has_calibration)
+        ctx.state["mode"] = mode
+        if mode != self.mode:
+            ctx.details["mode_chosen"] = (
+                f"auto -> {mode}: " + ("the model has Conv2d layers and calibration data is "
+                                       "given" if mode == "static" else
+                                       "no Conv2d layer int8 can take" if has_calibration
+                                       or ctx.restoring else "no calibration data"))
+            return attrs.evolve(self, mode=mode)._apply(model, ctx, device, per_channel)
+        return self._apply(model, ctx, device, per_channel)
+
+    def _resolve_mode(self, model: Any, ctx: Any, has_calibration: bool) -> str:
+        """``auto``: static when the model has a convolution int8 can take and calibration data
+        is given (the conv kernels need calibrated ranges), else dynamic. A saved run says
+        which mode it resolved to."""
+        if self.mode != "auto":
+            return self.mode
+        if ctx.restoring:
+            saved = ctx.state.get("mode")
+            if saved not in ("dynamic", "static", "weight-only"):
+                raise UsageError(f"saved state 'mode' must be dynamic, static or weight-only, "
+                                 f"not {saved!r}; was the run edited?")
+            return str(saved)
+        import torch
+
+        from inferopt.plugins.quantization.int8.modules import Int8Conv2d
+
+        convs = [m for _, m in model.named_modules()
+                 if type(m) is torch.nn.Conv2d and Int8Conv2d.supported(m) is None]
+        return "static" if convs and has_calibration else "dynamic"
+
+    def _apply(self, model: Any, ctx: Any, device: Any, per_channel: bool) -> Any:
         import torch
 
         from inferopt.plugins.quantization.int8 import modules as q
 
-        require_swappable(model, "int8")
-        device = device_of(model)
-        per_channel = self.granularity == "per-channel"
         targets, skipped = self._select(model, ctx)
         if not targets:
             raise UsageError(nothing_to_quantize(
@@ -101,7 +161,15 @@ class Int8Quantizer(Optimizer):
         saved = _saved_layers(ctx.state) if ctx.restoring else None
         smooth_scales: dict[str, Any] = {}
         act_ranges: dict[str, tuple[float, int]] = {}
-        needs_data = self.mode == "static" or self.smoothing
+        has_data = ctx.data is not None and bool(ctx.data.calibration)
+        # smooth=auto (the default) smooths when there is calibration data; a number insists
+        smoothing = self.smoothing and (has_data or self.smooth != "auto")
+        if self.smooth == "auto" and self.mode == "weight-only":
+            smoothing = False  # float activations have no range to win back
+        if self.smooth == "auto" and not has_data and not ctx.restoring:
+            ctx.details["smoothing"] = {"alphas": {},
+                                        "summary": "not smoothed (no calibration data)"}
+        needs_data = self.mode == "static" or smoothing
         if needs_data and not ctx.restoring:
             data = ctx.data
             if data is None or not data.calibration:
@@ -109,7 +177,7 @@ class Int8Quantizer(Optimizer):
                     f"step 'int8' with mode={self.mode}, smooth={self.smooth} needs calibration "
                     "data; give --data (the run's calibration split is used)")
             batches = data.calibration[: self.calibration_batches]
-            if self.smoothing:
+            if smoothing:
                 smooth_scales = self._smoothing(model, targets, batches, device, ctx)
             if self.mode == "static":
                 act_ranges, unseen = self._calibrate(model, targets, batches, device,
@@ -130,22 +198,69 @@ class Int8Quantizer(Optimizer):
         if saved is not None:  # rebuilding a saved model: the same layers, the same structure
             targets = {n: m for n, m in targets.items() if n in saved}
             smooth_scales = {n: torch.ones(as_linear(targets[n]).in_features)
-                             for n, info in saved.items() if info.get("smooth") and n in targets}
+                             for n, info in saved.items() if info.get("smooth") and n in targets
+                             and _kind(targets[n]) != "embedding"}
             act_ranges = {n: (1.0, 0) for n, info in saved.items()
                           if info.get("static") and n in targets}
 
+        samples: dict[str, Any] = {}
+        if not ctx.restoring and ctx.data is not None and ctx.data.calibration:
+            from inferopt.plugins.quantization.int8 import sensitivity
+
+            measured = {n: m for n, m in targets.items() if _kind(m) in ("linear", "conv")}
+            samples = sensitivity.collect(model, measured, list(ctx.data.calibration), device)
+        errors: dict[str, float] = {}
+        fell_back: dict[str, float] = {}
+
         layers: dict[str, dict[str, Any]] = {}
         bits: set[int] = set()
-        for name, module in targets.items():
+        tables: dict[int, tuple[str, Any]] = {}  # float table storage -> (name, Int8Embedding)
+        table_smooth: dict[str, str] = {}  # table -> the tied head whose smoothing it holds
+        # tables first, so that a head tied to one (GPT-2's lm_head) can share its int8 rows
+        ordered = sorted(targets.items(), key=lambda kv: _kind(kv[1]) != "embedding")
+        for name, module in ordered:
             kind = _kind(module)
             mode = "dynamic" if kind == "attention" else self.mode
-            _kernel, qmax = q.plan_kernel(self.kernel, mode, kind or "linear", device)
+            plan_kind = "linear" if kind == "embedding" else kind or "linear"
+            _kernel, qmax = q.plan_kernel(self.kernel, mode, plan_kind, device)
             if saved is not None and "qmax" in saved.get(name, {}):
                 qmax = saved[name]["qmax"]
             bits.add(8 if qmax == 127 else 7)
+            activations = self.activations
+            if saved is not None:  # runs saved before per-row existed (version 1): per tensor
+                activations = saved.get(name, {}).get("activations", "per-tensor")
+            tied_table = None
+            if kind == "embedding":
+                # a smoothed head tied to this table: the table takes the head's scales, so
+                # that both read the same int8 rows (the lookup divides them out again)
+                ptr = module.weight.untyped_storage().data_ptr()
+                head = next((n for n, m in targets.items() if n in smooth_scales
+                             and isinstance(m, torch.nn.Linear)
+                             and m.weight.untyped_storage().data_ptr() == ptr
+                             and m.weight.shape == module.weight.shape), None)
+                new = q.Int8Embedding.from_float(
+                    module, qmax, None if head is None else smooth_scales[head])
+                tables[module.weight.untyped_storage().data_ptr()] = (name, new)
+                kernel = "gather"
+                set_submodule(model, name, new)
+                layers[name] = {"type": type(module).__name__, "kernel": kernel, "qmax": qmax,
+                                "smooth": head is not None, "static": False}
+                if head is not None:
+                    table_smooth[name] = head
+                continue
+            if isinstance(module, torch.nn.Linear):
+                tied_table = tables.get(module.weight.untyped_storage().data_ptr())
+                if tied_table is not None and (
+                        tied_table[1].weight_int8.shape != module.weight.shape
+                        or not per_channel
+                        or table_smooth.get(tied_table[0])
+                        != (name if name in smooth_scales else None)):
+                    # its int8 weight would differ from the table's rows: its own copy
+                    tied_table = None
             if isinstance(module, torch.nn.MultiheadAttention):
                 new = q.Int8MultiheadAttention.from_float(
-                    module, kernel=self.kernel, qmax=qmax, per_channel=per_channel)
+                    module, kernel=self.kernel, qmax=qmax, per_channel=per_channel,
+                    activations=activations)
                 kernel = new.in_proj.active_kernel
             elif isinstance(module, torch.nn.Conv2d):
                 new = q.Int8Conv2d.from_float(module, kernel=self.kernel, qmax=qmax,
@@ -156,11 +271,26 @@ class Int8Quantizer(Optimizer):
                 new = q.Int8Linear.from_float(
                     as_linear(module), mode=self.mode, kernel=self.kernel, qmax=qmax,
                     per_channel=per_channel, smooth_scale=smooth_scales.get(name),
-                    act_range=act_ranges.get(name))
+                    act_range=act_ranges.get(name), activations=activations)
                 kernel = new.active_kernel
+            if name in samples:
+                from inferopt.plugins.quantization.int8 import sensitivity
+
+                errors[name] = sensitivity.layer_error(module, new, samples[name])
+                if 0 < self.fallback < errors[name] and tied_table is None:
+                    fell_back[name] = errors[name]
+                    skipped[name] = (f"int8 output error {errors[name]:.3f} on calibration "
+                                     f"inputs is above fallback={self.fallback:g}; kept in "
+                                     "float")
+                    continue
+            if tied_table is not None:
+                tied_table[1].share_with(new)
             set_submodule(model, name, new)
             layers[name] = {"type": type(module).__name__, "kernel": kernel, "qmax": qmax,
-                            "smooth": name in smooth_scales, "static": name in act_ranges}
+                            "smooth": name in smooth_scales, "static": name in act_ranges,
+                            "activations": activations}
+            if tied_table is not None:
+                layers[name]["shares_table"] = tied_table[0]
         q.disable_transformer_fast_path(model)
         ctx.state["layers"] = layers
         kernels = sorted({info["kernel"] for info in layers.values()})
@@ -179,6 +309,9 @@ class Int8Quantizer(Optimizer):
             f"{n} on {k}" for k, n in sorted(by_kernel.items())) + ")"
         if "smoothing" in ctx.details:
             summary += "; " + ctx.details["smoothing"]["summary"]
+        if fell_back:
+            summary += (f"; {len(fell_back)} too sensitive for int8 kept in float (error above "
+                        f"{self.fallback:g})")
         if skipped:
             summary += "; left in float: " + ", ".join(
                 f"{n} ({why})" for n, why in list(skipped.items())[:5])
@@ -191,8 +324,21 @@ class Int8Quantizer(Optimizer):
             "kernels": {n: info["kernel"] for n, info in layers.items()},
             "skipped": skipped,
             "weight_bits": sorted(bits),
-            "activations": _activation_note(self.mode, kernels),
+            "activations": _activation_note(self.mode, kernels, self.activations),
         })
+        if errors:
+            worst = sorted(errors.items(), key=lambda kv: -kv[1])
+            ctx.details["sensitivity"] = {
+                "measure": "relative output error of each layer against its float layer on "
+                           "calibration inputs",
+                "fallback": self.fallback,
+                "kept_in_float": {n: round(e, 4) for n, e in fell_back.items()},
+                "errors": {n: round(e, 4) for n, e in worst},
+            }
+            # read by the collapse guard to name the layers most likely to blame
+            ctx.details["worst_layers"] = [[n, round(e, 4)] for n, e in worst[:5]]
+        elif not ctx.restoring:
+            ctx.details["sensitivity"] = "not measured: no calibration data"
         return model
 
     # -- selection and calibration ----------------------------------------------------------
@@ -200,7 +346,11 @@ class Int8Quantizer(Optimizer):
     def _select(self, model: Any, ctx: Any) -> tuple[dict[str, Any], dict[str, str]]:
         import torch
 
-        from inferopt.plugins.quantization.int8.modules import Int8Conv2d, Int8MultiheadAttention
+        from inferopt.plugins.quantization.int8.modules import (
+            Int8Conv2d,
+            Int8Embedding,
+            Int8MultiheadAttention,
+        )
 
         targets: dict[str, Any] = {}
         skipped: dict[str, str] = {}
@@ -237,6 +387,13 @@ class Int8Quantizer(Optimizer):
                                      "activation scale with the weights)")
                     continue
                 reason = Int8Conv2d.supported(module)
+                if reason:
+                    skipped[name] = reason
+                    continue
+            elif kind == "embedding":
+                if not self.embeddings:
+                    continue
+                reason = Int8Embedding.supported(module)
                 if reason:
                     skipped[name] = reason
                     continue
@@ -326,15 +483,21 @@ def _kind(module: Any) -> str | None:
         return "linear"
     if type(module) is torch.nn.Conv2d:
         return "conv"
+    if type(module) is torch.nn.Embedding:
+        return "embedding"
     return None
 
 
-def _activation_note(mode: str, kernels: list[str]) -> str:
+def _activation_note(mode: str, kernels: list[str], activations: str = "per-row") -> str:
     if mode == "weight-only":
         return "float (weight-only)"
     notes = []
     if "fbgemm" in kernels:
-        notes.append("fbgemm: uint8 per tensor (7-bit range), dynamic")
+        from inferopt.plugins.quantization.int8.modules import fbgemm_reduce_range
+
+        bits = "7-bit" if fbgemm_reduce_range() else "8-bit"
+        notes.append(f"fbgemm: per row ({bits}), dynamic" if activations == "per-row"
+                     else "fbgemm: uint8 per tensor (7-bit range), dynamic")
     if {"onednn", "cuda", "reference"} & set(kernels):
         notes.append("per row, dynamic" if mode == "dynamic" else "uint8 per tensor, calibrated")
     return "; ".join(notes)
