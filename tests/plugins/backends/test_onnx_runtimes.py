@@ -158,12 +158,18 @@ def test_a_missing_runtime_is_listed_and_refused_with_the_extra(cli, monkeypatch
 
 @needs_ort
 def test_onnxruntime_run_keeps_the_graph_that_ran(cli, tmp_path):
-    """The default recipe (int8) on the demo: the optimized model.onnx is a QDQ graph, loads in
-    ONNX Runtime and gives the saved model's outputs; module-reading metrics are skipped."""
-    result = cli("run", "--backend", "onnxruntime", "--metric", "fidelity", "--metric",
-                 "latency:min_runs=3,min_seconds=0,warmup=1", "--metric", "memory",
-                 "--metric", "compute", "--out", "run", "--json")
+    """int8 on the demo: the optimized model.onnx is a QDQ graph, loads in ONNX Runtime and
+    gives the saved model's outputs; module-reading metrics are skipped. Without smoothing every
+    layer runs in an int8 kernel; the default's SmoothQuant scaling after a ReLU keeps ONNX
+    Runtime from fusing the layer before it, and the run says so."""
+    default = cli("run", "--backend", "onnxruntime", "--metric", "fidelity", "--json")
+    assert default.returncode == 0, default.stderr
+    assert "int8 layers of the optimized model ran in float" in default.stderr
+    result = cli("run", "--backend", "onnxruntime", "-O", "int8:smooth=0", "--metric",
+                 "fidelity", "--metric", "latency:min_runs=3,min_seconds=0,warmup=1", "--metric",
+                 "memory", "--metric", "compute", "--out", "run", "--json")
     assert result.returncode == 0, result.stderr
+    assert "ran in float" not in result.stderr
     report = json.loads(result.stdout)
     assert report["optimized"]["metrics"]["fidelity"]["cosine"] > 0.999
     for name in ("memory", "compute"):

@@ -89,6 +89,13 @@ class OnnxRuntimeBackend(Backend):
         int8 = {k: v for k, v in ran.items() if k in INT8_OPS}
         self.facts[ctx.role] = {"artifact": "model.onnx", "exported_qdq_ops": exported,
                                 "int8_ops": int8}
+        quantized = exported.get("QuantizeLinear", 0)  # one per int8 layer's activations
+        products = sum(v for k, v in int8.items() if k != "DynamicQuantizeLinear")
+        if products < quantized:
+            ctx.warn(f"onnxruntime: {quantized - products} of {quantized} int8 layers of the "
+                     f"{ctx.role} model ran in float: ONNX Runtime did not fuse their "
+                     "quantize/dequantize pairs into int8 kernels (a SmoothQuant scaling "
+                     "between a ReLU and the next layer does that; try int8:smooth=0 here)")
         prepared = OrtPrepared(session, io, str(path))
         self.forward(prepared, ctx.example_inputs)  # warm up: the first run allocates
         ctx.log.info("onnxruntime session ready", path=str(path), int8_ops=int8,
