@@ -199,7 +199,8 @@ class Report:
                     self.baseline[metric], self.optimized.get(metric, {}), shown_only=False)
                     if r["better"]]
                 if rows:
-                    line = f"{metric}: {rows[0]['better']} ({rows[0]['label']} {rows[0]['change']})"
+                    word = v.get(metric) if isinstance(v.get(metric), str) else rows[0]["better"]
+                    line = f"{metric}: {word} ({rows[0]['label']} {rows[0]['change']})"
             if line:
                 lines.append(line)
         for finding in v["findings"]:
