@@ -312,6 +312,37 @@ def inferopt_recipe(optimizer: str, **options: Any) -> Callable[[Workload], Prep
     return make
 
 
+def inferopt_on(backend: str, optimizer: str, **options: Any) -> Callable[..., Prepared]:
+    """inferopt's recipe run by one of its runtime backends (issue 19): the backend exports the
+    optimized model (an ONNX QDQ graph for onnxruntime/openvino), compiles it untimed, and the
+    timed call is the backend's own forward, as in ``inferopt run --backend NAME``."""
+
+    def make(w: Workload, tmp: Path) -> Prepared:
+        needs({"onnxruntime": "onnxruntime", "openvino": "openvino"}.get(backend, "torch"))
+        from inferopt import PrepareContext
+        from inferopt.plugins.backends.inductor import InductorBackend
+        from inferopt.plugins.backends.onnxruntime import OnnxRuntimeBackend
+        from inferopt.plugins.backends.openvino import OpenVinoBackend
+
+        runtime = {"onnxruntime": OnnxRuntimeBackend, "openvino": OpenVinoBackend,
+                   "inductor": InductorBackend}[backend]()
+        model = inferopt.apply(copy.deepcopy(w.model), optimizer, data=data_of(w), **options)
+        ctx = PrepareContext(example_inputs=w.inputs, role="optimized",
+                             artifact_dir=tmp / f"{backend}-{optimizer}-{len(options)}")
+        prepared = runtime.prepare(model, ctx)
+        facts = getattr(runtime, "facts", {}).get("optimized", {})
+        int8 = facts.get("int8_ops") or facts.get("int8_layers") or {}
+
+        def run() -> Any:
+            out = runtime.forward(prepared, w.inputs)
+            return out[0] if isinstance(out, tuple | list) else out
+
+        return Prepared(run, torch_size(model),
+                        "int8 ops: " + ", ".join(f"{k} {v}" for k, v in int8.items()))
+
+    return make
+
+
 def c_ao_dynamic(w: Workload) -> Prepared:
     model = torch.ao.quantization.quantize_dynamic(copy.deepcopy(w.model), {torch.nn.Linear},
                                                    dtype=torch.qint8)
@@ -476,6 +507,11 @@ CANDIDATES: dict[str, tuple[Callable[..., Prepared], bool]] = {
     "ort-static": (ort("static"), True),
     "openvino": (openvino(False), True),
     "openvino-nncf-int8": (openvino(True), True),
+    # inferopt's recipes on its own runtime backends (issue 19)
+    "inferopt-int8-static@openvino": (inferopt_on("openvino", "int8", mode="static"), True),
+    "inferopt-int8@onnxruntime": (inferopt_on("onnxruntime", "int8"), True),
+    "inferopt-int8-static@onnxruntime": (inferopt_on("onnxruntime", "int8", mode="static"),
+                                         True),
 }
 
 
