@@ -30,6 +30,7 @@ MIN_GAIN = 0.02  # smallest gain called an improvement for a timed quantity with
 TIMED_UNITS = ("ms", "s", "samples/s")
 EPSILON = 1e-9
 NOT_COUNTED = ("baseline", "sensitivity")
+SAMPLERS = ("nsga2", "tpe", "random", "grid")
 
 
 class TrialFailed(Exception):
@@ -312,6 +313,7 @@ class Worker:
     load_seconds: float
     heartbeat: float
     echo: Callable[[str], None]
+    sampler: str = "nsga2"  # one of SAMPLERS
     study: Any = None
     machine: dict[str, Any] = attrs.field(init=False, factory=machine)
     layers: list[str] = attrs.field(init=False)
@@ -343,9 +345,12 @@ class Worker:
         storage = self._storage(url)
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         # the accuracy budget is each trial's constraint (trial.set_constraint), which NSGA-II
-        # and study.best_trials respect
-        sampler = optuna.samplers.NSGAIISampler(seed=identity["settings"]["seed"],
-                                                population_size=8)
+        # and study.best_trials respect. grid asks no sampler: its points are enqueued by the
+        # plan, and the random sampler only records the fixed values of enqueued trials
+        seed = identity["settings"]["seed"]
+        sampler = {"nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed, population_size=8),
+                   "tpe": lambda: optuna.samplers.TPESampler(seed=seed)}.get(
+            self.sampler, lambda: optuna.samplers.RandomSampler(seed=seed))()
         try:
             self.study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
                                              directions=self.directions)
@@ -409,11 +414,13 @@ class Worker:
                              f"{', '.join(changed)}); its trials cannot be reused. Choose "
                              "another --out/--study, or --restart to discard them")
         for key, flag in (("goal", "--objective/--max-accuracy-drop"),
-                          ("space", "--technique")):
-            if attrs_.get(key) != identity[key]:
-                raise UsageError(f"study {name!r} searches another {key} ({flag}: "
-                                 f"{attrs_.get(key)}, here {identity[key]}); give the same "
-                                 "flags, or use another --study/--out")
+                          ("space", "--technique"), ("sampler", "--sampler")):
+            # a study from before --sampler was made with NSGA-II
+            theirs = attrs_.get(key, "nsga2" if key == "sampler" else None)
+            if theirs != identity[key]:
+                raise UsageError(f"study {name!r} searches another {key} ({flag}: {theirs}, "
+                                 f"here {identity[key]}); give the same flags, or use another "
+                                 "--study/--out")
         theirs, mine = attrs_.get("machine", {}), self.machine
         diffs = [f"{k} {theirs.get(k)!r} here {mine.get(k)!r}"
                  for k in ("cpu", "cores", "gpu", "torch") if theirs.get(k) != mine.get(k)]
@@ -450,7 +457,18 @@ class Worker:
             if (step := self._fallback(tech, keys)) is not None:
                 return step
         self.decisions = []
-        return [p for p in self._pairs(keys) if p["key"] not in keys]
+        pairs = [p for p in self._pairs(keys) if p["key"] not in keys]
+        if pairs or self.sampler != "grid":
+            return pairs
+        # grid: the next point in the space's order, once nothing before it is left to plan
+        # or waits for a trial (so that any number of workers plans the same trials)
+        point = self._unvisited(set(keys))
+        return [point] if point else []
+
+    def _builds_on(self, t: dict[str, Any]) -> bool:
+        """A measured trial the plan builds on; with grid, not the grid's own points, so that
+        the plan never depends on which of them finished first."""
+        return done(t) and not (self.sampler == "grid" and t.get("phase") == "search")
 
     def _fallback(self, tech: Technique, keys: dict[str, dict[str, Any]]
                   ) -> list[dict[str, Any]] | None:
@@ -460,7 +478,7 @@ class Worker:
         while the trials it waits for run)."""
         if not tech.has_skip or len(self.layers) < 2:
             return None
-        mine = [t for t in keys.values() if done(t) and t.get("phase") not in NOT_COUNTED
+        mine = [t for t in keys.values() if self._builds_on(t) and t.get("phase") not in NOT_COUNTED
                 and [s["name"] for s in t["steps"]] == [tech.name]]
         worth = [t for t in mine if t.get("improves") and not self.goal.within(t)
                  and t.get("phase") != "sensitivity-retry"]
@@ -499,7 +517,7 @@ class Worker:
         dominated by a measured trial are recorded in ``decisions`` instead."""
         g = self.goal
         best: dict[str, dict[str, Any]] = {}
-        for t in sorted((t for t in keys.values() if done(t) and g.meets(t)
+        for t in sorted((t for t in keys.values() if self._builds_on(t) and g.meets(t)
                          and len(t["steps"]) == 1),
                         key=lambda t: (-g.excess(t), g.value(t) or -math.inf)):
             best[t["steps"][0]["name"]] = t
@@ -564,10 +582,13 @@ class Worker:
             if stop is None:
                 self._enqueue(self.plan(trials))
                 trials = self.trials()
-                if not any(t["state"] == "WAITING" for t in trials) and self._unvisited({
-                        t["key"] for t in trials if "key" in t and
-                        (done(t) or t["state"] == "RUNNING")}) is None:
-                    stop = ""  # the whole space is measured (or being measured)
+                # nothing waiting: the whole space is measured (or being measured); or, with
+                # grid, the plan waits for running trials (below)
+                if not any(t["state"] == "WAITING" for t in trials) and (
+                        self.sampler == "grid" or self._unvisited({
+                            t["key"] for t in trials if "key" in t and
+                            (done(t) or t["state"] == "RUNNING")}) is None):
+                    stop = ""
             if stop is not None:
                 if any(t["state"] == "RUNNING" for t in trials):
                     # another worker's trial: wait for it; a dead worker's is failed after
@@ -580,7 +601,7 @@ class Worker:
             self.study.optimize(self._objective, n_trials=1, catch=(TrialFailed,))
 
     def _limit(self, trials: list[dict[str, Any]], started: bool) -> str | None:
-        if sum(counted(t) for t in trials) >= self.max_trials:
+        if len({t["key"] for t in trials if counted(t)}) >= self.max_trials:
             return f"trial limit reached ({self.max_trials} trials)"
         if not started:
             return None  # the A/A baseline runs whatever the time budget
@@ -611,6 +632,8 @@ class Worker:
 
         item = dict(trial.user_attrs)
         trials = self.trials()
+        if "steps" not in item and self.sampler == "grid":
+            self._skip(trial, "no trial waiting")  # claimed by another worker: plan again
         if "steps" not in item:
             # the sampler's proposal is enqueued, not run: an enqueued trial carries its key
             # from its creation and is claimed atomically, so the lowest-numbered trial of a
@@ -630,8 +653,9 @@ class Worker:
         if dup is not None:
             self._skip(trial, f"duplicate of trial {dup['number']}")
         me = dict(item, number=trial.number, state="RUNNING")
-        if counted(me) and sum(counted(t) for t in trials if t["number"] < trial.number) \
-                >= self.max_trials:
+        # recipes, not trials: a duplicate not skipped yet must not take this trial's place
+        if counted(me) and len({t["key"] for t in trials if t["number"] < trial.number
+                                and counted(t)}) >= self.max_trials:
             self._skip(trial, "trial limit")
         # one write per attribute: the trial's own (sampled ones), then who runs it where
         trial.set_user_attr("run", {**item, "worker": f"{socket.gethostname()}:{os.getpid()}",
