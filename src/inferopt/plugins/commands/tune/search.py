@@ -60,6 +60,11 @@ def num(x: Any) -> str:
     return f"{x:.2f}" if isinstance(x, int | float) else "-"
 
 
+def speedup_text(t: dict[str, Any]) -> str:
+    ci = t.get("speedup_ci") or [None, None]
+    return f"x{num(t.get('speedup'))} [{num(ci[0])}-{num(ci[1])}]"
+
+
 @attrs.define
 class Technique:
     """One optimizer of the search space: its fixed options and the values to try for the
@@ -183,8 +188,7 @@ class Goal:
         return cls(budget, relative, metric, field or None)
 
     def drop(self, t: dict[str, Any]) -> float | None:
-        value = t.get("accuracy_drop_percent" if self.relative else "accuracy_drop_points")
-        return float(value) if isinstance(value, int | float) else None
+        return t.get("accuracy_drop_percent" if self.relative else "accuracy_drop_points")
 
     def within(self, t: dict[str, Any]) -> bool:
         drop = self.drop(t)
@@ -196,10 +200,6 @@ class Goal:
 
     def meets(self, t: dict[str, Any]) -> bool:
         return self.within(t) and bool(t.get("improves")) and bool(t.get("steps"))
-
-    def value(self, t: dict[str, Any]) -> float | None:
-        v = t.get("objective")
-        return float(v) if isinstance(v, int | float) else None
 
     def text(self) -> str:
         budget = (f"{self.budget:g}% of the baseline's accuracy" if self.relative
@@ -214,9 +214,7 @@ class Goal:
             return f"failed: {rec.get('error')}"
         parts = []
         if rec.get("speedup") is not None:
-            ci = rec.get("speedup_ci") or [None, None]
-            parts.append(f"x{rec['speedup']:.2f} [{num(ci[0])}-{num(ci[1])}] "
-                         f"{rec.get('latency_verdict')}")
+            parts.append(f"{speedup_text(rec)} {rec.get('latency_verdict')}")
         if (drop := self.drop(rec)) is not None:
             parts.append(f"accuracy drop {drop:.3g}{'%' if self.relative else ' pts'}")
         if rec.get("size_ratio") is not None:
@@ -292,6 +290,10 @@ def taken(t: dict[str, Any]) -> bool:
     return done(t) or (t["state"] in ("RUNNING", "WAITING") and "skipped" not in t)
 
 
+def taken_keys(trials: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {t["key"]: t for t in trials if "key" in t and taken(t)}
+
+
 def counted(t: dict[str, Any]) -> bool:
     """Counts against --trials: a candidate measured or being measured."""
     return "key" in t and t.get("phase") not in NOT_COUNTED and "skipped" not in t \
@@ -339,7 +341,7 @@ class Worker:
 
     def open(self, url: str, name: str, identity: dict[str, Any]) -> None:
         """Create the study (and enqueue its first trials), or join it after checking that it
-        is the same search: baseline, goal, space and kind of machine."""
+        is the same search: baseline, goal, space, sampler and kind of machine."""
         import optuna
 
         storage = self._storage(url)
@@ -347,10 +349,10 @@ class Worker:
         # the accuracy budget is each trial's constraint (trial.set_constraint), which NSGA-II
         # and study.best_trials respect. grid asks no sampler: its points are enqueued by the
         # plan, and the random sampler only records the fixed values of enqueued trials
-        seed = identity["settings"]["seed"]
-        sampler = {"nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed, population_size=8),
-                   "tpe": lambda: optuna.samplers.TPESampler(seed=seed)}.get(
-            self.sampler, lambda: optuna.samplers.RandomSampler(seed=seed))()
+        seed, samplers = identity["settings"]["seed"], optuna.samplers
+        sampler = {"nsga2": samplers.NSGAIISampler(seed=seed, population_size=8),
+                   "tpe": samplers.TPESampler(seed=seed)}.get(self.sampler,
+                                                              samplers.RandomSampler(seed=seed))
         try:
             self.study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
                                              directions=self.directions)
@@ -374,8 +376,8 @@ class Worker:
         from optuna.storages import RDBStorage, RetryFailedTrialCallback
 
         # SQLite: wait for the other workers' writes instead of failing on a locked file
-        sqlite = url.startswith("sqlite")
-        engine = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
+        engine = ({"connect_args": {"timeout": 60}} if url.startswith("sqlite")
+                  else {"pool_pre_ping": True})
         for attempt in range(5):
             try:
                 with warnings.catch_warnings():  # heartbeats are "experimental" to Optuna
@@ -446,7 +448,7 @@ class Worker:
     def plan(self, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The next trials to enqueue (as user attributes: key, phase, steps); the same trials
         give the same plan, and a key already taken is never enqueued again."""
-        keys = {t["key"]: t for t in trials if "key" in t and taken(t)}
+        keys = taken_keys(trials)
         # the space is in KIND_RANK order: cheap kinds first, training ones last
         wanted = [planned([], "baseline")] + [planned([t.points()[0]], "single")
                                               for t in self.space]
@@ -462,7 +464,7 @@ class Worker:
             return pairs
         # grid: the next point in the space's order, once nothing before it is left to plan
         # or waits for a trial (so that any number of workers plans the same trials)
-        point = self._unvisited(set(keys))
+        point = self._unvisited(keys)
         return [point] if point else []
 
     def _builds_on(self, t: dict[str, Any]) -> bool:
@@ -519,7 +521,7 @@ class Worker:
         best: dict[str, dict[str, Any]] = {}
         for t in sorted((t for t in keys.values() if self._builds_on(t) and g.meets(t)
                          and len(t["steps"]) == 1),
-                        key=lambda t: (-g.excess(t), g.value(t) or -math.inf)):
+                        key=lambda t: (-g.excess(t), t["objective"] or -math.inf)):
             best[t["steps"][0]["name"]] = t
         rank = {tech.name: COMBINE_RANK.get(tech.kind, COMBINE_RANK[""]) for tech in self.space}
         plans = []
@@ -529,14 +531,14 @@ class Worker:
                     continue
                 pair = planned(a["steps"] + b["steps"], "combine")
                 drop = max(g.drop(a) or 0.0, 0.0) + max(g.drop(b) or 0.0, 0.0)
-                value = (g.value(a) or 0.0) * (g.value(b) or 0.0)
+                value = (a["objective"] or 0.0) * (b["objective"] or 0.0)
                 reason = None
                 if drop > g.budget + EPSILON:
                     reason = (f"predicted accuracy drop {drop:.3g} (sum of the two steps') "
                               f"exceeds the budget {g.budget:g}")
                 elif dom := next((t for t in keys.values() if done(t) and t.get("status") == "ok"
                                   and t.get("phase") not in NOT_COUNTED
-                                  and (g.value(t) or -math.inf) >= value
+                                  and (t.get("objective") or -math.inf) >= value
                                   and (g.drop(t) or 0.0) <= drop), None):
                     reason = (f"predicted point (objective {value:.3g}, drop {drop:.3g}) "
                               f"is dominated by trial {dom['number']} ({dom['key']})")
@@ -547,7 +549,7 @@ class Worker:
                     plans.append((value, pair))
         return [p for _v, p in sorted(plans, key=lambda p: -p[0])]
 
-    def _unvisited(self, keys: set[str]) -> dict[str, Any] | None:
+    def _unvisited(self, keys: Any) -> dict[str, Any] | None:
         """The first point of the space not measured yet (what replaces a repeated sample)."""
         return next((planned([step], "search") for tech in self.space
                      for step in tech.points() if key_of([step]) not in keys), None)
@@ -585,9 +587,7 @@ class Worker:
                 # nothing waiting: the whole space is measured (or being measured); or, with
                 # grid, the plan waits for running trials (below)
                 if not any(t["state"] == "WAITING" for t in trials) and (
-                        self.sampler == "grid" or self._unvisited({
-                            t["key"] for t in trials if "key" in t and
-                            (done(t) or t["state"] == "RUNNING")}) is None):
+                        self.sampler == "grid" or self._unvisited(taken_keys(trials)) is None):
                     stop = ""
             if stop is not None:
                 if any(t["state"] == "RUNNING" for t in trials):
@@ -639,16 +639,16 @@ class Worker:
             # from its creation and is claimed atomically, so the lowest-numbered trial of a
             # key is the one that runs (below), whichever workers plan or sample it
             steps = self._sample(trial)
-            taken_keys = {t["key"] for t in trials if "key" in t and taken(t)}
-            nxt = (planned(steps, "search") if key_of(steps) not in taken_keys
-                   else self._unvisited(taken_keys))  # a repeat: something new
+            keys = taken_keys(trials)
+            nxt = (planned(steps, "search") if key_of(steps) not in keys
+                   else self._unvisited(keys))  # a repeat: something new
             self._enqueue([nxt] if nxt else [])
             self._skip(trial, "sampler proposal, enqueued" if nxt else "sampler repeat")
         if self._params(item["steps"]) is not None:
             self._sample(trial)  # the sampler learns from it (the values are fixed)
-        dup = next((t for t in trials if t.get("key") == item["key"] and "skipped" not in t
-                    and t["number"] != trial.number and (done(t) or (
-                        t["number"] < trial.number and t["state"] in ("RUNNING", "WAITING")))),
+        # a trial of the same key measured, or running or waiting since before this one
+        dup = next((t for t in trials if t.get("key") == item["key"] and taken(t)
+                    and t["number"] != trial.number and (done(t) or t["number"] < trial.number)),
                    None)
         if dup is not None:
             self._skip(trial, f"duplicate of trial {dup['number']}")
