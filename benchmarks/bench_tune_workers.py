@@ -1,7 +1,9 @@
 """Two ``inferopt tune`` workers on one study against one worker, on the same search: the wall
-time of each (and their ratio, in one run), and whether both choose a recipe of the same
-quality (accuracy and size are deterministic; latency verdicts are measured, so the chosen
-recipe can differ when two candidates are within noise of each other).
+time of each (and their ratio, in one run), whether both ran the same trials, and the recipe
+each chose with its accuracy drop and size. Both searches use ``--sampler grid``, whose trials
+do not depend on which worker saw which result: they are the same whenever the measured results
+the plan uses are the same (accuracy and size are deterministic; whether a trial is faster is
+measured, so noise can still change the pairs, the sensitivity runs and the choice).
 
     python benchmarks/bench_tune_workers.py                     # the demo, 12 trials, 2 workers
     python benchmarks/bench_tune_workers.py --trials 6 --model demo:digits-mlp-small   # quick
@@ -9,7 +11,8 @@ recipe can differ when two candidates are within noise of each other).
 
 The single worker gets every core (OMP_NUM_THREADS = cores); each of N workers gets its share,
 pinned with ``taskset`` where it exists, so that the workers' timings do not compete for the
-same cores. Run it on an idle machine: other processes distort both the timings and the ratio.
+same cores. Run it on an idle machine: other processes distort both the timings and the ratio
+(the load average is printed at the start and at the end).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def search(out: Path, workers: int, args: argparse.Namespace) -> tuple[float, li
     share = max(1, cores // workers)
     command = [sys.executable, "-m", "inferopt", "tune", "--model", args.model,
                "--metric", args.latency, "--trials", str(args.trials),
-               "--budget-minutes", "60", "--out", str(out), "--json",
+               "--budget-minutes", "60", "--sampler", "grid", "--out", str(out), "--json",
                *[flag for t in args.technique for flag in ("-t", t)]]
     procs = []
     start = time.perf_counter()
@@ -60,7 +63,7 @@ def summary(docs: list[dict[str, Any]]) -> dict[str, Any]:
     doc = max(docs, key=lambda d: len(d["trials"]))  # the worker that finished last
     chosen = next((t for t in doc["trials"] if t["id"] == doc["chosen"]), None)
     workers = {t.get("worker") for t in doc["trials"]}
-    return {"trials": sorted(t["key"] for t in doc["trials"]), "workers": len(workers),
+    return {"trials": {t["key"] for t in doc["trials"]}, "workers": len(workers),
             "chosen": chosen and chosen["key"],
             "accuracy_drop": chosen and chosen["accuracy_drop_points"],
             "size_ratio": chosen and chosen["size_ratio"],
@@ -73,14 +76,17 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--technique", action="append",
-                        help="repeatable; default: int8 and prune-activations (12 points)")
+                        help="repeatable; default: int8 and prune-activations (16 points)")
     parser.add_argument("--latency", default="latency:min_runs=100,min_seconds=0.5")
     args = parser.parse_args()
     args.technique = args.technique or ["int8", "prune-activations"]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}")
     print(f"CPU flags: {' '.join(sorted(cpu_flags())) or '(none found)'}")
-    print(f"search: {args.model}, {' '.join(args.technique)}, {args.trials} trials\n")
+    print(f"search: {args.model}, {' '.join(args.technique)}, {args.trials} trials, "
+          "--sampler grid")
+    print("load average at the start (1, 5, 15 min): "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
     with tempfile.TemporaryDirectory(prefix="bench-tune-") as tmp:
         one_s, one = search(Path(tmp) / "one", 1, args)
         many_s, many = search(Path(tmp) / "many", args.workers, args)
@@ -93,15 +99,18 @@ def main() -> None:
     print(f"wall time, 1 worker / {args.workers} workers: x{one_s / many_s:.2f} "
           f"({'faster' if many_s < one_s else 'NOT faster'} with {args.workers})")
     same_trials = a["trials"] == b["trials"]
+    print(f"same trial keys: {same_trials} ({len(a['trials'])} and {len(b['trials'])} trials, "
+          "the A/A trial included)")
     same_quality = all(
         x is not None and y is not None and math.isclose(x, y, abs_tol=1e-6)
         for x, y in ((a["accuracy_drop"], b["accuracy_drop"]), (a["size_ratio"], b["size_ratio"])))
-    print(f"same trials: {same_trials}; chosen recipe: "
-          f"{'same' if a['chosen'] == b['chosen'] else 'different'}; same accuracy drop and "
-          f"size of the choice: {same_quality}")
+    print(f"chosen recipe: {'same' if a['chosen'] == b['chosen'] else 'different'}; same "
+          f"accuracy drop and size of the choice: {same_quality}")
     if not same_trials:
-        print(f"  only 1 worker: {sorted(set(a['trials']) - set(b['trials']))}; only "
-              f"{args.workers}: {sorted(set(b['trials']) - set(a['trials']))}")
+        print(f"  only 1 worker: {sorted(a['trials'] - b['trials'])}; only "
+              f"{args.workers}: {sorted(b['trials'] - a['trials'])}")
+    print("load average at the end (1, 5, 15 min): "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -308,3 +308,28 @@ def test_tune_json_names_its_study(cli, tmp_path):
     doc = json.loads((out / "tune.json").read_text())
     assert doc["artifacts"]["study"].startswith("sqlite:///")
     assert doc["artifacts"]["study_name"] == "inferopt-tune" and "study" not in doc
+
+
+def test_grid_sampler_visits_the_space_in_order_and_the_study_keeps_it(cli: Any,
+                                                                      tmp_path: Path) -> None:
+    import inferopt
+    from inferopt.plugins.commands.tune.search import key_of, search_space
+    from inferopt.utils import parse_spec
+
+    out = tmp_path / "tune"
+    args = ["tune", *FAST, "-t", "prune-activations", "--objective", "size",
+            "--max-accuracy-drop", "100", "--out", str(out)]
+    result = cli(*args, "--sampler", "grid", "--json")
+    assert result.returncode == 0, result.stderr
+    space, _notes = search_space(inferopt.Session(), (parse_spec("prune-activations", "-t"),))
+    points = [key_of([p]) for p in space[0].points()]
+    assert len(points) == 4
+    # the baseline, the defaults (the first point), then the rest of the space in its order
+    trials = [t for t in _study_trials(out) if "skipped" not in t]
+    assert [t["key"] for t in trials] == ["none", *points]
+    assert [t["phase"] for t in trials] == ["baseline", "single", "search", "search", "search"]
+    assert json.loads(result.stdout)["settings"]["sampler"] == "grid"
+    # a worker with another sampler is refused: the study's plan is the grid's
+    other = cli(*args, "--sampler", "tpe")
+    assert other.returncode == 2
+    assert "searches another sampler (--sampler: grid, here tpe)" in other.stderr

@@ -111,6 +111,26 @@ def test_two_workers_share_one_sqlite_study(naps_env: dict[str, str], tmp_path: 
     _two_workers_share(["--storage", f"sqlite:///{db}"], f"sqlite:///{db}", tmp_path, naps_env)
 
 
+def test_two_workers_on_a_grid_run_the_trials_of_one(naps_env: dict[str, str],
+                                                    tmp_path: Path) -> None:
+    """--sampler grid: two workers run the trials one worker runs. With --objective size no
+    measured result changes the plan (naps never make the model smaller: no pairs, no
+    sensitivity runs), so the trials depend only on the grid's order and the trial limit, which
+    leaves the last point of the space out."""
+    args = [*FAST, "-t", "naps", "--sampler", "grid", "--trials", "3"]
+    keys = {}
+    for n in (1, 2):
+        storage = f"sqlite:///{tmp_path / f'grid{n}.db'}"
+        workers = [_worker([*args, "--storage", storage, "--out", str(tmp_path / f"g{n}-{i}")],
+                           naps_env, tmp_path) for i in range(n)]
+        for w in workers:
+            _out, err = w.communicate(timeout=240)
+            assert w.returncode == 1, err
+        keys[n] = [t["key"] for t in sorted(_measured(storage), key=lambda t: t["number"])]
+    assert keys[1] == ["none", "naps", "naps:seconds=0.6", "naps:seconds=0.7"]
+    assert sorted(keys[2]) == sorted(keys[1])  # the same trials, none twice
+
+
 @pytest.mark.slow
 def test_two_workers_in_one_out_dir_share_its_study(naps_env: dict[str, str],
                                                     tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from inferopt import InferoptError, UsageError, hookimpl
+from inferopt.plugins.commands.tune.search import SAMPLERS
 from inferopt.utils import cli_fail, cli_logging_options
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -54,6 +55,10 @@ OLD_LOG = "trials.jsonl"  # an older tune's trial log
 @click.option("--technique", "-t", "techniques", multiple=True, metavar="NAME[:k=v,...]",
               help="Search only these optimizers (repeat); options given are fixed. Default: "
                    "every installed optimizer that declares searchable options.")
+@click.option("--sampler", type=click.Choice(SAMPLERS), default="nsga2", show_default=True,
+              help="What proposes trials after the planned ones: Optuna's NSGA-II, TPE or "
+                   "random sampler, or grid: the rest of the space in a fixed order, so that "
+                   "any number of workers runs the same trials. A study keeps its sampler.")
 @click.option("--out", "-o", metavar="DIR", default="inferopt-tune", show_default=True,
               help="Where the study (study.db, unless --storage), the summary and the chosen "
                    "model go. Rerunning with the same DIR continues the search.")
@@ -169,14 +174,15 @@ def _search(flags: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any
                 "output": flags["output"] or resolved["output"]}
     goal_json = {"objective": objective, "max_accuracy_drop": budget, "relative": relative}
     identity = {"fingerprint": fingerprint(model, data, settings), "settings": settings,
-                "goal": goal_json, "space": [t.to_json() for t in space]}
+                "goal": goal_json, "space": [t.to_json() for t in space],
+                "sampler": flags["sampler"]}
     batch_size = settings["batch_size"] if resolved["batch_size_explicit"] else None
     inputs = {"model": model, "data": data, "backend": settings["backend"],
               "seed": settings["seed"], "output": settings["output"], "batch_size": batch_size}
     url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
     out.mkdir(parents=True, exist_ok=True)
     worker = Worker(session, inputs, metrics, space, goal, flags["max_trials"], budget_seconds,
-                    load_seconds, flags["heartbeat_seconds"], echo)
+                    load_seconds, flags["heartbeat_seconds"], echo, flags["sampler"])
     worker.open(url, flags["study_name"], identity)
     worker.work()
 
@@ -195,7 +201,8 @@ def _search(flags: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any
 
     head = {"schema": SCHEMA, "settings": {
         **settings, **goal_json, "budget_minutes": round(budget_seconds / 60, 3),
-        "max_trials": flags["max_trials"], "techniques": [str(t) for t in techniques] or None},
+        "max_trials": flags["max_trials"], "sampler": flags["sampler"],
+        "techniques": [str(t) for t in techniques] or None},
         "fingerprint": identity["fingerprint"], "notes": notes,
         # in tune.json's artifacts too (a database URL's credentials are never written)
         "study": {"study": url if storage is None else f"{url.split('://')[0]}://...",

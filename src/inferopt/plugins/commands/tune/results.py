@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from inferopt.plugins.commands.tune.search import Goal, done, num
+from inferopt.plugins.commands.tune.search import Goal, done, num, speedup_text
 
 COLUMNS = ("#", "phase", "recipe", "speedup [CI]", "latency", "acc. drop", "size", "objective",
            "budget", "note")
@@ -25,16 +25,16 @@ def document(worker: Any, head: dict[str, Any], out: Path) -> dict[str, Any]:
     rows = [{**{k: v for k, v in t.items() if k not in ("report", "machine", "state", "number")},
              "id": t["number"], "status": t.get("status", "failed"),
              "within_budget": goal.within(t), "meets_goal": goal.meets(t),
-             "objective": goal.value(t), "replayed": t["number"] not in worker.mine}
+             "objective": t.get("objective"), "replayed": t["number"] not in worker.mine}
             for t in measured if t["phase"] != "sensitivity"]
     ids = {r["id"] for r in rows}
     chosen = max((r for r in rows if r["meets_goal"]),
-                 key=lambda t: (goal.value(t) or 0.0, -(goal.drop(t) or 0.0),
+                 key=lambda t: (t["objective"] or 0.0, -(goal.drop(t) or 0.0),
                                 -(t.get("size_ratio") or 1.0), -t["id"]), default=None)
     candidates = [r for r in rows if r["status"] == "ok" and r["steps"]]
     closest = [] if chosen is not None else sorted(
         candidates, key=lambda t: (goal.excess(t), not t["improves"],
-                                   -(goal.value(t) or 0.0)))[:3]
+                                   -(t["objective"] or 0.0)))[:3]
     worker.plan(trials)  # its decisions on the pairs, for the record
     base = next((t for t in measured if t["phase"] == "baseline"), {})
     metrics = base["report"]["baseline"]["metrics"] if base.get("status") == "ok" else None
@@ -57,7 +57,7 @@ def document(worker: Any, head: dict[str, Any], out: Path) -> dict[str, Any]:
         "chosen": chosen["id"] if chosen is not None else None,
         "closest": [t["id"] for t in closest],
         "artifacts": {"dir": str(out), "summary": str(out / "tune.json"),
-                      "markdown": str(out / "tune.md"), **head.get("study", {})},
+                      "markdown": str(out / "tune.md"), **head["study"]},
     }
 
 
@@ -66,7 +66,6 @@ def finish(worker: Any, head: dict[str, Any], out: Path, save: Any) -> dict[str,
     (a file lock); the last one's summary includes every trial."""
     from inferopt.utils import finite_json
 
-    out.mkdir(parents=True, exist_ok=True)
     with (out / ".tune.lock").open("w") as lock:
         with contextlib.suppress(ImportError):  # no fcntl (Windows): one worker per --out
             import fcntl
@@ -88,7 +87,7 @@ def finish(worker: Any, head: dict[str, Any], out: Path, save: Any) -> dict[str,
             shutil.rmtree(best)
             marker.unlink(missing_ok=True)
             worker.echo(f"removed {best}: no candidate meets this goal")
-        doc["notes"] = head.get("notes", []) + plots(worker, out, doc)
+        doc["notes"] = head["notes"] + plots(worker, out, doc)
         for name, text in (("tune.json", json.dumps(finite_json(doc), indent=2) + "\n"),
                            ("tune.md", to_markdown(doc))):
             # through a temporary file and a rename: an interruption never leaves half a file
@@ -141,14 +140,13 @@ def table_rows(doc: dict[str, Any]) -> list[tuple[str, ...]]:
                          str(t.get("error", ""))[:80]))
             continue
         drop = t.get("accuracy_drop_percent" if relative else "accuracy_drop_points")
-        ci = t.get("speedup_ci") or [None, None]
         notes = [n for n, on in (("CHOSEN", t["id"] == doc.get("chosen")),
                                  ("pareto", t["id"] in doc["pareto"]),
                                  ("closest", t["id"] in (doc.get("closest") or [])),
                                  ("earlier/other worker", t.get("replayed"))) if on]
         rows.append((
             str(t["id"]), t["phase"], t["key"],
-            f"x{num(t.get('speedup'))} [{num(ci[0])}-{num(ci[1])}]",
+            speedup_text(t),
             str(t.get("latency_verdict") or "-"),
             "-" if drop is None else f"{drop:.2f}{'%' if relative else ''}",
             "-" if t.get("size_ratio") is None else f"{t['size_ratio'] * 100:.1f}%",

@@ -30,6 +30,7 @@ MIN_GAIN = 0.02  # smallest gain called an improvement for a timed quantity with
 TIMED_UNITS = ("ms", "s", "samples/s")
 EPSILON = 1e-9
 NOT_COUNTED = ("baseline", "sensitivity")
+SAMPLERS = ("nsga2", "tpe", "random", "grid")
 
 
 class TrialFailed(Exception):
@@ -57,6 +58,11 @@ def planned(steps: list[dict[str, Any]], phase: str, **extra: Any) -> dict[str, 
 
 def num(x: Any) -> str:
     return f"{x:.2f}" if isinstance(x, int | float) else "-"
+
+
+def speedup_text(t: dict[str, Any]) -> str:
+    ci = t.get("speedup_ci") or [None, None]
+    return f"x{num(t.get('speedup'))} [{num(ci[0])}-{num(ci[1])}]"
 
 
 @attrs.define
@@ -182,8 +188,7 @@ class Goal:
         return cls(budget, relative, metric, field or None)
 
     def drop(self, t: dict[str, Any]) -> float | None:
-        value = t.get("accuracy_drop_percent" if self.relative else "accuracy_drop_points")
-        return float(value) if isinstance(value, int | float) else None
+        return t.get("accuracy_drop_percent" if self.relative else "accuracy_drop_points")
 
     def within(self, t: dict[str, Any]) -> bool:
         drop = self.drop(t)
@@ -195,10 +200,6 @@ class Goal:
 
     def meets(self, t: dict[str, Any]) -> bool:
         return self.within(t) and bool(t.get("improves")) and bool(t.get("steps"))
-
-    def value(self, t: dict[str, Any]) -> float | None:
-        v = t.get("objective")
-        return float(v) if isinstance(v, int | float) else None
 
     def text(self) -> str:
         budget = (f"{self.budget:g}% of the baseline's accuracy" if self.relative
@@ -213,9 +214,7 @@ class Goal:
             return f"failed: {rec.get('error')}"
         parts = []
         if rec.get("speedup") is not None:
-            ci = rec.get("speedup_ci") or [None, None]
-            parts.append(f"x{rec['speedup']:.2f} [{num(ci[0])}-{num(ci[1])}] "
-                         f"{rec.get('latency_verdict')}")
+            parts.append(f"{speedup_text(rec)} {rec.get('latency_verdict')}")
         if (drop := self.drop(rec)) is not None:
             parts.append(f"accuracy drop {drop:.3g}{'%' if self.relative else ' pts'}")
         if rec.get("size_ratio") is not None:
@@ -291,6 +290,10 @@ def taken(t: dict[str, Any]) -> bool:
     return done(t) or (t["state"] in ("RUNNING", "WAITING") and "skipped" not in t)
 
 
+def taken_keys(trials: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {t["key"]: t for t in trials if "key" in t and taken(t)}
+
+
 def counted(t: dict[str, Any]) -> bool:
     """Counts against --trials: a candidate measured or being measured."""
     return "key" in t and t.get("phase") not in NOT_COUNTED and "skipped" not in t \
@@ -312,6 +315,7 @@ class Worker:
     load_seconds: float
     heartbeat: float
     echo: Callable[[str], None]
+    sampler: str = "nsga2"  # one of SAMPLERS
     study: Any = None
     machine: dict[str, Any] = attrs.field(init=False, factory=machine)
     layers: list[str] = attrs.field(init=False)
@@ -337,15 +341,18 @@ class Worker:
 
     def open(self, url: str, name: str, identity: dict[str, Any]) -> None:
         """Create the study (and enqueue its first trials), or join it after checking that it
-        is the same search: baseline, goal, space and kind of machine."""
+        is the same search: baseline, goal, space, sampler and kind of machine."""
         import optuna
 
         storage = self._storage(url)
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         # the accuracy budget is each trial's constraint (trial.set_constraint), which NSGA-II
-        # and study.best_trials respect
-        sampler = optuna.samplers.NSGAIISampler(seed=identity["settings"]["seed"],
-                                                population_size=8)
+        # and study.best_trials respect. grid asks no sampler: its points are enqueued by the
+        # plan, and the random sampler only records the fixed values of enqueued trials
+        seed, samplers = identity["settings"]["seed"], optuna.samplers
+        sampler = {"nsga2": samplers.NSGAIISampler(seed=seed, population_size=8),
+                   "tpe": samplers.TPESampler(seed=seed)}.get(self.sampler,
+                                                              samplers.RandomSampler(seed=seed))
         try:
             self.study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
                                              directions=self.directions)
@@ -369,8 +376,8 @@ class Worker:
         from optuna.storages import RDBStorage, RetryFailedTrialCallback
 
         # SQLite: wait for the other workers' writes instead of failing on a locked file
-        sqlite = url.startswith("sqlite")
-        engine = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
+        engine = ({"connect_args": {"timeout": 60}} if url.startswith("sqlite")
+                  else {"pool_pre_ping": True})
         for attempt in range(5):
             try:
                 with warnings.catch_warnings():  # heartbeats are "experimental" to Optuna
@@ -409,11 +416,13 @@ class Worker:
                              f"{', '.join(changed)}); its trials cannot be reused. Choose "
                              "another --out/--study, or --restart to discard them")
         for key, flag in (("goal", "--objective/--max-accuracy-drop"),
-                          ("space", "--technique")):
-            if attrs_.get(key) != identity[key]:
-                raise UsageError(f"study {name!r} searches another {key} ({flag}: "
-                                 f"{attrs_.get(key)}, here {identity[key]}); give the same "
-                                 "flags, or use another --study/--out")
+                          ("space", "--technique"), ("sampler", "--sampler")):
+            # a study from before --sampler was made with NSGA-II
+            theirs = attrs_.get(key, "nsga2" if key == "sampler" else None)
+            if theirs != identity[key]:
+                raise UsageError(f"study {name!r} searches another {key} ({flag}: {theirs}, "
+                                 f"here {identity[key]}); give the same flags, or use another "
+                                 "--study/--out")
         theirs, mine = attrs_.get("machine", {}), self.machine
         diffs = [f"{k} {theirs.get(k)!r} here {mine.get(k)!r}"
                  for k in ("cpu", "cores", "gpu", "torch") if theirs.get(k) != mine.get(k)]
@@ -439,7 +448,7 @@ class Worker:
     def plan(self, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The next trials to enqueue (as user attributes: key, phase, steps); the same trials
         give the same plan, and a key already taken is never enqueued again."""
-        keys = {t["key"]: t for t in trials if "key" in t and taken(t)}
+        keys = taken_keys(trials)
         # the space is in KIND_RANK order: cheap kinds first, training ones last
         wanted = [planned([], "baseline")] + [planned([t.points()[0]], "single")
                                               for t in self.space]
@@ -450,7 +459,18 @@ class Worker:
             if (step := self._fallback(tech, keys)) is not None:
                 return step
         self.decisions = []
-        return [p for p in self._pairs(keys) if p["key"] not in keys]
+        pairs = [p for p in self._pairs(keys) if p["key"] not in keys]
+        if pairs or self.sampler != "grid":
+            return pairs
+        # grid: the next point in the space's order, once nothing before it is left to plan
+        # or waits for a trial (so that any number of workers plans the same trials)
+        point = self._unvisited(keys)
+        return [point] if point else []
+
+    def _builds_on(self, t: dict[str, Any]) -> bool:
+        """A measured trial the plan builds on; with grid, not the grid's own points, so that
+        the plan never depends on which of them finished first."""
+        return done(t) and not (self.sampler == "grid" and t.get("phase") == "search")
 
     def _fallback(self, tech: Technique, keys: dict[str, dict[str, Any]]
                   ) -> list[dict[str, Any]] | None:
@@ -460,7 +480,7 @@ class Worker:
         while the trials it waits for run)."""
         if not tech.has_skip or len(self.layers) < 2:
             return None
-        mine = [t for t in keys.values() if done(t) and t.get("phase") not in NOT_COUNTED
+        mine = [t for t in keys.values() if self._builds_on(t) and t.get("phase") not in NOT_COUNTED
                 and [s["name"] for s in t["steps"]] == [tech.name]]
         worth = [t for t in mine if t.get("improves") and not self.goal.within(t)
                  and t.get("phase") != "sensitivity-retry"]
@@ -499,9 +519,9 @@ class Worker:
         dominated by a measured trial are recorded in ``decisions`` instead."""
         g = self.goal
         best: dict[str, dict[str, Any]] = {}
-        for t in sorted((t for t in keys.values() if done(t) and g.meets(t)
+        for t in sorted((t for t in keys.values() if self._builds_on(t) and g.meets(t)
                          and len(t["steps"]) == 1),
-                        key=lambda t: (-g.excess(t), g.value(t) or -math.inf)):
+                        key=lambda t: (-g.excess(t), t["objective"] or -math.inf)):
             best[t["steps"][0]["name"]] = t
         rank = {tech.name: COMBINE_RANK.get(tech.kind, COMBINE_RANK[""]) for tech in self.space}
         plans = []
@@ -511,14 +531,14 @@ class Worker:
                     continue
                 pair = planned(a["steps"] + b["steps"], "combine")
                 drop = max(g.drop(a) or 0.0, 0.0) + max(g.drop(b) or 0.0, 0.0)
-                value = (g.value(a) or 0.0) * (g.value(b) or 0.0)
+                value = (a["objective"] or 0.0) * (b["objective"] or 0.0)
                 reason = None
                 if drop > g.budget + EPSILON:
                     reason = (f"predicted accuracy drop {drop:.3g} (sum of the two steps') "
                               f"exceeds the budget {g.budget:g}")
                 elif dom := next((t for t in keys.values() if done(t) and t.get("status") == "ok"
                                   and t.get("phase") not in NOT_COUNTED
-                                  and (g.value(t) or -math.inf) >= value
+                                  and (t.get("objective") or -math.inf) >= value
                                   and (g.drop(t) or 0.0) <= drop), None):
                     reason = (f"predicted point (objective {value:.3g}, drop {drop:.3g}) "
                               f"is dominated by trial {dom['number']} ({dom['key']})")
@@ -529,7 +549,7 @@ class Worker:
                     plans.append((value, pair))
         return [p for _v, p in sorted(plans, key=lambda p: -p[0])]
 
-    def _unvisited(self, keys: set[str]) -> dict[str, Any] | None:
+    def _unvisited(self, keys: Any) -> dict[str, Any] | None:
         """The first point of the space not measured yet (what replaces a repeated sample)."""
         return next((planned([step], "search") for tech in self.space
                      for step in tech.points() if key_of([step]) not in keys), None)
@@ -564,10 +584,11 @@ class Worker:
             if stop is None:
                 self._enqueue(self.plan(trials))
                 trials = self.trials()
-                if not any(t["state"] == "WAITING" for t in trials) and self._unvisited({
-                        t["key"] for t in trials if "key" in t and
-                        (done(t) or t["state"] == "RUNNING")}) is None:
-                    stop = ""  # the whole space is measured (or being measured)
+                # nothing waiting: the whole space is measured (or being measured); or, with
+                # grid, the plan waits for running trials (below)
+                if not any(t["state"] == "WAITING" for t in trials) and (
+                        self.sampler == "grid" or self._unvisited(taken_keys(trials)) is None):
+                    stop = ""
             if stop is not None:
                 if any(t["state"] == "RUNNING" for t in trials):
                     # another worker's trial: wait for it; a dead worker's is failed after
@@ -580,7 +601,7 @@ class Worker:
             self.study.optimize(self._objective, n_trials=1, catch=(TrialFailed,))
 
     def _limit(self, trials: list[dict[str, Any]], started: bool) -> str | None:
-        if sum(counted(t) for t in trials) >= self.max_trials:
+        if len({t["key"] for t in trials if counted(t)}) >= self.max_trials:
             return f"trial limit reached ({self.max_trials} trials)"
         if not started:
             return None  # the A/A baseline runs whatever the time budget
@@ -611,27 +632,30 @@ class Worker:
 
         item = dict(trial.user_attrs)
         trials = self.trials()
+        if "steps" not in item and self.sampler == "grid":
+            self._skip(trial, "no trial waiting")  # claimed by another worker: plan again
         if "steps" not in item:
             # the sampler's proposal is enqueued, not run: an enqueued trial carries its key
             # from its creation and is claimed atomically, so the lowest-numbered trial of a
             # key is the one that runs (below), whichever workers plan or sample it
             steps = self._sample(trial)
-            taken_keys = {t["key"] for t in trials if "key" in t and taken(t)}
-            nxt = (planned(steps, "search") if key_of(steps) not in taken_keys
-                   else self._unvisited(taken_keys))  # a repeat: something new
+            keys = taken_keys(trials)
+            nxt = (planned(steps, "search") if key_of(steps) not in keys
+                   else self._unvisited(keys))  # a repeat: something new
             self._enqueue([nxt] if nxt else [])
             self._skip(trial, "sampler proposal, enqueued" if nxt else "sampler repeat")
         if self._params(item["steps"]) is not None:
             self._sample(trial)  # the sampler learns from it (the values are fixed)
-        dup = next((t for t in trials if t.get("key") == item["key"] and "skipped" not in t
-                    and t["number"] != trial.number and (done(t) or (
-                        t["number"] < trial.number and t["state"] in ("RUNNING", "WAITING")))),
+        # a trial of the same key measured, or running or waiting since before this one
+        dup = next((t for t in trials if t.get("key") == item["key"] and taken(t)
+                    and t["number"] != trial.number and (done(t) or t["number"] < trial.number)),
                    None)
         if dup is not None:
             self._skip(trial, f"duplicate of trial {dup['number']}")
         me = dict(item, number=trial.number, state="RUNNING")
-        if counted(me) and sum(counted(t) for t in trials if t["number"] < trial.number) \
-                >= self.max_trials:
+        # recipes, not trials: a duplicate not skipped yet must not take this trial's place
+        if counted(me) and len({t["key"] for t in trials if t["number"] < trial.number
+                                and counted(t)}) >= self.max_trials:
             self._skip(trial, "trial limit")
         # one write per attribute: the trial's own (sampled ones), then who runs it where
         trial.set_user_attr("run", {**item, "worker": f"{socket.gethostname()}:{os.getpid()}",
