@@ -25,14 +25,19 @@ the pooled embeddings), speed (fp32 eager time / candidate time: per round each 
 ``--reps`` calls, candidates interleaved, medians over ``--rounds`` rounds) and size (serialized
 weights / fp32's). Every candidate runs with ``OMP_WAIT_POLICY=PASSIVE`` (set before torch is
 imported) and ONNX Runtime with ``allow_spinning=0``: on a shared machine spinning threads
-distort every ratio. The CPU flags that matter are printed first.
+distort every ratio. ``--spinning`` leaves both at their defaults (threads spin between
+kernels, as a user's process runs): only on an idle machine. Sleeping threads cost a wake-up
+(tens of microseconds) on every parallel op, which penalizes candidates made of many small
+ops. The CPU flags that matter are printed first.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
-os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # before torch (and its OpenMP) is loaded
+# before torch (and its OpenMP) is loaded
+os.environ.update({} if "--spinning" in sys.argv else {"OMP_WAIT_POLICY": "PASSIVE"})
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -40,7 +45,6 @@ import argparse
 import copy
 import importlib.util
 import statistics
-import sys
 import tempfile
 import time
 import traceback
@@ -402,7 +406,8 @@ def ort_session(path: Path) -> Any:
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if "--spinning" not in sys.argv:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
@@ -491,6 +496,7 @@ CANDIDATES: dict[str, tuple[Callable[..., Prepared], bool]] = {
     # the default: mode=auto, per-row activations, smooth=auto, sensitivity fallback, embeddings
     "inferopt-int8": (inferopt_recipe("int8"), False),
     "inferopt-int8-no-smooth": (inferopt_recipe("int8", smooth=0.0), False),
+    "inferopt-int8-per-row": (inferopt_recipe("int8", activations="per-row"), False),
     # the default before issue 18: FBGEMM per-tensor activations, nothing else
     "inferopt-int8-old-default": (inferopt_recipe(
         "int8", mode="dynamic", activations="per-tensor", smooth=0.0, fallback=0.0,
@@ -612,6 +618,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--reps", type=int, default=5, help="calls per candidate per round")
     parser.add_argument("--markdown", type=Path, help="also write the tables here")
+    parser.add_argument("--spinning", action="store_true",
+                        help="OpenMP and ONNX Runtime threads spin (their defaults) instead "
+                             "of sleeping: only on an idle machine")
     args = parser.parse_args()
     models = [m for m in args.models.split(",") if m]
     names = [c for c in args.candidates.split(",") if c]

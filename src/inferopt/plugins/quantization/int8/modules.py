@@ -260,7 +260,8 @@ class Int8Linear(PackedWeightModule):
         self.mode = mode
         self.kernel = kernel
         #: dynamic mode on FBGEMM: "per-row" (one scale per token) or "per-tensor" (FBGEMM's
-        #: own, 7 bits). The other kernels quantize dynamic activations per row.
+        #: own range: 8 bits with VNNI, else 7). The other kernels quantize dynamic
+        #: activations per row.
         self.activations = activations
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features,
                                                         dtype=torch.int8))
@@ -302,8 +303,10 @@ class Int8Linear(PackedWeightModule):
             x2 = x2 * self.smooth_inv
         if x2.shape[0] == 0:
             out = x2.new_zeros(0, self.out_features)
+        elif (kernel := self.active_kernel) == "fbgemm":
+            # x2 is ours to overwrite when it is not the caller's tensor
+            out = self._fbgemm(x2.contiguous(), x2.data_ptr() != x.data_ptr())
         else:
-            kernel = self.active_kernel
             out = getattr(self, f"_{kernel}")(x2.contiguous())
         return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
@@ -330,16 +333,17 @@ class Int8Linear(PackedWeightModule):
 
     # -- kernels ----------------------------------------------------------------------------
 
-    def _fbgemm(self, x: torch.Tensor) -> torch.Tensor:
+    def _fbgemm(self, x: torch.Tensor, owned: bool = False) -> torch.Tensor:
         if self.activations == "per-row":
-            return self._fbgemm_rows(x)
+            return self._fbgemm_rows(x, owned)
         packed = self._cache.get("fbgemm")
         if packed is None:
             packed = _fbgemm_pack(self.weight_int8, self.weight_scale, self.bias)
             self._cache["fbgemm"] = packed
-        return torch.ops.quantized.linear_dynamic(x, packed, True)
+        # the kernel's own per-tensor range: full 8 bits where VNNI cannot saturate
+        return torch.ops.quantized.linear_dynamic(x, packed, fbgemm_reduce_range())
 
-    def _fbgemm_rows(self, x: torch.Tensor) -> torch.Tensor:
+    def _fbgemm_rows(self, x: torch.Tensor, owned: bool = False) -> torch.Tensor:
         """Per-row activation scales on FBGEMM's per-tensor kernel: each row is divided by its
         largest magnitude first, so the kernel's one range [-1, 1] is every row's own range;
         the row scale is applied to the output with the bias. Two cheap passes over the input
@@ -353,7 +357,10 @@ class Int8Linear(PackedWeightModule):
             return acc if self.bias is None else acc.add_(self.bias)
         absmax = torch.maximum(x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True).neg_())
         absmax.clamp_(min=1e-12)
-        acc = torch.ops.quantized.linear_dynamic(x / absmax, packed, fbgemm_reduce_range())
+        # a temporary of ours (the smoothed input) is divided in place: no new input-sized
+        # tensor
+        x = x.div_(absmax) if owned and not x.requires_grad else x / absmax
+        acc = torch.ops.quantized.linear_dynamic(x, packed, fbgemm_reduce_range())
         # in place: a new output-sized tensor costs more than the arithmetic (page faults)
         if self.bias is None:
             return acc.mul_(absmax)

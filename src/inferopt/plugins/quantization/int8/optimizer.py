@@ -51,7 +51,7 @@ from inferopt.utils import (
 MODES = ("auto", "dynamic", "static", "weight-only")
 GRANULARITY = ("per-channel", "per-tensor")
 OBSERVERS = ("minmax", "percentile")
-ACTIVATIONS = ("per-row", "per-tensor")
+ACTIVATIONS = ("auto", "per-row", "per-tensor")
 KERNEL_CHOICES = ("auto", "fbgemm", "onednn", "cuda", "reference")
 
 
@@ -90,9 +90,11 @@ class Int8Quantizer(Optimizer):
     kernel: str = option("auto", choices=KERNEL_CHOICES,
                          help="int8 kernel; auto picks the fastest that runs here")
     activations: str = option(
-        "per-row", choices=ACTIVATIONS,
+        "auto", choices=ACTIVATIONS,
         help="dynamic mode on FBGEMM: one activation scale per row (token), or per tensor "
-             "(FBGEMM's own 7-bit range: fewer passes, loses precision on outlier tokens)")
+             "(FBGEMM's own range: fewer passes over the input, loses precision on outlier "
+             "tokens), or auto (with calibration data: per tensor for the layers where its "
+             "output error is within 1.5x and 0.005 of per row's, else per row)")
     embeddings: bool = option(
         True,
         help="int8 embedding tables too (one scale per row; a head tied to a table shares its "
@@ -169,6 +171,11 @@ class Int8Quantizer(Optimizer):
         if self.smooth == "auto" and not has_data and not ctx.restoring:
             ctx.details["smoothing"] = {"alphas": {},
                                         "summary": "not smoothed (no calibration data)"}
+        # activations=auto: the layers on FBGEMM's dynamic kernel get per-tensor or per-row
+        # activation scales by their calibration error (per row without data)
+        choosing = (self.activations == "auto" and self.mode == "dynamic" and has_data
+                    and q.plan_kernel(self.kernel, "dynamic", "linear", device)[0] == "fbgemm")
+        acts: dict[str, str] = {}
         needs_data = self.mode == "static" or smoothing
         if needs_data and not ctx.restoring:
             data = ctx.data
@@ -177,8 +184,9 @@ class Int8Quantizer(Optimizer):
                     f"step 'int8' with mode={self.mode}, smooth={self.smooth} needs calibration "
                     "data; give --data (the run's calibration split is used)")
             batches = data.calibration[: self.calibration_batches]
-            if smoothing:
-                smooth_scales = self._smoothing(model, targets, batches, device, ctx)
+            if smoothing or choosing:
+                smooth_scales, acts = self._smoothing(model, targets, batches, device, ctx,
+                                                      smoothing, choosing)
             if self.mode == "static":
                 act_ranges, unseen = self._calibrate(model, targets, batches, device,
                                                      smooth_scales)
@@ -195,6 +203,10 @@ class Int8Quantizer(Optimizer):
                 "source": "eval data (no separate split)" if data.calibration_is_eval
                 else "calibration split",
             }
+        elif choosing and not ctx.restoring:
+            smooth_scales, acts = self._smoothing(model, targets,
+                                                  ctx.data.calibration[: self.calibration_batches],
+                                                  device, ctx, False, True)
         if saved is not None:  # rebuilding a saved model: the same layers, the same structure
             targets = {n: m for n, m in targets.items() if n in saved}
             smooth_scales = {n: torch.ones(as_linear(targets[n]).in_features)
@@ -226,7 +238,8 @@ class Int8Quantizer(Optimizer):
             if saved is not None and "qmax" in saved.get(name, {}):
                 qmax = saved[name]["qmax"]
             bits.add(8 if qmax == 127 else 7)
-            activations = self.activations
+            activations = acts.get(name, "per-row" if self.activations == "auto"
+                                   else self.activations)
             if saved is not None:  # runs saved before per-row existed (version 1): per tensor
                 activations = saved.get(name, {}).get("activations", "per-tensor")
             tied_table = None
@@ -324,7 +337,9 @@ class Int8Quantizer(Optimizer):
             "kernels": {n: info["kernel"] for n, info in layers.items()},
             "skipped": skipped,
             "weight_bits": sorted(bits),
-            "activations": _activation_note(self.mode, kernels, self.activations),
+            "activations": _activation_note(self.mode, kernels, [
+                info.get("activations") for info in layers.values()
+                if info["kernel"] == "fbgemm"]),
         })
         if errors:
             worst = sorted(errors.items(), key=lambda kv: -kv[1])
@@ -416,9 +431,12 @@ class Int8Quantizer(Optimizer):
         return targets, skipped
 
     def _smoothing(self, model: Any, targets: dict[str, Any], batches: list[Any],
-                   device: Any, ctx: Any) -> dict[str, Any]:
-        """SmoothQuant scales for the layers where smoothing lowers the int8 output error on
-        calibration inputs (``smooth=auto``: the best of several alphas per layer)."""
+                   device: Any, ctx: Any, smoothing_on: bool, choosing: bool
+                   ) -> tuple[dict[str, Any], dict[str, str]]:
+        """(SmoothQuant scales, activations) per layer, each chosen by the layer's int8 output
+        error on calibration inputs: smoothing where it lowers the error (``smooth=auto``: the
+        best of several alphas per layer), per-tensor activations (``activations=auto``)
+        where their error is within ``smoothing.TOLERANCE`` of per-row's."""
         from inferopt.plugins.quantization.int8 import modules as q
         from inferopt.plugins.quantization.int8 import smoothing
 
@@ -426,7 +444,7 @@ class Int8Quantizer(Optimizer):
         seen = smoothing.collect(model, linears, batches, device)
         qmax = q.plan_kernel(self.kernel, self.mode, "linear", device)[1]
 
-        def build(linear: Any, scales: Any, sample: Any) -> Any:
+        def build(linear: Any, scales: Any, sample: Any, activations: str | None) -> Any:
             act_range = None
             if self.mode == "static":
                 xs = sample if scales is None else sample / scales
@@ -434,24 +452,31 @@ class Int8Quantizer(Optimizer):
             return q.Int8Linear.from_float(
                 linear, mode=self.mode, kernel=self.kernel, qmax=qmax,
                 per_channel=self.granularity == "per-channel", smooth_scale=scales,
-                act_range=act_range)
+                act_range=act_range, activations=activations or self.activations)
 
-        alphas = smoothing.AUTO_ALPHAS if self.smooth == "auto" else (float(self.smooth),)
-        scales, chosen = {}, {}
+        alphas: tuple[float, ...] = ()
+        if smoothing_on:
+            alphas = smoothing.AUTO_ALPHAS if self.smooth == "auto" else (float(self.smooth),)
+        variants = ("per-tensor", "per-row") if choosing else (None,)
+        scales, chosen, acts = {}, {}, {}
         for name, (absmax, fit_absmax, sample) in seen.items():
-            alpha, s = smoothing.choose(linears[name], absmax, fit_absmax, sample, alphas,
-                                        build)
-            chosen[name] = alpha
+            variant, alpha, s = smoothing.choose(linears[name], absmax, fit_absmax, sample,
+                                                 alphas, build, variants)
+            if variant is not None:
+                acts[name] = variant
+            if smoothing_on:
+                chosen[name] = alpha
             if s is not None:
                 scales[name] = s
-        kept = sum(1 for a in chosen.values() if a > 0)
-        ctx.details["smoothing"] = {
-            "alphas": chosen,
-            "summary": f"smoothed {kept} of {len(chosen)} layers"
-                       + (f" (the other {len(chosen) - kept} were more faithful without)"
-                          if kept < len(chosen) else ""),
-        }
-        return scales
+        if smoothing_on:
+            kept = sum(1 for a in chosen.values() if a > 0)
+            ctx.details["smoothing"] = {
+                "alphas": chosen,
+                "summary": f"smoothed {kept} of {len(chosen)} layers"
+                           + (f" (the other {len(chosen) - kept} were more faithful without)"
+                              if kept < len(chosen) else ""),
+            }
+        return scales, acts
 
     def _calibrate(self, model: Any, targets: dict[str, Any], batches: list[Any],
                    device: Any, smooth_scales: dict[str, Any]
@@ -488,7 +513,8 @@ def _kind(module: Any) -> str | None:
     return None
 
 
-def _activation_note(mode: str, kernels: list[str], activations: str = "per-row") -> str:
+def _activation_note(mode: str, kernels: list[str], fbgemm: list[str | None]) -> str:
+    """How activations are quantized; ``fbgemm``: each FBGEMM layer's activations."""
     if mode == "weight-only":
         return "float (weight-only)"
     notes = []
@@ -496,8 +522,12 @@ def _activation_note(mode: str, kernels: list[str], activations: str = "per-row"
         from inferopt.plugins.quantization.int8.modules import fbgemm_reduce_range
 
         bits = "7-bit" if fbgemm_reduce_range() else "8-bit"
-        notes.append(f"fbgemm: per row ({bits}), dynamic" if activations == "per-row"
-                     else "fbgemm: uint8 per tensor (7-bit range), dynamic")
+        rows = sum(a == "per-row" for a in fbgemm)
+        tensors = len(fbgemm) - rows
+        notes.append("fbgemm: " + ", ".join(
+            part for part in (rows and f"per row on {rows} layers",
+                              tensors and f"uint8 per tensor on {tensors} layers") if part)
+            + f" ({bits}), dynamic")
     if {"onednn", "cuda", "reference"} & set(kernels):
         notes.append("per row, dynamic" if mode == "dynamic" else "uint8 per tensor, calibrated")
     return "; ".join(notes)
