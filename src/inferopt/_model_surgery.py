@@ -11,7 +11,8 @@ def set_submodule(model: Any, name: str, new: Any) -> None:
     if not name:
         raise ValueError("cannot replace the root module")
     old = model.get_submodule(name)
-    for parent in model.modules():
+    # the parents as they are now: ``new`` may wrap ``old``, and must keep it as its child
+    for parent in list(model.modules()):
         # _modules, not named_children(): that one yields a module shared twice only once
         for child_name, child in list(parent._modules.items()):
             if child is old:

@@ -570,7 +570,10 @@ def test_a_layer_too_sensitive_for_int8_stays_in_float_and_is_named():
     # channel 3 x50, clipped by a 99th-percentile range: layer 0 loses that channel
     data = calib(32, 64, outlier=True)
     qm, ctx = apply(model, data=data, mode="static", observer="percentile", percentile=99.0)
-    assert type(qm[0]) is torch.nn.Linear
+    # in bf16 where the CPU multiplies bf16 natively, else in fp32
+    kept = qm[0].layer if q.cpu_has_bf16() else qm[0]
+    assert type(kept) is torch.nn.Linear
+    assert kept.weight.dtype == (torch.bfloat16 if q.cpu_has_bf16() else torch.float32)
     assert ctx.details["skipped"]["0"].startswith("int8 output error")
     assert "0" in ctx.details["sensitivity"]["kept_in_float"]
     assert ctx.details["worst_layers"][0][0] == "0"
@@ -639,3 +642,48 @@ def test_a_smoothed_tied_head_and_its_table_share_one_int8_table(tmp_path):
     assert rebuilt.lm.lm_head.weight_int8 is rebuilt.lm.transformer.wte.weight_int8
     with torch.inference_mode():
         assert torch.allclose(rebuilt(ids), smoothed, atol=1e-4)
+
+
+@pytest.mark.skipif(not q.fbgemm_available(), reason="FBGEMM is not available here")
+def test_auto_activations_mix_per_tensor_and_per_row_and_reload_equal(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    ids = [inferopt.Batch(torch.randint(1, 512, (4, 32), generator=g)) for _ in range(4)]
+    data = inferopt.Data(eval=ids, calibration=ids)
+    report = inferopt.run(model=tiny_gpt2(), data=data, optimize=["int8"], out=tmp_path / "r",
+                          metrics=["fidelity"])
+    layers = report.steps[0].details["quantized"]
+    in_process = inferopt.apply(tiny_gpt2(), "int8", data=data)
+    acts = {n: m.activations for n, m in in_process.named_modules() if hasattr(m, "activations")}
+    # per row where per tensor would lose the outlier channels' precision (the first block's
+    # attention input, unsmoothed), FBGEMM's cheaper per-tensor range elsewhere
+    assert {"per-row", "per-tensor"} <= set(acts.values()) and len(layers) >= 8, acts
+    assert "per row on" in report.steps[0].details["activations"]
+    loaded = inferopt.load(tmp_path / "r", model=tiny_gpt2())
+    assert {n: m.activations for n, m in loaded.named_modules()
+            if hasattr(m, "activations")} == acts
+    with torch.inference_mode():
+        assert torch.equal(loaded(ids[0].inputs), in_process(ids[0].inputs))
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_a_sensitive_layer_kept_in_bf16_or_fp32_saves_and_reloads(tmp_path, monkeypatch,
+                                                                     native_bf16):
+    monkeypatch.setattr(q, "cpu_has_bf16", lambda: native_bf16)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    data = calib(32, 64, outlier=True)
+    opts = ["int8:mode=static,observer=percentile,percentile=99"]
+    report = inferopt.run(model=model, data=data, optimize=opts, out=tmp_path / "r",
+                          metrics=["fidelity"])
+    sens = report.steps[0].details["sensitivity"]
+    assert "0" in sens["kept_in_float"]
+    assert sens["kept_in_bf16"] == (list(sens["kept_in_float"]) if native_bf16 else [])
+    torch.manual_seed(1)  # other weights: the saved ones must replace them
+    fresh = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    loaded = inferopt.load(tmp_path / "r", model=fresh)
+    assert isinstance(loaded[0], q.Bf16Layer) == native_bf16
+    x = data.eval[0].inputs
+    with torch.inference_mode():
+        ref = model(x)
+        out = loaded(x)
+    assert out.dtype == torch.float32 and cos(out, ref) > 0.99

@@ -45,8 +45,9 @@ def sentences(tmp_path: Path) -> Path:
 
 def test_encoder_on_text_reports_fidelity_and_speedup(cli, tmp_path, tiny_bert, sentences):
     result = cli("run", "--model", f"hf:{tiny_bert}", "--data", f"text:{sentences}",
-                 # smooth=0: the fresh copy below has no calibration data to smooth with
-                 "--optimize", "int8:smooth=0", "--metric", "fidelity",
+                 # smooth=0, activations=per-row: the fresh copy below has no calibration data
+                 # to choose them with
+                 "--optimize", "int8:smooth=0,activations=per-row", "--metric", "fidelity",
                  "--metric", "latency:min_runs=3,min_seconds=0,warmup=1", "--batch-size", "8",
                  "--out", "bert")
     assert result.returncode == 0, result.stderr
@@ -62,7 +63,7 @@ def test_encoder_on_text_reports_fidelity_and_speedup(cli, tmp_path, tiny_bert, 
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_bert)
     batch = dict(tokenizer(["the cat sat on the mat"], return_tensors="pt"))
     fresh = inferopt.apply(transformers.AutoModel.from_pretrained(tiny_bert).eval(), "int8",
-                           smooth=0)
+                           smooth=0, activations="per-row")
     with torch.inference_mode():
         assert torch.equal(reloaded(**batch).last_hidden_state,
                            fresh(**batch).last_hidden_state)

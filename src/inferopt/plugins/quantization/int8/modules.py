@@ -45,6 +45,34 @@ def cpu_has_vnni() -> bool:
     return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
 
 
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """A CPU with native bf16 matmuls (AVX512_BF16, AMX), where oneDNN runs a bf16 Linear
+    faster than fp32; elsewhere bf16 is emulated and slower."""
+    from inferopt.utils import cpu_flags
+
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+class Bf16Layer(torch.nn.Module):
+    """A float layer kept out of int8 (too sensitive), run in bf16: its weights in bf16, its
+    floating inputs cast to bf16 and its output cast back to the input's dtype. Exported
+    (torch.export, ONNX) in fp32, which every runtime runs."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__()
+        self.layer = layer.to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_exporting():
+            params = {k: v.float() for k, v in self.layer.state_dict().items()}
+            return torch.func.functional_call(self.layer, params, (x.float(),)).to(x.dtype)
+        return self.layer(x.to(torch.bfloat16)).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return "bf16"
+
+
 def _fbgemm_pack(weight_int8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
                  ) -> Any:
     """FBGEMM's packed weight, made from our plain int8 tensor. The quantized-tensor wrapper it
