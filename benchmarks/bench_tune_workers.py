@@ -8,6 +8,7 @@ measured, so noise can still change the pairs, the sensitivity runs and the choi
     python benchmarks/bench_tune_workers.py                     # the demo, 12 trials, 2 workers
     python benchmarks/bench_tune_workers.py --trials 6 --model demo:digits-mlp-small   # quick
     python benchmarks/bench_tune_workers.py --workers 4 --trials 24
+    python benchmarks/bench_tune_workers.py --objective size   # a choice free of timing noise
 
 The single worker gets every core (OMP_NUM_THREADS = cores); each of N workers gets its share,
 pinned with ``taskset`` where it exists, so that the workers' timings do not compete for the
@@ -40,6 +41,7 @@ def search(out: Path, workers: int, args: argparse.Namespace) -> tuple[float, li
     command = [sys.executable, "-m", "inferopt", "tune", "--model", args.model,
                "--metric", args.latency, "--trials", str(args.trials),
                "--budget-minutes", "60", "--sampler", "grid", "--out", str(out), "--json",
+               "--objective", args.objective,
                *[flag for t in args.technique for flag in ("-t", t)]]
     procs = []
     start = time.perf_counter()
@@ -78,13 +80,16 @@ def main() -> None:
     parser.add_argument("--technique", action="append",
                         help="repeatable; default: int8 and prune-activations (16 points)")
     parser.add_argument("--latency", default="latency:min_runs=100,min_seconds=0.5")
+    parser.add_argument("--objective", default="latency",
+                        help="tune's --objective; size makes the plan and the choice "
+                             "independent of timing noise (latency is still measured)")
     args = parser.parse_args()
     args.technique = args.technique or ["int8", "prune-activations"]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}")
     print(f"CPU flags: {' '.join(sorted(cpu_flags())) or '(none found)'}")
     print(f"search: {args.model}, {' '.join(args.technique)}, {args.trials} trials, "
-          "--sampler grid")
+          f"--sampler grid, --objective {args.objective}")
     print("load average at the start (1, 5, 15 min): "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
     with tempfile.TemporaryDirectory(prefix="bench-tune-") as tmp:
