@@ -346,7 +346,12 @@ class Int8Linear(PackedWeightModule):
             x = x * self.smooth_inv
         # [in, out], dequantized along axis 1: the layout runtimes fuse into an int8 MatMul
         weight = exported_weight(self.weight_int8.t(), self.weight_scale, 1)
-        if self.mode == "weight-only":
+        # a per-row dynamic layer: a QDQ graph has one activation scale per tensor, which is
+        # what this layer's calibration judged too lossy (or what per row was asked instead
+        # of), so its activations stay float there and its int8 weights are weight-only
+        # (ONNX Runtime runs them as MatMulNBits int8-weight kernels, OpenVINO compresses them)
+        if self.mode == "weight-only" or (self.mode == "dynamic"
+                                          and self.activations == "per-row"):
             out = torch.matmul(x, weight)
             if self.bias is not None:
                 out = out + self.bias
