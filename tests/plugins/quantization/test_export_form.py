@@ -34,18 +34,22 @@ def _cnn() -> torch.nn.Module:
         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10)).eval()
 
 
-@pytest.mark.parametrize(("mode", "smooth"), [("dynamic", 0.0), ("static", 0.0),
-                                              ("weight-only", 0.0), ("static", 0.5)])
-def test_int8_linear_layers_export_as_quantize_dequantize_ops(mode, smooth, tmp_path):
+@pytest.mark.parametrize(("mode", "smooth", "activations"), [
+    ("dynamic", 0.0, "per-tensor"), ("dynamic", 0.0, "per-row"), ("static", 0.0, "auto"),
+    ("weight-only", 0.0, "auto"), ("static", 0.5, "auto")])
+def test_int8_linear_layers_export_as_quantize_dequantize_ops(mode, smooth, activations,
+                                                              tmp_path):
     torch.manual_seed(1)
     batches = [torch.randn(8, 64) for _ in range(4)]
-    model = inferopt.apply(_mlp(), "int8", data=batches, mode=mode, smooth=smooth)
+    model = inferopt.apply(_mlp(), "int8", data=batches, mode=mode, smooth=smooth,
+                           activations=activations)
     x = torch.randn(8, 64)
     batch = torch.export.Dim("batch")
     program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
     ops = _ops(program)
     assert ops.count("quantized_decomposed.dequantize_per_channel.default") >= 2  # weights
-    if mode == "weight-only":
+    if mode == "weight-only" or activations == "per-row":
+        # per-row activations have no per-tensor QDQ form: float activations, int8 weights
         assert not any("quantize_per_tensor" in op for op in ops)
     else:
         assert ops.count("quantized_decomposed.quantize_per_tensor.tensor") == 2
