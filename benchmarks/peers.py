@@ -493,7 +493,7 @@ CANDIDATES: dict[str, tuple[Callable[..., Prepared], bool]] = {
     "fp32": (c_fp32, False),
     "torch.compile": (c_compile, False),
     "bf16": (c_bf16, False),
-    # the default: mode=auto, per-row activations, smooth=auto, sensitivity fallback, embeddings
+    # the default: mode=auto, activations=auto, smooth=auto, sensitivity fallback, embeddings
     "inferopt-int8": (inferopt_recipe("int8"), False),
     "inferopt-int8-no-smooth": (inferopt_recipe("int8", smooth=0.0), False),
     "inferopt-int8-per-row": (inferopt_recipe("int8", activations="per-row"), False),

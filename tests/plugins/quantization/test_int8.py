@@ -687,3 +687,37 @@ def test_a_sensitive_layer_kept_in_bf16_or_fp32_saves_and_reloads(tmp_path, monk
         ref = model(x)
         out = loaded(x)
     assert out.dtype == torch.float32 and cos(out, ref) > 0.99
+
+
+def test_a_bf16_kept_layer_follows_half_and_float_and_computes_in_fp32_without_native_bf16(
+        monkeypatch):
+    torch.manual_seed(0)
+    layer = q.Bf16Layer(torch.nn.Linear(16, 8))
+    x = torch.randn(4, 16)
+    want = layer(x)
+    assert layer.layer.weight.dtype == torch.bfloat16 and want.dtype == torch.float32
+    # .half() / .float() on the model convert the kept layer too, and it still runs
+    assert layer.half()(x.half()).dtype == torch.float16
+    assert layer.float()(x).dtype == torch.float32
+    # saved where bf16 is native, loaded where it is emulated: fp32 compute
+    monkeypatch.setattr(q, "cpu_has_bf16", lambda: False)
+    torch.manual_seed(0)
+    layer = q.Bf16Layer(torch.nn.Linear(16, 8))
+    out = layer(x)
+    assert layer.layer.weight.dtype == torch.float32 and cos(out, want) > 0.999
+
+
+@pytest.mark.parametrize(("flags", "forced", "reduce"), [
+    ({"avx512_vnni", "avx2"}, "", False), ({"avx_vnni", "avx2"}, "", True),
+    ({"avx2"}, "", True), ({"avx512_vnni", "avx2"}, "AVX2", True)])
+def test_fbgemm_uses_8_bit_activations_only_with_its_avx512_vnni_kernels(monkeypatch, flags,
+                                                                          forced, reduce):
+    import inferopt.utils
+
+    monkeypatch.setattr(inferopt.utils, "cpu_flags", lambda: flags)
+    monkeypatch.setenv("FBGEMM_ENABLE_INSTRUCTIONS", forced)
+    q.fbgemm_reduce_range.cache_clear()
+    try:
+        assert q.fbgemm_reduce_range() == reduce
+    finally:
+        q.fbgemm_reduce_range.cache_clear()

@@ -96,7 +96,8 @@ def output_structure(output: Any, backend: str) -> tuple[str, tuple[str, ...]]:
 
 def translations() -> dict[Any, Any]:
     """ONNX translations of the ``quantized_decomposed`` per-tensor ops whose scale and zero
-    point are tensors (the exporter's own reads the zero point as a Python int)."""
+    point are tensors (the exporter's own reads the zero point as a Python int), and of
+    ``inferopt::dynamic_quantize_u8`` (ONNX's DynamicQuantizeLinear)."""
     import torch
     import torch.ao.quantization.fx._decomposed
     from onnx import TensorProto
@@ -115,8 +116,15 @@ def translations() -> dict[Any, Any]:
                    dtype: Any, out_dtype: Any = None) -> Any:
         return op.DequantizeLinear(input, scale, op.Cast(zero_point, to=onnx_type(dtype)))
 
+    def dynamic_quantize(input: Any) -> Any:
+        q, scale, zero = op.DynamicQuantizeLinear(input)
+        return q, scale, op.Cast(zero, to=TensorProto.INT64)
+
+    from inferopt.plugins.quantization.int8.modules import dynamic_quantize_u8
+
     qd = torch.ops.quantized_decomposed
-    return {qd.quantize_per_tensor.tensor: quantize, qd.dequantize_per_tensor.tensor: dequantize}
+    return {qd.quantize_per_tensor.tensor: quantize, qd.dequantize_per_tensor.tensor: dequantize,
+            dynamic_quantize_u8._opoverload: dynamic_quantize}
 
 
 def export_onnx(model: Any, inputs: Any, path: Path, *, opset: int, backend: str) -> GraphIO:
@@ -134,6 +142,12 @@ def export_onnx(model: Any, inputs: Any, path: Path, *, opset: int, backend: str
     dim = torch.export.Dim.DYNAMIC
     shapes: Any = ({k: {0: dim} for k in kwargs} if kwargs else tuple({0: dim} for _ in args))
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    from inferopt.plugins.quantization.int8.modules import ONNX_DYNAMIC_QUANTIZE
+
+    # ONNX Runtime quantizes dynamic activations with one DynamicQuantizeLinear (asymmetric
+    # uint8, its fused kernel) instead of a scale computed from ops; OpenVINO's int8 layers
+    # want the QDQ form
+    token = ONNX_DYNAMIC_QUANTIZE.set(backend == "onnxruntime")
     try:
         with quiet_exporter():
             torch.onnx.export(model, args, str(path), kwargs=kwargs or None,
@@ -146,6 +160,8 @@ def export_onnx(model: Any, inputs: Any, path: Path, *, opset: int, backend: str
         raise UsageError(
             f"{backend}: torch.onnx could not export the model ({type(exc).__name__}: "
             f"{first[0] if first else ''}); run it on --backend cpu") from exc
+    finally:
+        ONNX_DYNAMIC_QUANTIZE.reset(token)
     graph = onnx.load(str(path), load_external_data=False).graph
     names = tuple(i.name for i in graph.input)
     input_keys: tuple[str, ...] = ()

@@ -89,7 +89,8 @@ class OnnxRuntimeBackend(Backend):
         int8 = {k: v for k, v in ran.items() if k in INT8_OPS}
         self.facts[ctx.role] = {"artifact": "model.onnx", "exported_qdq_ops": exported,
                                 "int8_ops": int8}
-        quantized = exported.get("QuantizeLinear", 0)  # one per int8 layer's activations
+        # one per int8 layer's activations: calibrated (QuantizeLinear) or dynamic
+        quantized = exported.get("QuantizeLinear", 0) + exported.get("DynamicQuantizeLinear", 0)
         products = sum(v for k, v in int8.items() if k != "DynamicQuantizeLinear")
         if products < quantized:
             ctx.warn(f"onnxruntime: {quantized - products} of {quantized} int8 layers of the "

@@ -27,6 +27,7 @@ FBGEMM's ``reduce_range`` does for activations.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import math
 import warnings
@@ -57,7 +58,8 @@ def cpu_has_bf16() -> bool:
 class Bf16Layer(torch.nn.Module):
     """A float layer kept out of int8 (too sensitive), run in bf16: its weights in bf16, its
     floating inputs cast to bf16 and its output cast back to the input's dtype. Exported
-    (torch.export, ONNX) in fp32, which every runtime runs."""
+    (torch.export, ONNX) in fp32, which every runtime runs; loaded on a CPU without native
+    bf16, it computes in fp32."""
 
     def __init__(self, layer: torch.nn.Module) -> None:
         super().__init__()
@@ -67,7 +69,15 @@ class Bf16Layer(torch.nn.Module):
         if torch.compiler.is_exporting():
             params = {k: v.float() for k, v in self.layer.state_dict().items()}
             return torch.func.functional_call(self.layer, params, (x.float(),)).to(x.dtype)
-        return self.layer(x.to(torch.bfloat16)).to(x.dtype)
+        weight = next(self.layer.parameters())
+        if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" \
+                and not cpu_has_bf16():
+            # a model saved where bf16 is native, loaded where it is emulated (several times
+            # slower than fp32): the layer computes in fp32 here
+            self.layer.float()
+            weight = next(self.layer.parameters())
+        # the layer's own dtype: .half() or .float() on the model convert it too
+        return self.layer(x.to(weight.dtype)).to(x.dtype)
 
     def extra_repr(self) -> str:
         return "bf16"
@@ -99,9 +109,18 @@ def fbgemm_available() -> bool:
 
 @functools.cache
 def fbgemm_reduce_range() -> bool:
-    """FBGEMM quantizes activations to 7 bits unless the CPU has VNNI: without it, its u8 x s8
-    pair sums (``vpmaddubsw``) saturate int16 with full 8-bit activations."""
-    return not cpu_has_vnni()
+    """FBGEMM quantizes activations to 7 bits unless it runs its AVX512-VNNI kernels: without
+    them, its u8 x s8 pair sums (``vpmaddubsw``) saturate int16 with full 8-bit activations.
+    FBGEMM has no AVX-VNNI (256-bit, client CPUs) kernels, and ``FBGEMM_ENABLE_INSTRUCTIONS``
+    can hold it to AVX2."""
+    import os
+
+    from inferopt.utils import cpu_flags
+
+    forced = os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "").upper()
+    if forced and "VNNI" not in forced:
+        return True
+    return "avx512_vnni" not in cpu_flags()
 
 
 @functools.cache
@@ -186,11 +205,39 @@ def _decomposed_ops() -> Any:
     return torch.ops.quantized_decomposed
 
 
+#: set while exporting for a runtime that fuses ONNX's DynamicQuantizeLinear into its int8
+#: matmul (ONNX Runtime): dynamic activations are quantized by that one operator
+ONNX_DYNAMIC_QUANTIZE = contextvars.ContextVar("onnx_dynamic_quantize", default=False)
+
+
+@torch.library.custom_op("inferopt::dynamic_quantize_u8", mutates_args=())
+def dynamic_quantize_u8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ONNX DynamicQuantizeLinear: (uint8 values, scale, zero point) of ``x`` over the range
+    [min(x, 0), max(x, 0)]; exported as that operator (see ``onnx_export.translations``)."""
+    low = torch.clamp(x.min(), max=0.0)
+    high = torch.clamp(x.max(), min=0.0)
+    scale = ((high - low) / 255.0).clamp(min=1e-12).to(torch.float32)
+    zero = torch.clamp(torch.round(-low / scale), 0, 255).to(torch.int64)
+    q = torch.clamp(torch.round(x / scale) + zero, 0, 255).to(torch.uint8)
+    return q, scale, zero
+
+
+@dynamic_quantize_u8.register_fake
+def _(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (torch.empty_like(x, dtype=torch.uint8), x.new_empty((), dtype=torch.float32),
+            x.new_empty((), dtype=torch.int64))
+
+
 def exported_activation(x: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tensor | None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """(``x`` quantized to uint8 and dequantized, the scale used): calibrated ``scale``/
     ``zero`` (static), or when they are None a per-tensor symmetric scale from ``x``."""
     qd = _decomposed_ops()
+    # (3-D and larger inputs only: ONNX Runtime fuses it with a MatMul, but a 2-D layer
+    # becomes a Gemm, which it fuses with a following Relu into a float FusedGemm first)
+    if (scale is None or zero is None) and ONNX_DYNAMIC_QUANTIZE.get() and x.dim() >= 3:
+        xq, scale, zero = torch.ops.inferopt.dynamic_quantize_u8(x)
+        return qd.dequantize_per_tensor.tensor(xq, scale, zero, 0, 255, torch.uint8), scale
     if scale is None or zero is None:
         absmax = x.abs().amax(dim=tuple(range(x.dim())))
         scale = (absmax / 127.0).clamp(min=1e-12)
