@@ -94,10 +94,11 @@ def output_structure(output: Any, backend: str) -> tuple[str, tuple[str, ...]]:
         "tensor, a flat tuple or a flat dict of tensors")
 
 
-def translations() -> dict[Any, Any]:
+def translations(backend: str) -> dict[Any, Any]:
     """ONNX translations of the ``quantized_decomposed`` per-tensor ops whose scale and zero
     point are tensors (the exporter's own reads the zero point as a Python int), and of
     ``inferopt::dynamic_quantize_u8`` (ONNX's DynamicQuantizeLinear)."""
+    import onnx
     import torch
     import torch.ao.quantization.fx._decomposed
     from onnx import TensorProto
@@ -120,11 +121,23 @@ def translations() -> dict[Any, Any]:
         q, scale, zero = op.DynamicQuantizeLinear(input)
         return q, scale, op.Cast(zero, to=TensorProto.INT64)
 
-    from inferopt.plugins.quantization.int8.modules import dynamic_quantize_u8
+    def symmetric_quantize(input: Any) -> Any:
+        # one scale from the tensor's largest magnitude, zero point 128 (OpenVINO's int8
+        # layers take this form)
+        scale = op.Div(op.ReduceMax(op.Abs(input), keepdims=0), op.Constant(value_float=127.0))
+        scale = op.Max(scale, op.Constant(value_float=1e-12))
+        zero = op.Constant(value=onnx.helper.make_tensor("zero", TensorProto.UINT8, [], [128]))
+        return (op.QuantizeLinear(input, scale, zero), scale,
+                op.Cast(zero, to=TensorProto.INT64))
 
     qd = torch.ops.quantized_decomposed
-    return {qd.quantize_per_tensor.tensor: quantize, qd.dequantize_per_tensor.tensor: dequantize,
-            dynamic_quantize_u8._opoverload: dynamic_quantize}
+    table = {qd.quantize_per_tensor.tensor: quantize, qd.dequantize_per_tensor.tensor: dequantize}
+    # an optimizer plugin's op, registered when its modules are loaded (the int8 plugin:
+    # dynamic activations under ONNX export)
+    with contextlib.suppress(AttributeError, RuntimeError):
+        table[torch.ops.inferopt.dynamic_quantize_u8.default] = (
+            dynamic_quantize if backend == "onnxruntime" else symmetric_quantize)
+    return table
 
 
 def export_onnx(model: Any, inputs: Any, path: Path, *, opset: int, backend: str) -> GraphIO:
@@ -142,17 +155,11 @@ def export_onnx(model: Any, inputs: Any, path: Path, *, opset: int, backend: str
     dim = torch.export.Dim.DYNAMIC
     shapes: Any = ({k: {0: dim} for k in kwargs} if kwargs else tuple({0: dim} for _ in args))
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    from inferopt.plugins.quantization.int8.modules import ONNX_DYNAMIC_QUANTIZE
-
-    # ONNX Runtime quantizes dynamic activations with one DynamicQuantizeLinear (asymmetric
-    # uint8, its fused kernel) instead of a scale computed from ops; OpenVINO's int8 layers
-    # want the QDQ form
-    token = ONNX_DYNAMIC_QUANTIZE.set(backend == "onnxruntime")
     try:
         with quiet_exporter():
             torch.onnx.export(model, args, str(path), kwargs=kwargs or None,
                               dynamic_shapes=shapes, opset_version=opset, dynamo=True,
-                              custom_translation_table=translations(), verbose=False,
+                              custom_translation_table=translations(backend), verbose=False,
                               # one self-contained file unless past protobuf's 2 GB limit
                               external_data=weight_bytes > 1_500_000_000)
     except Exception as exc:
@@ -160,8 +167,6 @@ def export_onnx(model: Any, inputs: Any, path: Path, *, opset: int, backend: str
         raise UsageError(
             f"{backend}: torch.onnx could not export the model ({type(exc).__name__}: "
             f"{first[0] if first else ''}); run it on --backend cpu") from exc
-    finally:
-        ONNX_DYNAMIC_QUANTIZE.reset(token)
     graph = onnx.load(str(path), load_external_data=False).graph
     names = tuple(i.name for i in graph.input)
     input_keys: tuple[str, ...] = ()

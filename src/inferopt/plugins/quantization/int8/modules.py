@@ -27,7 +27,6 @@ FBGEMM's ``reduce_range`` does for activations.
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import math
 import warnings
@@ -205,15 +204,12 @@ def _decomposed_ops() -> Any:
     return torch.ops.quantized_decomposed
 
 
-#: set while exporting for a runtime that fuses ONNX's DynamicQuantizeLinear into its int8
-#: matmul (ONNX Runtime): dynamic activations are quantized by that one operator
-ONNX_DYNAMIC_QUANTIZE = contextvars.ContextVar("onnx_dynamic_quantize", default=False)
-
-
 @torch.library.custom_op("inferopt::dynamic_quantize_u8", mutates_args=())
 def dynamic_quantize_u8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ONNX DynamicQuantizeLinear: (uint8 values, scale, zero point) of ``x`` over the range
-    [min(x, 0), max(x, 0)]; exported as that operator (see ``onnx_export.translations``)."""
+    [min(x, 0), max(x, 0)]. Used only under ``torch.onnx.export``, whose translation table
+    decides per runtime (the ``onnxruntime`` backend: that operator, which its int8 matmul
+    takes directly; ``openvino``: the symmetric per-tensor QDQ form its int8 layers want)."""
     low = torch.clamp(x.min(), max=0.0)
     high = torch.clamp(x.max(), min=0.0)
     scale = ((high - low) / 255.0).clamp(min=1e-12).to(torch.float32)
@@ -235,7 +231,7 @@ def exported_activation(x: torch.Tensor, scale: torch.Tensor | None, zero: torch
     qd = _decomposed_ops()
     # (3-D and larger inputs only: ONNX Runtime fuses it with a MatMul, but a 2-D layer
     # becomes a Gemm, which it fuses with a following Relu into a float FusedGemm first)
-    if (scale is None or zero is None) and ONNX_DYNAMIC_QUANTIZE.get() and x.dim() >= 3:
+    if (scale is None or zero is None) and torch.onnx.is_in_onnx_export() and x.dim() >= 3:
         xq, scale, zero = torch.ops.inferopt.dynamic_quantize_u8(x)
         return qd.dequantize_per_tensor.tensor(xq, scale, zero, 0, 255, torch.uint8), scale
     if scale is None or zero is None:
