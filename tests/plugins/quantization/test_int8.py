@@ -721,3 +721,11 @@ def test_fbgemm_uses_8_bit_activations_only_with_its_avx512_vnni_kernels(monkeyp
         assert q.fbgemm_reduce_range() == reduce
     finally:
         q.fbgemm_reduce_range.cache_clear()
+
+
+def test_activations_auto_without_smoothing_still_reports_its_calibration():
+    _qm, ctx = apply(mlp(), data=calib(8, 64), smooth=0)
+    acts = {n: info.get("activations") for n, info in ctx.state["layers"].items()}
+    assert set(acts.values()) <= {"per-row", "per-tensor"}
+    if q.fbgemm_available():
+        assert ctx.details["calibration"]["batches"] == 4

@@ -178,7 +178,7 @@ class Int8Quantizer(Optimizer):
         choosing = (self.activations == "auto" and self.mode == "dynamic" and has_data
                     and q.plan_kernel(self.kernel, "dynamic", "linear", device)[0] == "fbgemm")
         acts: dict[str, str] = {}
-        needs_data = self.mode == "static" or smoothing
+        needs_data = self.mode == "static" or smoothing or choosing
         if needs_data and not ctx.restoring:
             data = ctx.data
             if data is None or not data.calibration:
@@ -205,10 +205,6 @@ class Int8Quantizer(Optimizer):
                 "source": "eval data (no separate split)" if data.calibration_is_eval
                 else "calibration split",
             }
-        elif choosing and not ctx.restoring:
-            smooth_scales, acts = self._smoothing(model, targets,
-                                                  ctx.data.calibration[: self.calibration_batches],
-                                                  device, ctx, False, True)
         if saved is not None:  # rebuilding a saved model: the same layers, the same structure
             targets = {n: m for n, m in targets.items() if n in saved}
             smooth_scales = {n: torch.ones(as_linear(targets[n]).in_features)
