@@ -26,8 +26,8 @@ Commands (``inferopt_register_commands``)
     :func:`cli_fail` (print an :class:`inferopt.InferoptError` and exit with its code),
     :func:`parse_accuracy_budget` (``--max-accuracy-drop 1.0`` or ``2%``)
 The machine, progress, logs
-    :func:`cpu_flags`, :func:`progress`, :func:`disable_progress`, :func:`get_logger`,
-    :func:`configure_logging`,
+    :func:`cpu_flags`, :func:`cpu_model`, :func:`progress`, :func:`disable_progress`,
+    :func:`get_logger`, :func:`configure_logging`,
     :func:`finite_json`
 Reports
     :data:`REPORT_SCHEMA`, :func:`plot_reports`, :func:`plot_available`,
@@ -54,7 +54,8 @@ _WHERE = {
     "parameter_count": "_model_cost", "weight_sparsity": "_model_cost",
     "MacCount": "_model_cost", "no_fast_path": "_model_cost",
     "state_dict_for_saving": "_artifacts", "weights_bytes": "_artifacts",
-    "cpu_flags": "_hardware", "progress": "_progress", "disable_progress": "_progress",
+    "cpu_flags": "_hardware", "cpu_model": "_hardware",
+    "progress": "_progress", "disable_progress": "_progress",
     "get_logger": "_logging",
     "configure_logging": "_logging",
     "cli_logging_options": "_cli", "cli_fail": "_cli", "parse_accuracy_budget": "_cli",

@@ -3,24 +3,12 @@
 from __future__ import annotations
 
 import os
-import platform
 from typing import Any
 
 import attrs
 
 from inferopt import Backend, PrepareContext, hookimpl, option
-from inferopt.utils import cpu_flags
-
-
-def cpu_model_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from inferopt.utils import cpu_flags, cpu_model
 
 
 @attrs.frozen
@@ -62,7 +50,7 @@ class CpuBackend(Backend):
         isa = sorted(f for f in flags if f.startswith(("avx512", "avx2", "amx", "avx_vnni")))
         return {
             "backend": self.name,
-            "cpu": cpu_model_name(),
+            "cpu": cpu_model(),
             "cores": os.cpu_count(),
             "threads": torch.get_num_threads(),
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),

@@ -18,7 +18,7 @@ from inferopt import InferoptError, UsageError, hookimpl
 from inferopt.plugins.commands.tune.search import SAMPLERS
 from inferopt.utils import cli_fail, cli_logging_options
 
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100, "show_default": True}
 # what --restart may delete in --out: the files inferopt tune writes
 OURS = {"study.db", "tune.json", "tune.md", "pareto.png", "importance.png", "best",
         ".tune.lock", ".best-trial"}
@@ -39,37 +39,37 @@ OLD_LOG = "trials.jsonl"  # an older tune's trial log
                    "accuracy and size (and throughput) are always measured.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Batch size. Default: 64.")
 @click.option("--seed", type=int, help="Random seed. Default: 0.")
-@click.option("--max-accuracy-drop", default="1.0", show_default=True, metavar="POINTS|PCT%",
+@click.option("--max-accuracy-drop", default="1.0", metavar="POINTS|PCT%",
               help="The accuracy budget: points of top-1 accuracy (1.0) or a share of the "
                    "baseline's accuracy (2%).")
-@click.option("--objective", default="latency", show_default=True, metavar="METRIC[.FIELD]",
+@click.option("--objective", default="latency", metavar="METRIC[.FIELD]",
               help="What the chosen candidate is best at, among those within the budget: any "
                    "installed metric (its primary quantity: latency, size, throughput, ...) or "
                    "any quantity a metric declares with a direction (METRIC.FIELD).")
 @click.option("--budget-minutes", type=click.FloatRange(min=0, min_open=True), default=10.0,
-              show_default=True, help="Stop starting trials when this much time is spent (shared "
-              "by the study's workers; a rerun after it passed gets a new one).")
+              help="Stop starting trials when this much time is spent (shared by the study's "
+                   "workers; a rerun after it passed gets a new one).")
 @click.option("--trials", "max_trials", type=click.IntRange(min=1), default=40,
-              show_default=True, help="At most this many trials in the study (every "
-                                      "worker's and earlier runs' included).")
+              help="At most this many trials in the study (every worker's and earlier runs' "
+                   "included).")
 @click.option("--technique", "-t", "techniques", multiple=True, metavar="NAME[:k=v,...]",
               help="Search only these optimizers (repeat); options given are fixed. Default: "
                    "every installed optimizer that declares searchable options.")
-@click.option("--sampler", type=click.Choice(SAMPLERS), default="nsga2", show_default=True,
+@click.option("--sampler", type=click.Choice(SAMPLERS), default="nsga2",
               help="What proposes trials after the planned ones: Optuna's NSGA-II, TPE or "
                    "random sampler, or grid: the rest of the space in a fixed order, so that "
                    "any number of workers runs the same trials. A study keeps its sampler.")
-@click.option("--out", "-o", metavar="DIR", default="inferopt-tune", show_default=True,
+@click.option("--out", "-o", metavar="DIR", default="inferopt-tune",
               help="Where the study (study.db, unless --storage), the summary and the chosen "
                    "model go. Rerunning with the same DIR continues the search.")
 @click.option("--storage", metavar="URL",
               help="The study's database (sqlite:///path.db, postgresql+psycopg://user@host/db): "
                    "workers on several machines share one search. Default: DIR/study.db.")
 @click.option("--study", "study_name", metavar="NAME", default="inferopt-tune",
-              show_default=True, help="The study to create or join in the storage.")
+              help="The study to create or join in the storage.")
 @click.option("--heartbeat-seconds", type=click.FloatRange(min=0.5), default=10.0,
-              show_default=True, help="How often a worker says it is alive; a trial whose "
-                                      "worker stays silent 3 times as long is run again.")
+              help="How often a worker says it is alive; a trial whose worker stays silent 3 "
+                   "times as long is run again.")
 @click.option("--restart", is_flag=True, help="Discard the study and files in --out and start "
                                               "over.")
 @click.option("--json", "as_json", is_flag=True,
@@ -85,7 +85,7 @@ def tune(**flags: Any) -> None:
     """
     from inferopt.utils import configure_logging, disable_progress
 
-    debug, as_json, out, storage = (flags[k] for k in ("debug", "as_json", "out", "storage"))
+    debug, as_json, where = flags["debug"], flags["as_json"], _shown(flags["storage"], flags["out"])
     configure_logging(flags["log_format"], flags["log_level"])
     disable_progress(as_json)
     try:
@@ -93,7 +93,6 @@ def tune(**flags: Any) -> None:
     except InferoptError as exc:
         cli_fail(exc, debug)
     except KeyboardInterrupt:
-        where = storage.split("://")[0] + "://..." if storage else f"{out}/study.db"
         click.echo(f"interrupted: the finished trials are in the study ({where}); rerun the "
                    "same command to continue", err=True)
         sys.exit(130)
@@ -105,6 +104,7 @@ def tune(**flags: Any) -> None:
         sys.exit(2)
     from inferopt.plugins.commands.tune.results import COLUMNS, result_lines, table_rows
 
+    lines = result_lines(doc)
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     else:
@@ -119,14 +119,11 @@ def tune(**flags: Any) -> None:
         # a pipe or a log file gets the whole table, not one folded to 80 columns
         console = Console(width=None if sys.stdout.isatty() else 160)
         console.print(table)
-        for line in result_lines(doc):
+        for line in lines:
             console.print(line, soft_wrap=True, highlight=False, markup=False)
-        console.print(f"study: {doc['artifacts']['study']}; summary: "
-                      f"{doc['artifacts']['summary']}", soft_wrap=True, highlight=False)
     if doc.get("chosen") is None:
-        lines = [line for line in result_lines(doc) if line.startswith(("no candidate",
-                                                                         "closest"))]
-        click.echo("error: " + "\n  ".join(lines), err=True)
+        closest = [line for line in lines if line.startswith(("no candidate", "closest"))]
+        click.echo("error: " + "\n  ".join(closest), err=True)
         sys.exit(1)
 
 
@@ -137,7 +134,6 @@ def _search(flags: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any
     import inferopt
     from inferopt.plugins.commands.tune.results import finish
     from inferopt.plugins.commands.tune.search import (
-        SCHEMA,
         Goal,
         Worker,
         fingerprint,
@@ -147,22 +143,22 @@ def _search(flags: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any
     from inferopt.utils import parse_accuracy_budget, parse_spec
 
     gate = parse_accuracy_budget(flags["max_accuracy_drop"])
-    budget, relative = next(iter(gate.values())) or 0.0, "max_relative_accuracy_drop" in gate
-    objective, out, storage = flags["objective"], Path(flags["out"]), flags["storage"]
-    budget_seconds = flags["budget_minutes"] * 60
+    goal = Goal(flags["objective"], next(iter(gate.values())) or 0.0,
+                "max_relative_accuracy_drop" in gate)
+    out, storage = Path(flags["out"]), flags["storage"]
     techniques = tuple(parse_spec(t, "--technique") for t in flags["techniques"])
-    load = {k: flags[k] for k in ("model", "data", "split", "batch_size", "seed", "trust_model")}
 
     started = time.monotonic()
     session = inferopt.Session(strict=True if flags["strict_plugins"] else None)
-    goal = Goal.parse(objective, budget, relative)
     if goal.metric not in session.names("metric"):
-        raise UsageError(f"--objective {objective!r}: no installed metric {goal.metric!r}; "
+        raise UsageError(f"--objective {goal.objective!r}: no installed metric {goal.metric!r}; "
                          f"metrics: {', '.join(session.names('metric'))} (METRIC or "
                          "METRIC.FIELD)")
     space, notes = search_space(session, techniques)
     _check_out(out, storage, flags["restart"], flags["study_name"])
-    model, data, resolved = session.load_inputs(flags["recipe"], **load)
+    given_specs = {k: flags[k] for k in ("model", "data", "split", "trust_model")}
+    model, data, resolved = session.load_inputs(flags["recipe"], batch_size=flags["batch_size"],
+                                                seed=flags["seed"], **given_specs)
     load_seconds = time.monotonic() - started
     given = list(flags["metrics"]) or (resolved["metrics"] if resolved["metrics_explicit"] else [])
     names = [m.partition(":")[0] for m in given]
@@ -172,44 +168,42 @@ def _search(flags: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any
                 "batch_size": resolved["batch_size"], "seed": resolved["seed"],
                 "backend": flags["backend"] or resolved["backend"], "metrics": given,
                 "output": flags["output"] or resolved["output"]}
-    goal_json = {"objective": objective, "max_accuracy_drop": budget, "relative": relative}
-    identity = {"fingerprint": fingerprint(model, data, settings), "settings": settings,
-                "goal": goal_json, "space": [t.to_json() for t in space],
-                "sampler": flags["sampler"]}
-    batch_size = settings["batch_size"] if resolved["batch_size_explicit"] else None
-    inputs = {"model": model, "data": data, "backend": settings["backend"],
-              "seed": settings["seed"], "output": settings["output"], "batch_size": batch_size}
-    url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    # session.run's arguments for every trial and for saving the choice, besides model and data
+    run_args = {"backend": settings["backend"], "seed": settings["seed"],
+                "output": settings["output"],
+                "batch_size": settings["batch_size"] if resolved["batch_size_explicit"] else None}
+    goal_json = {"objective": goal.objective, "max_accuracy_drop": goal.budget,
+                 "relative": goal.relative}
     out.mkdir(parents=True, exist_ok=True)
-    worker = Worker(session, inputs, metrics, space, goal, flags["max_trials"], budget_seconds,
-                    load_seconds, flags["heartbeat_seconds"], echo, flags["sampler"])
-    worker.open(url, flags["study_name"], identity)
+    worker = Worker(session, {"model": model, "data": data, **run_args}, metrics, space, goal,
+                    flags["max_trials"], flags["budget_minutes"] * 60, load_seconds,
+                    flags["heartbeat_seconds"], echo, flags["sampler"])
+    worker.open(storage or f"sqlite:///{(out / 'study.db').resolve()}", flags["study_name"], {
+        "fingerprint": fingerprint(model, data, settings), "settings": settings,
+        "goal": goal_json, "space": [t.to_json() for t in space], "sampler": flags["sampler"]})
     worker.work()
 
     def save(chosen: dict[str, Any]) -> Any:
-        """The chosen recipe, run again as an ordinary ``inferopt run`` into ``OUT/best``."""
+        """The chosen recipe, run again as an ordinary ``inferopt run`` into ``OUT/best`` (from
+        the same recipe file and flags, which it resolves as the search did)."""
         echo(f"saving trial {chosen['id']} ({chosen['key']}) to {out / 'best'}")
-        split = resolved["split"]
         return session.run(
-            flags["recipe"], model=settings["model"], data=settings["data"], metrics=metrics,
+            flags["recipe"], metrics=metrics, gates=gate, out=out / "best", overwrite=True,
             optimize=[spec_text(s["name"], s["options"]) for s in chosen["steps"]],
-            backend=settings["backend"], seed=settings["seed"], output=settings["output"],
-            batch_size=batch_size, trust_model=load["trust_model"],
-            split=",".join(f"{k}={v}" for k, v in split.items()) if split else None,
-            gates={"max_relative_accuracy_drop" if relative else "max_accuracy_drop": budget},
-            out=out / "best", overwrite=True)
+            **given_specs, **run_args)
 
-    head = {"schema": SCHEMA, "settings": {
-        **settings, **goal_json, "budget_minutes": round(budget_seconds / 60, 3),
-        "max_trials": flags["max_trials"], "sampler": flags["sampler"],
-        "techniques": [str(t) for t in techniques] or None},
-        "fingerprint": identity["fingerprint"], "notes": notes,
-        # in tune.json's artifacts too (a database URL's credentials are never written)
-        "study": {"study": url if storage is None else f"{url.split('://')[0]}://...",
-                  "study_name": flags["study_name"]}}
-    doc = finish(worker, head, out, save)
+    doc = finish(worker, {**settings, **goal_json, "sampler": flags["sampler"],
+                          "budget_minutes": round(flags["budget_minutes"], 3),
+                          "max_trials": flags["max_trials"],
+                          "techniques": [str(t) for t in techniques] or None},
+                 _shown(storage, out.resolve()), notes, out, save)
     doc["seconds"] = round(time.monotonic() - started, 2)
     return doc
+
+
+def _shown(storage: str | None, out: str | Path) -> str:
+    """Where the study is, as tune prints and writes it: never a database URL's credentials."""
+    return storage.split("://")[0] + "://..." if storage else f"sqlite:///{out}/study.db"
 
 
 def _check_out(out: Path, storage: str | None, restart: bool, study_name: str) -> None:

@@ -11,36 +11,35 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from inferopt.plugins.commands.tune.search import Goal, done, num, speedup_text
+from inferopt.plugins.commands.tune.search import SCHEMA, Goal, done, num, speedup_text
 
 COLUMNS = ("#", "phase", "recipe", "speedup [CI]", "latency", "acc. drop", "size", "objective",
            "budget", "note")
 
 
-def document(worker: Any, head: dict[str, Any], out: Path) -> dict[str, Any]:
+def document(worker: Any, settings: dict[str, Any], study: str, out: Path) -> dict[str, Any]:
     """The summary of every trial in the study, whichever worker ran it."""
     goal: Goal = worker.goal
     trials = sorted(worker.trials(), key=lambda t: t["number"])
-    measured = [t for t in trials if done(t) and "skipped" not in t and "key" in t]
+    measured = [t for t in trials if done(t)]  # never a skipped one
     rows = [{**{k: v for k, v in t.items() if k not in ("report", "machine", "state", "number")},
-             "id": t["number"], "status": t.get("status", "failed"),
-             "within_budget": goal.within(t), "meets_goal": goal.meets(t),
+             "id": t["number"], "within_budget": goal.within(t), "meets_goal": goal.meets(t),
              "objective": t.get("objective"), "replayed": t["number"] not in worker.mine}
             for t in measured if t["phase"] != "sensitivity"]
     ids = {r["id"] for r in rows}
     chosen = max((r for r in rows if r["meets_goal"]),
                  key=lambda t: (t["objective"] or 0.0, -(goal.drop(t) or 0.0),
                                 -(t.get("size_ratio") or 1.0), -t["id"]), default=None)
-    candidates = [r for r in rows if r["status"] == "ok" and r["steps"]]
     closest = [] if chosen is not None else sorted(
-        candidates, key=lambda t: (goal.excess(t), not t["improves"],
-                                   -(t["objective"] or 0.0)))[:3]
+        (r for r in rows if r["status"] == "ok" and r["steps"]),
+        key=lambda t: (goal.excess(t), not t["improves"], -(t["objective"] or 0.0)))[:3]
     worker.plan(trials)  # its decisions on the pairs, for the record
     base = next((t for t in measured if t["phase"] == "baseline"), {})
     metrics = base["report"]["baseline"]["metrics"] if base.get("status") == "ok" else None
     return {
-        **{k: v for k, v in head.items() if k != "study"},
-        "goal": goal.text(), "stopped": worker.stopped,
+        "schema": SCHEMA, "settings": settings,
+        "fingerprint": worker.study.user_attrs["fingerprint"], "goal": goal.text(),
+        "stopped": worker.stopped,
         "space": [t.to_json() for t in worker.space],
         "baseline": {} if metrics is None else {
             "accuracy": metrics.get("accuracy", {}).get("top1"),
@@ -57,11 +56,13 @@ def document(worker: Any, head: dict[str, Any], out: Path) -> dict[str, Any]:
         "chosen": chosen["id"] if chosen is not None else None,
         "closest": [t["id"] for t in closest],
         "artifacts": {"dir": str(out), "summary": str(out / "tune.json"),
-                      "markdown": str(out / "tune.md"), **head["study"]},
+                      "markdown": str(out / "tune.md"), "study": study,
+                      "study_name": worker.study.study_name},
     }
 
 
-def finish(worker: Any, head: dict[str, Any], out: Path, save: Any) -> dict[str, Any]:
+def finish(worker: Any, settings: dict[str, Any], study: str, notes: list[str], out: Path,
+           save: Any) -> dict[str, Any]:
     """Write the summary, the plots and ``OUT/best``. Workers sharing ``--out`` take turns
     (a file lock); the last one's summary includes every trial."""
     from inferopt.utils import finite_json
@@ -71,11 +72,11 @@ def finish(worker: Any, head: dict[str, Any], out: Path, save: Any) -> dict[str,
             import fcntl
 
             fcntl.flock(lock, fcntl.LOCK_EX)
-        doc = document(worker, head, out)
+        doc = document(worker, settings, study, out)
         chosen = next((t for t in doc["trials"] if t["id"] == doc["chosen"]), None)
         marker, best = out / ".best-trial", out / "best"
         if chosen is not None:
-            stamp = f"{head['fingerprint']}:{chosen['id']}"
+            stamp = f"{doc['fingerprint']}:{chosen['id']}"
             if not (marker.is_file() and marker.read_text() == stamp and best.is_dir()):
                 report = save(chosen)
                 marker.write_text(stamp)
@@ -87,7 +88,7 @@ def finish(worker: Any, head: dict[str, Any], out: Path, save: Any) -> dict[str,
             shutil.rmtree(best)
             marker.unlink(missing_ok=True)
             worker.echo(f"removed {best}: no candidate meets this goal")
-        doc["notes"] = head["notes"] + plots(worker, out, doc)
+        doc["notes"] = notes + plots(worker, out, doc)
         for name, text in (("tune.json", json.dumps(finite_json(doc), indent=2) + "\n"),
                            ("tune.md", to_markdown(doc))):
             # through a temporary file and a rename: an interruption never leaves half a file
@@ -135,23 +136,19 @@ def table_rows(doc: dict[str, Any]) -> list[tuple[str, ...]]:
     relative = doc["settings"]["relative"]
     rows: list[tuple[str, ...]] = []
     for t in doc["trials"]:
-        if t["status"] != "ok":
-            rows.append((str(t["id"]), t["phase"], t["key"], "-", "failed", "-", "-", "-", "-",
-                         str(t.get("error", ""))[:80]))
-            continue
+        ok = t["status"] == "ok"
         drop = t.get("accuracy_drop_percent" if relative else "accuracy_drop_points")
         notes = [n for n, on in (("CHOSEN", t["id"] == doc.get("chosen")),
                                  ("pareto", t["id"] in doc["pareto"]),
                                  ("closest", t["id"] in (doc.get("closest") or [])),
                                  ("earlier/other worker", t.get("replayed"))) if on]
         rows.append((
-            str(t["id"]), t["phase"], t["key"],
-            speedup_text(t),
-            str(t.get("latency_verdict") or "-"),
+            str(t["id"]), t["phase"], t["key"], speedup_text(t) if ok else "-",
+            str(t.get("latency_verdict") or "-") if ok else "failed",
             "-" if drop is None else f"{drop:.2f}{'%' if relative else ''}",
             "-" if t.get("size_ratio") is None else f"{t['size_ratio'] * 100:.1f}%",
             f"x{num(t.get('objective'))}", "within" if t["within_budget"] else "OUT",
-            ", ".join(notes)))
+            ", ".join(notes) if ok else str(t.get("error", ""))[:80]))
     return rows
 
 
@@ -171,9 +168,9 @@ def to_markdown(doc: dict[str, Any]) -> str:
 
 
 def result_lines(doc: dict[str, Any]) -> list[str]:
-    """What the search found, in words."""
+    """What the search found, in words, and where it is kept."""
     s = doc["settings"]
-    goal = Goal.parse(s["objective"], s["max_accuracy_drop"], s["relative"])
+    goal = Goal(s["objective"], s["max_accuracy_drop"], s["relative"])
     by_id = {t["id"]: t for t in doc["trials"]}
     lines = []
     if doc.get("chosen") is not None:
@@ -191,5 +188,6 @@ def result_lines(doc: dict[str, Any]) -> list[str]:
                  f"{front or 'none'}")
     if doc.get("stopped"):
         lines.append(f"stopped early: {doc['stopped']}")
-    return lines
+    a = doc["artifacts"]
+    return [*lines, f"study: {a['study']} ({a['study_name']}); summary: {a['summary']}"]
 

@@ -4,8 +4,8 @@ per worker, keyed by its recipe so that no recipe is enqueued or run twice."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 
 from inferopt import InferoptError, Interrupted, UsageError
-from inferopt.utils import cpu_flags, iter_tensors, weights_bytes
+from inferopt.utils import cpu_flags, cpu_model, iter_tensors, weights_bytes
 
 SCHEMA = "inferopt.tune/2"
 # the order techniques are tried in and combined in: structural changes before quantization
@@ -31,6 +31,7 @@ TIMED_UNITS = ("ms", "s", "samples/s")
 EPSILON = 1e-9
 NOT_COUNTED = ("baseline", "sensitivity")
 SAMPLERS = ("nsga2", "tpe", "random", "grid")
+Trial = dict[str, Any]  # a study trial as the search reads it (attrs_of)
 
 
 class TrialFailed(Exception):
@@ -40,9 +41,8 @@ class TrialFailed(Exception):
 def spec_text(name: str, options: dict[str, Any]) -> str:
     """``NAME[:k=v,...]`` as ``--optimize`` takes it (lists joined with ``|``)."""
     def fmt(v: Any) -> str:
-        if isinstance(v, list | tuple):
-            return "|".join(map(str, v))
-        return str(v).lower() if isinstance(v, bool) else str(v)
+        return ("|".join(map(str, v)) if isinstance(v, list | tuple)
+                else str(v).lower() if isinstance(v, bool) else str(v))
     opts = ",".join(f"{k}={fmt(v)}" for k, v in sorted(options.items()))
     return f"{name}:{opts}" if opts else name
 
@@ -51,16 +51,18 @@ def key_of(steps: list[dict[str, Any]]) -> str:
     return " + ".join(spec_text(s["name"], s["options"]) for s in steps) or "none"
 
 
-def planned(steps: list[dict[str, Any]], phase: str, **extra: Any) -> dict[str, Any]:
-    """A trial to enqueue, as its user attributes."""
-    return {"key": key_of(steps), "phase": phase, "steps": steps, **extra}
+def planned(steps: list[dict[str, Any]], phase: str, **extra: Any) -> Trial:
+    """A trial to enqueue, as its user attributes (a sensitivity run's key says that it
+    measures accuracy only: it is not the candidate of that recipe)."""
+    key = key_of(steps) + (" (accuracy only)" if phase == "sensitivity" else "")
+    return {"key": key, "phase": phase, "steps": steps, **extra}
 
 
 def num(x: Any) -> str:
     return f"{x:.2f}" if isinstance(x, int | float) else "-"
 
 
-def speedup_text(t: dict[str, Any]) -> str:
+def speedup_text(t: Trial) -> str:
     ci = t.get("speedup_ci") or [None, None]
     return f"x{num(t.get('speedup'))} [{num(ci[0])}-{num(ci[1])}]"
 
@@ -77,7 +79,6 @@ class Technique:
     defaults: dict[str, Any]
     fixed: dict[str, Any]
     dims: dict[str, list[Any]]
-    has_skip: bool
 
     def step(self, values: dict[str, Any]) -> dict[str, Any]:
         merged = {**self.fixed, **values}
@@ -86,15 +87,13 @@ class Technique:
 
     def points(self) -> list[dict[str, Any]]:
         """Every combination of the searchable values, as steps (the default first)."""
-        combos: list[dict[str, Any]] = [{}]
-        for name, values in self.dims.items():
-            combos = [{**c, name: v} for c in combos for v in values]
-        return [self.step(c) for c in combos]
+        return [self.step(dict(zip(self.dims, combo, strict=True)))
+                for combo in itertools.product(*self.dims.values())]
 
     def to_json(self) -> dict[str, Any]:
         return {"technique": self.name, "kind": self.kind, "plugin": self.plugin,
                 "distribution": self.distribution, "fixed": self.fixed, "search": self.dims,
-                "skip_option": self.has_skip}
+                "skip_option": "skip" in self.defaults}
 
 
 def search_space(session: Any, techniques: tuple[Any, ...]) -> tuple[list[Technique], list[str]]:
@@ -113,46 +112,37 @@ def search_space(session: Any, techniques: tuple[Any, ...]) -> tuple[list[Techni
     if not techniques:
         raise UsageError("no installed optimizer declares searchable options; name the "
                          "techniques to try with --technique NAME")
-    notes: list[str] = []
-    space = []
+    space, notes = [], []
     for spec in techniques:
         info = session.describe("optimizer", spec.name)  # an unknown name is a UsageError
         instance = session.optimizer(spec.name, **spec.options)  # checks the fixed options
-        described = {o["name"]: o for o in info["options"]}
-        fixed = {k.replace("-", "_"): getattr(instance, k.replace("-", "_")) for k in spec.options}
+        fixed = {k: getattr(instance, k) for k in (k.replace("-", "_") for k in spec.options)}
         fixed = {k: list(v) if isinstance(v, tuple) else v for k, v in fixed.items()}
         dims: dict[str, list[Any]] = {}
-        for name, o in described.items():
+        for o in (o for o in info["options"] if o["name"] not in fixed):
             values = [o["default"]]
-            for value in o.get("searchable") or () if name not in fixed else ():
+            for value in o.get("searchable") or ():
                 try:
-                    session.optimizer(spec.name, **{**spec.options, name: value})
+                    session.optimizer(spec.name, **{**spec.options, o["name"]: value})
                 except UsageError as exc:
-                    notes.append(f"{spec.name}: searchable value {name}={value!r} left out "
+                    notes.append(f"{spec.name}: searchable value {o['name']}={value!r} left out "
                                  f"(plugin {info['plugin']!r} declares a value it rejects: {exc})")
                     continue
                 values += [value] if value not in values else []
             if len(values) > 1:
-                dims[name] = values
+                dims[o["name"]] = values
         kind = str(getattr(session.optimizer_class(spec.name), "kind", "") or "")
         space.append(Technique(spec.name, kind, info["plugin"], info["distribution"],
-                               {n: o["default"] for n, o in described.items()}, fixed, dims,
-                               "skip" in described))
+                               {o["name"]: o["default"] for o in info["options"]}, fixed, dims))
     space.sort(key=lambda t: (KIND_RANK.get(t.kind, KIND_RANK[""]), t.name))
     return space, notes
 
 
 def machine() -> dict[str, Any]:
     """What a trial's timings depend on: the CPU and its flags, the GPU, torch."""
-    import platform
-
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as fh:
-        cpu = next((line.split(":", 1)[1].strip() for line in fh
-                    if line.startswith("model name")), cpu)
-    return {"cpu": cpu, "cores": os.cpu_count(), "cpu_flags": sorted(cpu_flags()),
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "cpu_flags": sorted(cpu_flags()),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "torch": torch.__version__}
 
@@ -163,77 +153,72 @@ def fingerprint(model: Any, data: Any, settings: dict[str, Any]) -> str:
 
     digest = hashlib.sha256(weights_bytes(model))
     digest.update(json.dumps(settings, sort_keys=True).encode())
-    for split in (data.eval, data.calibration, data.train):
-        for batch in split:
-            for tensor in iter_tensors((batch.inputs, batch.labels)):
-                digest.update(str((tuple(tensor.shape), str(tensor.dtype))).encode())
-                raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-                digest.update(raw.numpy().tobytes())
+    for batch in itertools.chain(data.eval, data.calibration, data.train):
+        for tensor in iter_tensors((batch.inputs, batch.labels)):
+            digest.update(str((tuple(tensor.shape), str(tensor.dtype))).encode())
+            raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            digest.update(raw.numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
 @attrs.frozen
 class Goal:
-    """The accuracy budget and the objective: ``metric`` (its ``field``, default its primary
+    """The accuracy budget and the objective, ``METRIC[.FIELD]`` (default: the metric's primary
     quantity), better ``lower`` or ``higher`` as the metric describes it."""
 
+    objective: str
     budget: float
     relative: bool
-    metric: str
-    field: str | None = None
 
-    @classmethod
-    def parse(cls, objective: str, budget: float, relative: bool) -> Goal:
-        metric, _dot, field = objective.partition(".")
-        return cls(budget, relative, metric, field or None)
+    @property
+    def metric(self) -> str:
+        return self.objective.partition(".")[0]
 
-    def drop(self, t: dict[str, Any]) -> float | None:
+    def drop(self, t: Trial) -> float | None:
         return t.get("accuracy_drop_percent" if self.relative else "accuracy_drop_points")
 
-    def within(self, t: dict[str, Any]) -> bool:
+    def within(self, t: Trial) -> bool:
         drop = self.drop(t)
         return t.get("status") == "ok" and drop is not None and drop <= self.budget + EPSILON
 
-    def excess(self, t: dict[str, Any]) -> float:
+    def excess(self, t: Trial) -> float:
         drop = self.drop(t)
         return math.inf if drop is None else max(0.0, drop - self.budget)
 
-    def meets(self, t: dict[str, Any]) -> bool:
+    def meets(self, t: Trial) -> bool:
         return self.within(t) and bool(t.get("improves")) and bool(t.get("steps"))
 
     def text(self) -> str:
         budget = (f"{self.budget:g}% of the baseline's accuracy" if self.relative
                   else f"{self.budget:g} points")
-        what = f"{self.metric}.{self.field}" if self.field else self.metric
-        return (f"accuracy drop <= {budget} and better {what} than the baseline (a paired "
-                f"metric: its confidence interval; else by more than its noise)")
+        return (f"accuracy drop <= {budget} and better {self.objective} than the baseline (a "
+                f"paired metric: its confidence interval; else by more than its noise)")
 
-    def describe(self, rec: dict[str, Any]) -> str:
+    def describe(self, t: Trial) -> str:
         """A trial's numbers in one line."""
-        if rec.get("status") != "ok":
-            return f"failed: {rec.get('error')}"
+        if t.get("status") != "ok":
+            return f"failed: {t.get('error')}"
         parts = []
-        if rec.get("speedup") is not None:
-            parts.append(f"{speedup_text(rec)} {rec.get('latency_verdict')}")
-        if (drop := self.drop(rec)) is not None:
+        if t.get("speedup") is not None:
+            parts.append(f"{speedup_text(t)} {t.get('latency_verdict')}")
+        if (drop := self.drop(t)) is not None:
             parts.append(f"accuracy drop {drop:.3g}{'%' if self.relative else ' pts'}")
-        if rec.get("size_ratio") is not None:
-            parts.append(f"size {rec['size_ratio'] * 100:.1f}%")
-        if rec.get("objective") is not None and self.metric not in ("latency", "size"):
-            parts.append(f"{self.metric} x{rec['objective']:.2f}")
-        return ", ".join([*parts, f"{rec['seconds']:.1f} s"])
+        if t.get("size_ratio") is not None:
+            parts.append(f"size {t['size_ratio'] * 100:.1f}%")
+        if t.get("objective") is not None and self.metric not in ("latency", "size"):
+            parts.append(f"{self.metric} x{t['objective']:.2f}")
+        return ", ".join([*parts, f"{t['seconds']:.1f} s"])
 
     def judge(self, report: Any) -> tuple[float | None, bool]:
         """(how many times better than the baseline, whether that is an improvement) of the
-        objective in ``report``, from the metric's own description of its quantities."""
-        desc = report.descriptions.get(self.metric)
-        if desc is None:
-            raise UsageError(f"--objective {self.metric!r}: no metric {self.metric!r} was "
-                             f"measured; metrics: {', '.join(sorted(report.descriptions))}")
-        field = self.field or desc.get("primary")
-        quantity = desc.get("quantities", {}).get(field)
-        if quantity is None or quantity.get("better") not in ("lower", "higher"):
-            directed = [f"{self.metric}.{k}" for k, q in desc.get("quantities", {}).items()
+        objective in ``report`` (which measured its metric), from the metric's own description
+        of its quantities."""
+        desc = report.descriptions[self.metric]
+        field = self.objective.partition(".")[2] or desc.get("primary")
+        quantities = desc.get("quantities", {})
+        quantity = quantities.get(field) or {}
+        if quantity.get("better") not in ("lower", "higher"):
+            directed = [f"{self.metric}.{k}" for k, q in quantities.items()
                         if q.get("better") in ("lower", "higher") and not k.endswith("*")]
             raise UsageError(f"--objective {self.metric}.{field}: not a quantity with a "
                              f"direction; use one of {', '.join(directed) or '(none)'}")
@@ -246,30 +231,27 @@ class Goal:
             return None, False
         ratio = b / o if quantity["better"] == "lower" else o / b
         margin = MIN_GAIN if quantity.get("unit") in TIMED_UNITS else 0.0
-        same = float(quantity.get("same_within") or 0.0)
-        return ratio, ratio > 1.0 + margin and abs(o - b) > same
+        return ratio, ratio > 1.0 + margin and abs(o - b) > float(quantity.get("same_within") or 0)
 
 
-def record(report: Any, goal: Goal, started: float) -> dict[str, Any]:
+def record(report: Any, goal: Goal) -> Trial:
     """A finished trial's numbers, as the study keeps them (user attributes)."""
-    v = report.verdict
+    v, doc = report.verdict, report.to_dict()
+    doc.pop("environment", None)  # kept once, with the study's machine
+    # a sensitivity run measures accuracy only; data without labels has no accuracy
     value, improves = goal.judge(report) if "accuracy" in report.baseline and \
         goal.metric in report.descriptions else (None, False)
-    doc = report.to_dict()
-    doc.pop("environment", None)  # kept once, with the study's machine
-    return {"status": "ok", "speedup": v.get("speedup"), "speedup_ci": v.get("speedup_ci"),
+    return {"status": "ok", "objective": value, "improves": improves,
+            **{k: v.get(k) for k in ("speedup", "speedup_ci", "accuracy_drop_points",
+                                     "accuracy_drop_percent", "size_ratio")},
             "latency_verdict": v.get("latency"),
-            "accuracy_drop_points": v.get("accuracy_drop_points"),
-            "accuracy_drop_percent": v.get("accuracy_drop_percent"),
-            "size_ratio": v.get("size_ratio"), "objective": value, "improves": improves,
             "accuracy": report.optimized.get("accuracy", {}).get("top1"),
             "step_seconds": sum(s.seconds for s in report.steps),
             "summaries": [s.details.get("summary", "") for s in report.steps],
-            "warnings": report.warnings, "seconds": round(time.monotonic() - started, 3),
-            "report": doc}
+            "warnings": report.warnings, "report": doc}
 
 
-def attrs_of(trial: Any) -> dict[str, Any]:
+def attrs_of(trial: Any) -> Trial:
     """A study trial as the search reads it: its user attributes (``key``, ``phase``,
     ``steps``; ``run``: who ran it where; ``result``: what it measured) in one dict, with its
     number and state."""
@@ -278,26 +260,25 @@ def attrs_of(trial: Any) -> dict[str, Any]:
             **ua.get("result", {}), "number": trial.number, "state": trial.state.name}
 
 
-def done(t: dict[str, Any]) -> bool:
+def done(t: Trial) -> bool:
     """Measured (or failed by its own step): what counts and what plans build on."""
     return (t["state"] == "COMPLETE" or (t["state"] == "FAIL" and t.get("status") == "failed")
-            or (t["state"] == "PRUNED" and t.get("phase") == "sensitivity"
-                and "status" in t))
+            or (t["state"] == "PRUNED" and t.get("phase") == "sensitivity" and "status" in t))
 
 
-def taken(t: dict[str, Any]) -> bool:
+def taken(t: Trial) -> bool:
     """Holds its key: measured, running or waiting (not skipped, not interrupted)."""
-    return done(t) or (t["state"] in ("RUNNING", "WAITING") and "skipped" not in t)
+    return "key" in t and (done(t) or (t["state"] in ("RUNNING", "WAITING")
+                                       and "skipped" not in t))
 
 
-def taken_keys(trials: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {t["key"]: t for t in trials if "key" in t and taken(t)}
+def taken_keys(trials: list[Trial]) -> dict[str, Trial]:
+    return {t["key"]: t for t in trials if taken(t)}
 
 
-def counted(t: dict[str, Any]) -> bool:
+def counted(t: Trial) -> bool:
     """Counts against --trials: a candidate measured or being measured."""
-    return "key" in t and t.get("phase") not in NOT_COUNTED and "skipped" not in t \
-        and (done(t) or t["state"] == "RUNNING")
+    return taken(t) and t["state"] != "WAITING" and t.get("phase") not in NOT_COUNTED
 
 
 @attrs.define
@@ -387,29 +368,26 @@ class Worker:
                                       grace_period=max(2, round(3 * self.heartbeat)),
                                       heartbeat_stale_trial_callback=RetryFailedTrialCallback(
                                           max_retry=3))
-            except ImportError as exc:
-                raise UsageError(f"--storage {url.split('://')[0]}://...: its database driver "
-                                 f"is not installed ({exc}); for PostgreSQL: pip install "
-                                 "'inferopt[postgres]'") from exc
             except Exception as exc:
-                if attempt == 4 or type(exc).__name__ not in ("OperationalError",
-                                                              "IntegrityError"):
-                    raise UsageError(f"--storage: cannot open the study storage "
-                                     f"({type(exc).__name__}: {exc})") from exc
-                time.sleep(0.5)  # another worker is creating the tables at the same time
+                if attempt < 4 and type(exc).__name__ in ("OperationalError", "IntegrityError"):
+                    time.sleep(0.5)  # another worker is creating the tables at the same time
+                    continue
+                driver = ("; its database driver is not installed (for PostgreSQL: pip install "
+                          "'inferopt[postgres]')" if isinstance(exc, ImportError) else "")
+                raise UsageError(f"--storage {url.split('://')[0]}://...: cannot open the study "
+                                 f"storage ({type(exc).__name__}: {exc}){driver}") from exc
         raise AssertionError("unreachable")
 
     def _check(self, name: str, identity: dict[str, Any]) -> None:
-        for _ in range(600):  # the creator is still setting the study up
-            if self.study.user_attrs.get("ready"):
-                break
-            time.sleep(0.1)
-        attrs_ = self.study.user_attrs
-        if attrs_.get("schema") != SCHEMA:
+        wait = time.monotonic() + 60
+        while not self.study.user_attrs.get("ready") and time.monotonic() < wait:
+            time.sleep(0.1)  # the creator is still setting the study up
+        theirs = self.study.user_attrs
+        if theirs.get("schema") != SCHEMA:
             raise UsageError(f"study {name!r} is not an inferopt tune study (or one of another "
                              "version); use another --study or --out")
-        if attrs_.get("fingerprint") != identity["fingerprint"]:
-            old, new = attrs_.get("settings", {}), identity["settings"]
+        if theirs.get("fingerprint") != identity["fingerprint"]:
+            old, new = theirs.get("settings", {}), identity["settings"]
             changed = [k for k in new if old.get(k) != new[k]] or ["the baseline model's "
                                                                    "weights or data"]
             raise UsageError(f"study {name!r} holds a tune of a different baseline (changed: "
@@ -418,43 +396,41 @@ class Worker:
         for key, flag in (("goal", "--objective/--max-accuracy-drop"),
                           ("space", "--technique"), ("sampler", "--sampler")):
             # a study from before --sampler was made with NSGA-II
-            theirs = attrs_.get(key, "nsga2" if key == "sampler" else None)
-            if theirs != identity[key]:
-                raise UsageError(f"study {name!r} searches another {key} ({flag}: {theirs}, "
-                                 f"here {identity[key]}); give the same flags, or use another "
+            if (old := theirs.get(key, "nsga2" if key == "sampler" else None)) != identity[key]:
+                raise UsageError(f"study {name!r} searches another {key} ({flag}: {old}, here "
+                                 f"{identity[key]}); give the same flags, or use another "
                                  "--study/--out")
-        theirs, mine = attrs_.get("machine", {}), self.machine
-        diffs = [f"{k} {theirs.get(k)!r} here {mine.get(k)!r}"
-                 for k in ("cpu", "cores", "gpu", "torch") if theirs.get(k) != mine.get(k)]
-        their_flags, my_flags = set(theirs.get("cpu_flags", [])), set(mine["cpu_flags"])
-        if their_flags != my_flags:
+        old, mine = theirs.get("machine", {}), self.machine
+        diffs = [f"{k} {old.get(k)!r} here {mine.get(k)!r}"
+                 for k in ("cpu", "cores", "gpu", "torch") if old.get(k) != mine.get(k)]
+        old_flags, my_flags = set(old.get("cpu_flags", [])), set(mine["cpu_flags"])
+        if old_flags != my_flags:
             diffs.append(f"CPU flags (only the study's: "
-                         f"{' '.join(sorted(their_flags - my_flags)[:8]) or '-'}; only here: "
-                         f"{' '.join(sorted(my_flags - their_flags)[:8]) or '-'})")
+                         f"{' '.join(sorted(old_flags - my_flags)[:8]) or '-'}; only here: "
+                         f"{' '.join(sorted(my_flags - old_flags)[:8]) or '-'})")
         if diffs:
             raise UsageError(f"study {name!r} was measured on another kind of machine, so its "
                              f"timings do not compare with this one's: {'; '.join(diffs)}. Run "
                              "this worker on a machine like the study's, or use another --study")
 
-    def _enqueue(self, plan: list[dict[str, Any]]) -> None:
+    def _enqueue(self, plan: list[Trial]) -> None:
         for item in plan:
             self.study.enqueue_trial(self._params(item["steps"]) or {}, user_attrs=item)
 
-    def trials(self) -> list[dict[str, Any]]:
+    def trials(self) -> list[Trial]:
         return [attrs_of(t) for t in self.study.get_trials(deepcopy=False)]
 
     # -- the plan: what to enqueue ahead of the sampler ---------------------------------------
 
-    def plan(self, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def plan(self, trials: list[Trial]) -> list[Trial]:
         """The next trials to enqueue (as user attributes: key, phase, steps); the same trials
         give the same plan, and a key already taken is never enqueued again."""
         keys = taken_keys(trials)
         # the space is in KIND_RANK order: cheap kinds first, training ones last
         wanted = [planned([], "baseline")] + [planned([t.points()[0]], "single")
                                               for t in self.space]
-        missing = [w for w in wanted if w["key"] not in keys]
-        if missing or any(not done(keys[w["key"]]) for w in wanted):
-            return missing
+        if (todo := self._wait_for(wanted, keys)) is not None:
+            return todo
         for tech in self.space:
             if (step := self._fallback(tech, keys)) is not None:
                 return step
@@ -467,18 +443,24 @@ class Worker:
         point = self._unvisited(keys)
         return [point] if point else []
 
-    def _builds_on(self, t: dict[str, Any]) -> bool:
+    @staticmethod
+    def _wait_for(runs: list[Trial], keys: dict[str, Trial]) -> list[Trial] | None:
+        """Those of ``runs`` to enqueue (maybe none: the others run) while some are not done;
+        None once all are."""
+        todo = [r for r in runs if r["key"] not in keys]
+        return todo if todo or any(not done(keys[r["key"]]) for r in runs) else None
+
+    def _builds_on(self, t: Trial) -> bool:
         """A measured trial the plan builds on; with grid, not the grid's own points, so that
         the plan never depends on which of them finished first."""
         return done(t) and not (self.sampler == "grid" and t.get("phase") == "search")
 
-    def _fallback(self, tech: Technique, keys: dict[str, dict[str, Any]]
-                  ) -> list[dict[str, Any]] | None:
+    def _fallback(self, tech: Technique, keys: dict[str, Trial]) -> list[Trial] | None:
         """Per-layer sensitivity: the technique improves the objective but breaks the budget;
         leave out one layer at a time, then keep the 1, 2, 4, ... most sensitive in float.
         None when there is nothing (more) to do for it; else what to enqueue (maybe nothing
         while the trials it waits for run)."""
-        if not tech.has_skip or len(self.layers) < 2:
+        if "skip" not in tech.defaults or len(self.layers) < 2:
             return None
         mine = [t for t in keys.values() if self._builds_on(t) and t.get("phase") not in NOT_COUNTED
                 and [s["name"] for s in t["steps"]] == [tech.name]]
@@ -492,9 +474,7 @@ class Worker:
         layers = [n for n in self.layers if n not in before][:MAX_SENSITIVITY_LAYERS]
         runs = [planned([{"name": tech.name, "options": {**opts, "skip": [*before, n]}}],
                         "sensitivity", layer=n, of=start["key"]) for n in layers]
-        runs = [dict(r, key=r["key"] + " (accuracy only)") for r in runs]
-        todo = [r for r in runs if r["key"] not in keys]
-        if todo or any(not done(keys[r["key"]]) for r in runs):
+        if (todo := self._wait_for(runs, keys)) is not None:
             return todo
         start_drop = self.goal.drop(start) or 0.0
         gain = {r["layer"]: start_drop - (self.goal.drop(keys[r["key"]]) or 0.0) for r in runs
@@ -504,52 +484,48 @@ class Worker:
         for k in sorted({*(2 ** i for i in range(most.bit_length())), most} - {0}):
             retry = planned([{"name": tech.name, "options": {**opts, "skip": before + ranked[:k]}}],
                             "sensitivity-retry")
-            t = keys.get(retry["key"])
-            if t is None:
-                return [retry]
-            if not done(t):
-                return []
-            if self.goal.within(t):
-                return None
+            if (todo := self._wait_for([retry], keys)) is not None:
+                return todo  # its turn, or wait for it
+            if self.goal.within(keys[retry["key"]]):
+                break
         return None
 
-    def _pairs(self, keys: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    def _pairs(self, keys: dict[str, Trial]) -> list[Trial]:
         """Pairs of the techniques' best single candidates that meet the goal, structural
         techniques first, best predicted first; pairs predicted to break the budget or to be
         dominated by a measured trial are recorded in ``decisions`` instead."""
         g = self.goal
-        best: dict[str, dict[str, Any]] = {}
+        best: dict[str, Trial] = {}
         for t in sorted((t for t in keys.values() if self._builds_on(t) and g.meets(t)
                          and len(t["steps"]) == 1),
                         key=lambda t: (-g.excess(t), t["objective"] or -math.inf)):
             best[t["steps"][0]["name"]] = t
         rank = {tech.name: COMBINE_RANK.get(tech.kind, COMBINE_RANK[""]) for tech in self.space}
         plans = []
-        for a_name, a in best.items():
-            for b_name, b in best.items():
-                if rank.get(a_name, 2) >= rank.get(b_name, 2):
-                    continue
-                pair = planned(a["steps"] + b["steps"], "combine")
-                drop = max(g.drop(a) or 0.0, 0.0) + max(g.drop(b) or 0.0, 0.0)
-                value = (a["objective"] or 0.0) * (b["objective"] or 0.0)
-                reason = None
-                if drop > g.budget + EPSILON:
-                    reason = (f"predicted accuracy drop {drop:.3g} (sum of the two steps') "
-                              f"exceeds the budget {g.budget:g}")
-                elif dom := next((t for t in keys.values() if done(t) and t.get("status") == "ok"
-                                  and t.get("phase") not in NOT_COUNTED
-                                  and (t.get("objective") or -math.inf) >= value
-                                  and (g.drop(t) or 0.0) <= drop), None):
-                    reason = (f"predicted point (objective {value:.3g}, drop {drop:.3g}) "
-                              f"is dominated by trial {dom['number']} ({dom['key']})")
-                if reason and pair["key"] not in keys:
-                    self.decisions.append({"candidate": pair["key"], "decision": "skipped",
-                                           "reason": reason})
-                elif not reason:
-                    plans.append((value, pair))
+        for (a_name, a), (b_name, b) in itertools.permutations(best.items(), 2):
+            if rank[a_name] >= rank[b_name]:
+                continue
+            pair = planned(a["steps"] + b["steps"], "combine")
+            drop = max(g.drop(a) or 0.0, 0.0) + max(g.drop(b) or 0.0, 0.0)
+            value = (a["objective"] or 0.0) * (b["objective"] or 0.0)
+            reason = None
+            if drop > g.budget + EPSILON:
+                reason = (f"predicted accuracy drop {drop:.3g} (sum of the two steps') exceeds "
+                          f"the budget {g.budget:g}")
+            elif dom := next((t for t in keys.values() if done(t) and t.get("status") == "ok"
+                              and t.get("phase") not in NOT_COUNTED
+                              and (t.get("objective") or -math.inf) >= value
+                              and (g.drop(t) or 0.0) <= drop), None):
+                reason = (f"predicted point (objective {value:.3g}, drop {drop:.3g}) is "
+                          f"dominated by trial {dom['number']} ({dom['key']})")
+            if reason and pair["key"] not in keys:
+                self.decisions.append({"candidate": pair["key"], "decision": "skipped",
+                                       "reason": reason})
+            elif not reason:
+                plans.append((value, pair))
         return [p for _v, p in sorted(plans, key=lambda p: -p[0])]
 
-    def _unvisited(self, keys: Any) -> dict[str, Any] | None:
+    def _unvisited(self, keys: dict[str, Trial]) -> Trial | None:
         """The first point of the space not measured yet (what replaces a repeated sample)."""
         return next((planned([step], "search") for tech in self.space
                      for step in tech.points() if key_of([step]) not in keys), None)
@@ -600,7 +576,7 @@ class Worker:
                 return
             self.study.optimize(self._objective, n_trials=1, catch=(TrialFailed,))
 
-    def _limit(self, trials: list[dict[str, Any]], started: bool) -> str | None:
+    def _limit(self, trials: list[Trial], started: bool) -> str | None:
         if len({t["key"] for t in trials if counted(t)}) >= self.max_trials:
             return f"trial limit reached ({self.max_trials} trials)"
         if not started:
@@ -609,13 +585,12 @@ class Worker:
         # median trial); and time kept back for saving the choice, which reruns it
         ok = [t for t in trials if t["state"] == "COMPLETE" and isinstance(t.get("seconds"), float)]
         median = statistics.median_low([t["seconds"] for t in ok]) if ok else 0.0
-        waiting = next((t for t in trials if t["state"] == "WAITING"), {})
-        names = {s["name"] for s in waiting.get("steps") or []}
+        waiting = next((t.get("steps") or [] for t in trials if t["state"] == "WAITING"), [])
+        names = {s["name"] for s in waiting}
         estimate = max((t["seconds"] for t in ok
                         if names & {s["name"] for s in t.get("steps") or []}), default=median)
-        reserve = max((t["seconds"] for t in ok if self.goal.meets(t)), default=median) \
-            + self.load_seconds
-        if time.time() + estimate + reserve > self.deadline:
+        reserve = max((t["seconds"] for t in ok if self.goal.meets(t)), default=median)
+        if time.time() + estimate + reserve + self.load_seconds > self.deadline:
             spent = self.budget_seconds - (self.deadline - time.time())
             return (f"time budget reached ({self.budget_seconds / 60:g} min; {spent:.0f} s "
                     f"spent, the next trial would take about {estimate:.0f} s)")
@@ -630,16 +605,14 @@ class Worker:
     def _objective(self, trial: Any) -> list[float]:
         import optuna
 
-        item = dict(trial.user_attrs)
-        trials = self.trials()
+        item, trials = dict(trial.user_attrs), self.trials()
         if "steps" not in item and self.sampler == "grid":
             self._skip(trial, "no trial waiting")  # claimed by another worker: plan again
         if "steps" not in item:
             # the sampler's proposal is enqueued, not run: an enqueued trial carries its key
             # from its creation and is claimed atomically, so the lowest-numbered trial of a
             # key is the one that runs (below), whichever workers plan or sample it
-            steps = self._sample(trial)
-            keys = taken_keys(trials)
+            steps, keys = self._sample(trial), taken_keys(trials)
             nxt = (planned(steps, "search") if key_of(steps) not in keys
                    else self._unvisited(keys))  # a repeat: something new
             self._enqueue([nxt] if nxt else [])
@@ -652,10 +625,9 @@ class Worker:
                    None)
         if dup is not None:
             self._skip(trial, f"duplicate of trial {dup['number']}")
-        me = dict(item, number=trial.number, state="RUNNING")
         # recipes, not trials: a duplicate not skipped yet must not take this trial's place
-        if counted(me) and len({t["key"] for t in trials if t["number"] < trial.number
-                                and counted(t)}) >= self.max_trials:
+        before = {t["key"] for t in trials if counted(t) and t["number"] < trial.number}
+        if item["phase"] not in NOT_COUNTED and len(before) >= self.max_trials:
             self._skip(trial, "trial limit")
         # one write per attribute: the trial's own (sampled ones), then who runs it where
         trial.set_user_attr("run", {**item, "worker": f"{socket.gethostname()}:{os.getpid()}",
@@ -673,19 +645,13 @@ class Worker:
             raise KeyboardInterrupt from None
         except BaseException as exc:  # a broken plugin (even sys.exit) costs its own trial only
             error = str(exc) if isinstance(exc, InferoptError) else f"{type(exc).__name__}: {exc}"
-            rec = {"status": "failed", "error": error,
-                   "seconds": round(time.monotonic() - started, 3)}
+            rec: Trial = {"status": "failed", "error": error}
         else:
-            rec = record(report, self.goal, started)
+            rec = record(report, self.goal)
+        rec["seconds"] = round(time.monotonic() - started, 3)
         trial.set_user_attr("result", rec)
-        if item["phase"] == "sensitivity":
-            drop = self.goal.drop(rec)
-            self.echo(f"  sensitivity {item['layer']}: " + (
-                f"accuracy drop {drop:.3g} with it left out" if drop is not None
-                else f"failed: {rec.get('error')}"))
-        else:
-            self.echo(f"trial {trial.number} [{item['phase']}] {item['key']}: "
-                      f"{self.goal.describe(rec)}")
+        self.echo(f"trial {trial.number} [{item['phase']}] {item['key']}: "
+                  f"{self.goal.describe(rec)}")
         if rec["status"] != "ok":
             raise TrialFailed(rec["error"])
         if item["phase"] == "sensitivity":
