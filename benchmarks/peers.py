@@ -316,6 +316,15 @@ def inferopt_recipe(optimizer: str, **options: Any) -> Callable[[Workload], Prep
     return make
 
 
+def c_int8_apart(w: Workload) -> Prepared:
+    """The default int8, its layers that share an input (query, key, value) each run on their
+    own: what the default did before they ran as one GEMM."""
+    model = inferopt.apply(copy.deepcopy(w.model), "int8", data=data_of(w))
+    for m in model.modules():
+        m.__dict__.pop("_shared", None)
+    return torch_candidate(model, w)
+
+
 def inferopt_on(backend: str, optimizer: str, **options: Any) -> Callable[..., Prepared]:
     """inferopt's recipe run by one of its runtime backends (issue 19): the backend exports the
     optimized model (an ONNX QDQ graph for onnxruntime/openvino), compiles it untimed, and the
@@ -495,6 +504,7 @@ CANDIDATES: dict[str, tuple[Callable[..., Prepared], bool]] = {
     "bf16": (c_bf16, False),
     # the default: mode=auto, activations=auto, smooth=auto, sensitivity fallback, embeddings
     "inferopt-int8": (inferopt_recipe("int8"), False),
+    "inferopt-int8-apart": (c_int8_apart, False),
     "inferopt-int8-no-smooth": (inferopt_recipe("int8", smooth=0.0), False),
     "inferopt-int8-per-row": (inferopt_recipe("int8", activations="per-row"), False),
     # the default before issue 18: FBGEMM per-tensor activations, nothing else

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -729,3 +731,70 @@ def test_activations_auto_without_smoothing_still_reports_its_calibration():
     assert set(acts.values()) <= {"per-row", "per-tensor"}
     if q.fbgemm_available():
         assert ctx.details["calibration"]["batches"] == 4
+
+
+class SelfAttention(torch.nn.Module):
+    """A BERT-style attention block: separate query, key and value projections of one input."""
+
+    def __init__(self, dim: int = 64, heads: int = 4, flatten: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(dim, dim) for _ in range(4))
+        self.heads, self.flatten = heads, flatten
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if self.flatten:  # code that needs contiguous outputs (a view across every dimension)
+            q = q.view(-1).view(b, s, d)
+        q, k, v = (t.view(b, s, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.o(ctx.transpose(1, 2).reshape(b, s, d)) + x
+
+
+def apart(model: torch.nn.Module) -> torch.nn.Module:
+    """The same quantized layers, each run on its own."""
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        m.__dict__.pop("_shared", None)
+    return model
+
+
+@pytest.mark.skipif(not q.fbgemm_available(), reason="FBGEMM is not available here")
+def test_projections_of_one_input_run_as_one_gemm_and_reload_equal(tmp_path, monkeypatch):
+    data = calib(4, 16, 64, outlier=True)
+    x = data.eval[0].inputs
+    qm, ctx = apply(SelfAttention(), data)
+    assert ctx.details["shared_inputs"] == [["q", "k", "v"]]
+    assert "3 layers in 1 groups that share their input" in ctx.details["summary"]
+    # chosen together: one smoothing (or none) and one activation setting for the three
+    assert q.SharedInput.stackable([qm.q, qm.k, qm.v])
+    calls = []
+    monkeypatch.setattr(q.Int8Linear, "_alone", lambda self, t, f=q.Int8Linear._alone:
+                        calls.append(self.out_features) or f(self, t))
+    with torch.inference_mode():
+        fused, separate = qm(x), apart(qm)(x)
+        assert calls[:2] == [192, 64]  # one GEMM for q, k and v, then o
+        assert torch.allclose(fused, separate, atol=1e-5)
+        assert cos(fused, SelfAttention()(x)) > 0.99
+        other = torch.randn(2, 64)  # a member called on another tensor computes alone
+        assert torch.allclose(qm.k(other), apart(qm).k(other), atol=1e-5)
+        assert torch.allclose(copy.deepcopy(qm)(x), fused, atol=1e-5)
+    monkeypatch.undo()
+    inferopt.run(model=SelfAttention(), data=data, optimize=["int8"], out=tmp_path / "r",
+                 metrics=["fidelity"])
+    loaded = inferopt.load(tmp_path / "r", model=SelfAttention())
+    assert loaded.q.__dict__.get("_shared") is not None
+    with torch.inference_mode():
+        assert torch.allclose(loaded(x), fused, atol=1e-5)
+
+
+@pytest.mark.skipif(not q.fbgemm_available(), reason="FBGEMM is not available here")
+def test_a_model_that_cannot_take_the_stacked_outputs_keeps_its_layers_apart():
+    data = calib(4, 16, 64, outlier=True)
+    qm, ctx = apply(SelfAttention(flatten=True), data)
+    assert ctx.details["shared_inputs"].startswith("not fused: the model failed")
+    assert all("_shared" not in m.__dict__ for m in qm.modules())
+    with torch.inference_mode():
+        x = data.eval[0].inputs
+        assert cos(qm(x), SelfAttention(flatten=True)(x)) > 0.99

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import warnings
 from typing import Any
 
@@ -366,6 +367,12 @@ class Int8Linear(PackedWeightModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_exporting():
             return self._exported(x)
+        shared = self.__dict__.get("_shared")
+        if shared is not None and not torch.compiler.is_compiling():
+            return shared.output(self, x)
+        return self._alone(x)
+
+    def _alone(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != torch.float32:
@@ -514,6 +521,105 @@ class Int8Linear(PackedWeightModule):
                 f"mode={self.mode}, kernel={self.kernel}, weight_bits="
                 f"{8 if int(self.qmax) > 63 else 7}, smooth={self.smooth_inv is not None}, "
                 f"activations={self.activations}")
+
+
+class SharedInput:
+    """Int8Linear layers that the model calls on the same input tensor (an attention's query,
+    key and value projections) computed as one layer: one smoothing multiply, one activation
+    quantization and one int8 GEMM over their stacked weights, instead of one of each per
+    layer. The first member called on a tensor computes every member's output; the others,
+    called on that same tensor, take their columns of it (a view, not a copy). A member called
+    on any other tensor computes alone, so the numbers never depend on the grouping.
+
+    The members keep their own buffers (saved and loaded as before); the stacked layer is
+    derived from them on first use, like a packed weight, and rebuilt after they are loaded or
+    moved. Members whose settings differ (another smoothing, kernel, mode or range) are never
+    stacked: :meth:`output` then runs each alone."""
+
+    def __init__(self, members: list[Int8Linear]) -> None:
+        self.members = list(members)
+        self._local = threading.local()
+        for member in self.members:
+            member.__dict__["_shared"] = self
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"members": self.members}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.members = state["members"]
+        self._local = threading.local()
+
+    @staticmethod
+    def stackable(members: list[Int8Linear]) -> bool:
+        """Whether the members compute the same input transform (the condition for one GEMM)."""
+        first = members[0]
+
+        def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+            if a is None or b is None:
+                return a is b
+            return a.shape == b.shape and a.device == b.device and bool(torch.equal(a, b))
+
+        return len(members) > 1 and all(
+            m.in_features == first.in_features and m.mode == first.mode
+            and m.kernel == first.kernel and m.activations == first.activations
+            and (m.bias is None) == (first.bias is None)
+            and m.weight_int8.device == first.weight_int8.device
+            and same(m.qmax, first.qmax) and same(m.smooth_inv, first.smooth_inv)
+            and same(getattr(m, "act_scale", None), getattr(first, "act_scale", None))
+            and same(getattr(m, "act_zero", None), getattr(first, "act_zero", None))
+            for m in members)
+
+    def _stacked(self) -> Int8Linear | None:
+        """The members as one Int8Linear (cached in each member's derived forms; None when they
+        cannot be stacked)."""
+        first = self.members[0]
+        stacked = first._cache.get("shared", False)
+        if stacked is not False and all(m._cache.get("shared", False) is stacked
+                                        for m in self.members):
+            return stacked
+        stacked = None
+        # normal tensors even when first called under inference mode: the stacked layer must
+        # also serve calls that autograd records
+        with torch.inference_mode(False), torch.no_grad():
+            if self.stackable(self.members):
+                stacked = self._stack()
+        for member in self.members:
+            member._cache["shared"] = stacked
+        return stacked
+
+    def _stack(self) -> Int8Linear:
+        first = self.members[0]
+        stacked = Int8Linear(first.in_features, sum(m.out_features for m in self.members),
+                             first.bias is not None, mode=first.mode, kernel=first.kernel,
+                             smooth=first.smooth_inv is not None,
+                             activations=first.activations).to(first.weight_int8.device)
+        for name in ("weight_int8", "weight_scale", "bias"):
+            if getattr(first, name) is not None:
+                getattr(stacked, name).copy_(torch.cat([getattr(m, name) for m in self.members]))
+        for name in ("qmax", "smooth_inv", "act_scale", "act_zero"):
+            if getattr(first, name, None) is not None:
+                getattr(stacked, name).copy_(getattr(first, name))
+        return stacked
+
+    def output(self, member: Int8Linear, x: torch.Tensor) -> torch.Tensor:
+        local = self._local
+        index = self.members.index(member)
+        # inference tensors have no version counter; elsewhere an in-place change of the input
+        # between two members' calls is seen
+        version = None if x.is_inference() else x._version
+        outs = getattr(local, "outs", None)
+        if outs is not None and local.x is x and local.version == version and index in outs:
+            out = outs.pop(index)
+            if not outs:
+                local.x = local.outs = None  # every member has taken its part: let them go
+            return out
+        stacked = self._stacked()
+        if stacked is None:
+            return member._alone(x)
+        parts = stacked._alone(x).split([m.out_features for m in self.members], dim=-1)
+        local.x, local.version = x, version
+        local.outs = {i: p for i, p in enumerate(parts) if i != index}
+        return parts[index]
 
 
 class Int8Conv2d(PackedWeightModule):

@@ -178,6 +178,7 @@ class Int8Quantizer(Optimizer):
         choosing = (self.activations == "auto" and self.mode == "dynamic" and has_data
                     and q.plan_kernel(self.kernel, "dynamic", "linear", device)[0] == "fbgemm")
         acts: dict[str, str] = {}
+        groups: list[list[str]] = []  # layers called on the same input: run as one
         needs_data = self.mode == "static" or smoothing or choosing
         if needs_data and not ctx.restoring:
             data = ctx.data
@@ -187,8 +188,8 @@ class Int8Quantizer(Optimizer):
                     "data; give --data (the run's calibration split is used)")
             batches = data.calibration[: self.calibration_batches]
             if smoothing or choosing:
-                smooth_scales, acts = self._smoothing(model, targets, batches, device, ctx,
-                                                      smoothing, choosing)
+                smooth_scales, acts, groups = self._smoothing(model, targets, batches, device,
+                                                              ctx, smoothing, choosing)
             if self.mode == "static":
                 act_ranges, unseen = self._calibrate(model, targets, batches, device,
                                                      smooth_scales)
@@ -212,6 +213,8 @@ class Int8Quantizer(Optimizer):
                              and _kind(targets[n]) != "embedding"}
             act_ranges = {n: (1.0, 0) for n, info in saved.items()
                           if info.get("static") and n in targets}
+            groups = list({tuple(info["shares_input"]): info["shares_input"]
+                           for info in saved.values() if info.get("shares_input")}.values())
 
         samples: dict[str, Any] = {}
         if not ctx.restoring and ctx.data is not None and ctx.data.calibration:
@@ -320,6 +323,7 @@ class Int8Quantizer(Optimizer):
             if tied_table is not None:
                 layers[name]["shares_table"] = tied_table[0]
         q.disable_transformer_fast_path(model)
+        fused = self._share_inputs(model, groups, layers, ctx)
         ctx.state["layers"] = layers
         ctx.state["bf16"] = kept_bf16
         kernels = sorted({info["kernel"] for info in layers.values()})
@@ -338,6 +342,9 @@ class Int8Quantizer(Optimizer):
             f"{n} on {k}" for k, n in sorted(by_kernel.items())) + ")"
         if "smoothing" in ctx.details:
             summary += "; " + ctx.details["smoothing"]["summary"]
+        if fused:
+            summary += (f"; {sum(len(g) for g in fused)} layers in {len(fused)} groups that "
+                        "share their input run as one GEMM each")
         if fell_back:
             summary += (f"; {len(fell_back)} too sensitive for int8 kept in float (error above "
                         f"{self.fallback:g}"
@@ -373,6 +380,42 @@ class Int8Quantizer(Optimizer):
         elif not ctx.restoring:
             ctx.details["sensitivity"] = "not measured: no calibration data"
         return model
+
+    def _share_inputs(self, model: Any, groups: list[list[str]], layers: dict[str, Any],
+                      ctx: Any) -> list[list[str]]:
+        """Let each group of int8 layers that the model calls on the same input tensor run as
+        one layer (:class:`~inferopt.plugins.quantization.int8.modules.SharedInput`), where
+        every member became an int8 layer with the same input transform. Their outputs are
+        then views of one stacked output; a model whose code cannot take those (checked on a
+        calibration batch) keeps its layers apart."""
+        from inferopt.plugins.quantization.int8 import modules as q
+
+        fused = []
+        for group in groups:
+            members = [model.get_submodule(n) if n in layers else None for n in group]
+            if all(type(m) is q.Int8Linear for m in members) and (
+                    ctx.restoring or q.SharedInput.stackable(members)):
+                q.SharedInput(members)
+                fused.append(group)
+        if fused and not ctx.restoring:
+            from inferopt.utils import run_with_input_hooks
+
+            try:
+                run_with_input_hooks(model, {}, ctx.data.calibration[:1], device_of(model))
+            except Exception as exc:
+                for group in fused:
+                    for name in group:
+                        model.get_submodule(name).__dict__.pop("_shared", None)
+                ctx.details["shared_inputs"] = (
+                    f"not fused: the model failed on the stacked outputs ({type(exc).__name__}"
+                    f": {exc}); its layers run apart")
+                return []
+        for group in fused:
+            for name in group:
+                layers[name]["shares_input"] = group
+        if fused:
+            ctx.details["shared_inputs"] = fused
+        return fused
 
     # -- selection and calibration ----------------------------------------------------------
 
@@ -450,16 +493,35 @@ class Int8Quantizer(Optimizer):
 
     def _smoothing(self, model: Any, targets: dict[str, Any], batches: list[Any],
                    device: Any, ctx: Any, smoothing_on: bool, choosing: bool
-                   ) -> tuple[dict[str, Any], dict[str, str]]:
+                   ) -> tuple[dict[str, Any], dict[str, str], list[list[str]]]:
         """(SmoothQuant scales, activations) per layer, each chosen by the layer's int8 output
         error on calibration inputs: smoothing where it lowers the error (``smooth=auto``: the
         best of several alphas per layer), per-tensor activations (``activations=auto``)
-        where their error is within ``smoothing.TOLERANCE`` of per-row's."""
+        where their error is within ``smoothing.TOLERANCE`` of per-row's. Layers called on
+        the same input tensor (returned as groups) are chosen together, as one layer with
+        their weights stacked, so that they can run as one."""
+        import torch
+
         from inferopt.plugins.quantization.int8 import modules as q
         from inferopt.plugins.quantization.int8 import smoothing
 
         linears = {n: m for n, m in targets.items() if _kind(m) == "linear"}
-        seen = smoothing.collect(model, linears, batches, device)
+        seen, groups = smoothing.collect(model, linears, batches, device)
+        for group in groups:  # one layer with the stacked weights stands for the group
+            parts = [as_linear(linears[n]) for n in group]
+            if len({p.bias is None for p in parts}) > 1:
+                continue  # never one layer: each is chosen on its own
+            stacked = torch.nn.Linear(parts[0].in_features, sum(p.out_features for p in parts),
+                                      bias=parts[0].bias is not None, device="meta")
+            stacked.weight = torch.nn.Parameter(
+                torch.cat([p.weight.detach().float().cpu() for p in parts]), False)
+            if parts[0].bias is not None:
+                stacked.bias = torch.nn.Parameter(
+                    torch.cat([p.bias.detach().float().cpu() for p in parts]), False)
+            linears[" + ".join(group)] = stacked
+            seen[" + ".join(group)] = seen[group[0]]
+            for name in group:
+                seen.pop(name)
         qmax = q.plan_kernel(self.kernel, self.mode, "linear", device)[1]
 
         def build(linear: Any, scales: Any, sample: Any, activations: str | None) -> Any:
@@ -480,12 +542,13 @@ class Int8Quantizer(Optimizer):
         for name, (absmax, fit_absmax, sample) in seen.items():
             variant, alpha, s = smoothing.choose(linears[name], absmax, fit_absmax, sample,
                                                  alphas, build, variants)
-            if variant is not None:
-                acts[name] = variant
-            if smoothing_on:
-                chosen[name] = alpha
-            if s is not None:
-                scales[name] = s
+            for member in name.split(" + "):  # a group: every member takes the choice
+                if variant is not None:
+                    acts[member] = variant
+                if smoothing_on:
+                    chosen[member] = alpha
+                if s is not None:
+                    scales[member] = s
         if smoothing_on:
             kept = sum(1 for a in chosen.values() if a > 0)
             ctx.details["smoothing"] = {
@@ -494,7 +557,8 @@ class Int8Quantizer(Optimizer):
                            + (f" (the other {len(chosen) - kept} were more faithful without)"
                               if kept < len(chosen) else ""),
             }
-        return scales, acts
+        groups = [g for g in groups if " + ".join(g) in seen]
+        return scales, acts, groups
 
     def _calibrate(self, model: Any, targets: dict[str, Any], batches: list[Any],
                    device: Any, smooth_scales: dict[str, Any]

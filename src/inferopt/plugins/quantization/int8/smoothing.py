@@ -55,12 +55,20 @@ def guarded_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha:
 
 
 def collect(model: Any, layers: dict[str, Any], batches: list[Any], device: Any
-            ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+            ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                       list[list[str]]]:
     """Per layer that saw any input: (max |x| per input channel over all calibration rows,
     the same over the even rows only, up to ``SAMPLE_ROWS`` odd rows). Candidates are fitted
     on the even rows and judged on the odd ones, so that a choice that only fits the rows it
-    was computed from (a few calibration samples) loses."""
+    was computed from (a few calibration samples) loses.
+
+    Also the groups of layers that were called on the very same input tensor at every call (an
+    attention's query, key and value projections), in model order: they can share one
+    smoothing and one GEMM (:class:`~inferopt.plugins.quantization.int8.modules.SharedInput`).
+    """
     from inferopt.utils import run_with_input_hooks
+
+    calls: dict[str, list[tuple[int, int, tuple[int, ...]]]] = {n: [] for n in layers}
 
     full: dict[str, torch.Tensor] = {}
     fit: dict[str, torch.Tensor] = {}
@@ -75,6 +83,8 @@ def collect(model: Any, layers: dict[str, Any], batches: list[Any], device: Any
 
     def watch(name: str) -> Any:
         def add(x: torch.Tensor) -> None:
+            # the tensor object itself (alive for the whole forward that passes it)
+            calls[name].append((id(x), x.data_ptr(), tuple(x.shape)))
             flat = x.detach().reshape(-1, x.shape[-1]).float()
             odd = (torch.arange(flat.shape[0], device=flat.device) + count[name]) % 2 == 1
             count[name] += flat.shape[0]
@@ -88,8 +98,13 @@ def collect(model: Any, layers: dict[str, Any], batches: list[Any], device: Any
         return add
 
     run_with_input_hooks(model, {n: (m, watch(n)) for n, m in layers.items()}, batches, device)
-    return {n: (full[n], fit[n], torch.cat(held[n])) for n in layers
-            if n in fit and held[n]}
+    stats = {n: (full[n], fit[n], torch.cat(held[n])) for n in layers if n in fit and held[n]}
+    by_calls: dict[tuple[Any, ...], list[str]] = {}
+    for name in stats:
+        # and the same values seen (an id and an address can be reused by a later tensor)
+        key = (tuple(calls[name]), tuple(full[name].shape), hash(full[name].numpy().tobytes()))
+        by_calls.setdefault(key, []).append(name)
+    return stats, [names for names in by_calls.values() if len(names) > 1]
 
 
 def choose(module: Any, absmax: torch.Tensor, fit_absmax: torch.Tensor, sample: torch.Tensor,
