@@ -780,6 +780,8 @@ def test_projections_of_one_input_run_as_one_gemm_and_reload_equal(tmp_path, mon
         other = torch.randn(2, 64)  # a member called on another tensor computes alone
         assert torch.allclose(qm.k(other), apart(qm).k(other), atol=1e-5)
         assert torch.allclose(copy.deepcopy(qm)(x), fused, atol=1e-5)
+        # a shallow copy of a member (as DataParallel replicas are) computes alone
+        assert torch.allclose(copy.copy(qm.k)(x), apart(qm).k(x), atol=1e-5)
     monkeypatch.undo()
     inferopt.run(model=SelfAttention(), data=data, optimize=["int8"], out=tmp_path / "r",
                  metrics=["fidelity"])
@@ -798,3 +800,21 @@ def test_a_model_that_cannot_take_the_stacked_outputs_keeps_its_layers_apart():
     with torch.inference_mode():
         x = data.eval[0].inputs
         assert cos(qm(x), SelfAttention(flatten=True)(x)) > 0.99
+
+
+class ChangesItsInput(SelfAttention):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + 0
+        q = self.q(h)
+        h.neg_()  # in place between the projections: same tensor, other values
+        return q + self.k(h) + self.v(h)
+
+
+@pytest.mark.skipif(not q.fbgemm_available(), reason="FBGEMM is not available here")
+def test_layers_whose_shared_input_changes_in_place_between_calls_are_not_grouped():
+    data = calib(4, 16, 64, outlier=True)
+    qm, ctx = apply(ChangesItsInput(), data)
+    assert ctx.details.get("shared_inputs", []) in ([], [["k", "v"]])
+    with torch.inference_mode():
+        x = data.eval[0].inputs
+        assert torch.allclose(qm(x), apart(qm)(x), atol=1e-5)

@@ -602,8 +602,14 @@ class SharedInput:
         return stacked
 
     def output(self, member: Int8Linear, x: torch.Tensor) -> torch.Tensor:
+        index = next((i for i, m in enumerate(self.members) if m is member), None)
+        # alone: a copy of a member (copy.copy, DataParallel replicas), calls that autograd
+        # records (the outputs would be views of one split, which in-place writes may not
+        # touch), torch.jit tracing (the stacked layer is not a submodule it can see)
+        if index is None or (x.requires_grad and torch.is_grad_enabled()) \
+                or torch.jit.is_tracing():
+            return member._alone(x)
         local = self._local
-        index = self.members.index(member)
         # inference tensors have no version counter; elsewhere an in-place change of the input
         # between two members' calls is seen
         version = None if x.is_inference() else x._version

@@ -405,7 +405,9 @@ class Int8Quantizer(Optimizer):
             except Exception as exc:
                 for group in fused:
                     for name in group:
-                        model.get_submodule(name).__dict__.pop("_shared", None)
+                        member = model.get_submodule(name)
+                        member.__dict__.pop("_shared", None)
+                        member._cache.pop("shared", None)
                 ctx.details["shared_inputs"] = (
                     f"not fused: the model failed on the stacked outputs ({type(exc).__name__}"
                     f": {exc}); its layers run apart")

@@ -68,7 +68,7 @@ def collect(model: Any, layers: dict[str, Any], batches: list[Any], device: Any
     """
     from inferopt.utils import run_with_input_hooks
 
-    calls: dict[str, list[tuple[int, int, tuple[int, ...]]]] = {n: [] for n in layers}
+    calls: dict[str, list[tuple[Any, ...]]] = {n: [] for n in layers}
 
     full: dict[str, torch.Tensor] = {}
     fit: dict[str, torch.Tensor] = {}
@@ -83,8 +83,16 @@ def collect(model: Any, layers: dict[str, Any], batches: list[Any], device: Any
 
     def watch(name: str) -> Any:
         def add(x: torch.Tensor) -> None:
-            # the tensor object itself (alive for the whole forward that passes it)
-            calls[name].append((id(x), x.data_ptr(), tuple(x.shape)))
+            # the tensor object itself (alive for the whole forward that passes it) and its
+            # values (sums weighted by row and by channel): layers called on one tensor that
+            # the model changes in place between the calls are not grouped
+            flat = x.detach().reshape(-1, x.shape[-1]).double()
+            rows, cols = flat.sum(dim=1), flat.sum(dim=0)
+            calls[name].append((id(x), x.data_ptr(), tuple(x.shape), float(rows.sum()),
+                                float(rows @ torch.arange(1.0, len(rows) + 1, dtype=rows.dtype,
+                                                          device=rows.device)),
+                                float(cols @ torch.arange(1.0, len(cols) + 1, dtype=cols.dtype,
+                                                          device=cols.device))))
             flat = x.detach().reshape(-1, x.shape[-1]).float()
             odd = (torch.arange(flat.shape[0], device=flat.device) + count[name]) % 2 == 1
             count[name] += flat.shape[0]
