@@ -525,6 +525,10 @@ CANDIDATES: dict[str, tuple[Callable[..., Prepared], bool]] = {
     "openvino-nncf-int8": (openvino(True), True),
     # inferopt's recipes on its own runtime backends (issue 19)
     "inferopt-int8-static@openvino": (inferopt_on("openvino", "int8", mode="static"), True),
+    "inferopt-int8@openvino": (inferopt_on("openvino", "int8"), True),
+    # static with a stricter per-layer fallback: the layers int8 hurts most run in bf16
+    "inferopt-int8-static-fallback0.03@openvino": (
+        inferopt_on("openvino", "int8", mode="static", fallback=0.03), True),
     "inferopt-int8@onnxruntime": (inferopt_on("onnxruntime", "int8"), True),
     "inferopt-int8-static@onnxruntime": (inferopt_on("onnxruntime", "int8", mode="static"),
                                          True),

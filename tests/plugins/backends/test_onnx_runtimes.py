@@ -128,6 +128,55 @@ def test_int4_models_run_on_the_runtimes_in_float(backend_class, bits, tmp_path)
     assert not facts.get("int8_ops") and not facts.get("int8_layers")
 
 
+class _Attention(torch.nn.Module):
+    """``scaled_dot_product_attention`` with each kind of mask models pass it."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                keep: torch.Tensor) -> torch.Tensor:
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        if self.kind == "padding":  # a boolean mask over the keys, as BERT-class encoders give
+            return sdpa(q, k, v, attn_mask=keep[:, None, None, :] > 0)
+        if self.kind == "additive":
+            return sdpa(q, k, v, attn_mask=(keep[:, None, None, :] - 1) * 1e4, scale=0.3)
+        if self.kind == "causal":
+            return sdpa(q, k, v, is_causal=True)
+        return sdpa(q, k[:, :2], v[:, :2], enable_gqa=True)  # grouped-query: 2 kv heads
+
+
+@needs_ort
+@pytest.mark.parametrize("kind", ["padding", "additive", "causal", "grouped"])
+def test_attention_exports_as_the_chain_the_runtimes_fuse(kind, tmp_path):
+    """MatMul, Softmax, MatMul and nothing between them but the scale and the mask (no
+    IsNaN/Where after the Softmax, which kept OpenVINO from fusing attention), with PyTorch's
+    results."""
+    import onnx
+    import onnxruntime as ort
+
+    from inferopt.plugins.backends.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 6, 8) for _ in range(3))
+    keep = torch.ones(3, 6)
+    keep[0, 4:] = 0  # a padded sequence
+    model = _Attention(kind).eval()
+    path = tmp_path / "attention.onnx"
+    export_onnx(model, (q, k, v, keep), path, opset=21, backend="onnxruntime")
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("Softmax") == 1 and ops.count("MatMul") == 2
+    assert "IsNaN" not in ops
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (3, 1):  # the batch dimension stays dynamic
+        feed = {i.name: t[:batch].numpy() for i, t in zip(session.get_inputs(), (q, k, v, keep),
+                                                           strict=True)}
+        (out,) = session.run(None, feed)
+        want = model(q[:batch], k[:batch], v[:batch], keep[:batch])
+        torch.testing.assert_close(torch.from_numpy(out), want, rtol=1e-4, atol=1e-5)
+
+
 def test_a_missing_runtime_names_the_extra_to_install(monkeypatch):
     import importlib.util
 
