@@ -174,6 +174,35 @@ def test_smoothquant_reduces_error_on_activation_outliers(mode):
     assert errors["auto"] < 0.5 * errors[0.0]
 
 
+def test_static_smoothing_is_judged_on_the_range_rare_outlier_tokens_set():
+    """A few tokens (one row per batch, as a [CLS] or separator token can be) carry a x200
+    outlier channel: they set the static activation range, but the rows held out to judge the
+    smoothing candidates hold none of them. Judged on those rows' own range, plain int8 looks
+    fine and smoothing is refused; judged on the range calibration sets, smoothing wins, and
+    the layer is far more faithful on ordinary tokens."""
+    g = torch.Generator().manual_seed(2)
+    batches = []
+    for _ in range(4):
+        x = torch.randn(64, 64, generator=g)
+        x[0, 3] = 200.0  # an even row: fitted on, never in the held-out sample
+        batches.append(inferopt.Batch(x))
+    data = inferopt.Data(eval=batches, calibration=batches)
+
+    def layer() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(64, 64))
+
+    qm, ctx = apply(layer(), data=data, mode="static")
+    assert ctx.details["smoothing"]["alphas"]["0"] > 0
+    plain, _ctx = apply(layer(), data=data, mode="static", smooth=0.0)
+    ordinary = torch.randn(256, 64, generator=g)
+    ref = layer()(ordinary).detach()
+    with torch.inference_mode():
+        smoothed_error = float((qm(ordinary) - ref).pow(2).mean())
+        plain_error = float((plain(ordinary) - ref).pow(2).mean())
+    assert smoothed_error < 0.5 * plain_error
+
+
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_transformer_encoder_attention_and_ffn_are_quantized(batch_first):
     torch.manual_seed(0)

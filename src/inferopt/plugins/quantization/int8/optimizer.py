@@ -526,11 +526,17 @@ class Int8Quantizer(Optimizer):
                 seen.pop(name)
         qmax = q.plan_kernel(self.kernel, self.mode, "linear", device)[1]
 
-        def build(linear: Any, scales: Any, sample: Any, activations: str | None) -> Any:
+        def build(linear: Any, scales: Any, sample: Any, activations: str | None,
+                  channel_range: Any) -> Any:
             act_range = None
             if self.mode == "static":
-                xs = sample if scales is None else sample / scales
-                act_range = affine_uint8(float(xs.min()), float(xs.max()))
+                # the range static calibration will find for this smoothing: over every
+                # calibration row, so that the choice sees the outlier rows (a few tokens) that
+                # set it, not only the sample's
+                low, high = channel_range
+                if scales is not None:
+                    low, high = low / scales, high / scales
+                act_range = affine_uint8(float(low.min()), float(high.max()))
             return q.Int8Linear.from_float(
                 linear, mode=self.mode, kernel=self.kernel, qmax=qmax,
                 per_channel=self.granularity == "per-channel", smooth_scale=scales,
@@ -541,9 +547,9 @@ class Int8Quantizer(Optimizer):
             alphas = smoothing.AUTO_ALPHAS if self.smooth == "auto" else (float(self.smooth),)
         variants = ("per-tensor", "per-row") if choosing else (None,)
         scales, chosen, acts = {}, {}, {}
-        for name, (absmax, fit_absmax, sample) in seen.items():
+        for name, (absmax, fit_absmax, sample, low, high) in seen.items():
             variant, alpha, s = smoothing.choose(linears[name], absmax, fit_absmax, sample,
-                                                 alphas, build, variants)
+                                                 alphas, build, variants, (low, high))
             for member in name.split(" + "):  # a group: every member takes the choice
                 if variant is not None:
                     acts[member] = variant

@@ -55,12 +55,14 @@ def guarded_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha:
 
 
 def collect(model: Any, layers: dict[str, Any], batches: list[Any], device: Any
-            ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                       list[list[str]]]:
+            ) -> tuple[dict[str, tuple[torch.Tensor, ...]], list[list[str]]]:
     """Per layer that saw any input: (max |x| per input channel over all calibration rows,
-    the same over the even rows only, up to ``SAMPLE_ROWS`` odd rows). Candidates are fitted
-    on the even rows and judged on the odd ones, so that a choice that only fits the rows it
-    was computed from (a few calibration samples) loses.
+    the same over the even rows only, up to ``SAMPLE_ROWS`` odd rows, and the min and max of
+    x per input channel over all rows). Candidates are fitted on the even rows and judged on
+    the odd ones, so that a choice that only fits the rows it was computed from (a few
+    calibration samples) loses. The per-channel min and max give the static activation range
+    of any smoothing of the input (``x / s``: ``min_j(low_j / s_j)`` to ``max_j(high_j /
+    s_j)``), the range ``mode=static`` calibrates over the same batches.
 
     Also the groups of layers that were called on the very same input tensor at every call (an
     attention's query, key and value projections), in model order: they can share one
@@ -72,6 +74,8 @@ def collect(model: Any, layers: dict[str, Any], batches: list[Any], device: Any
 
     full: dict[str, torch.Tensor] = {}
     fit: dict[str, torch.Tensor] = {}
+    low: dict[str, torch.Tensor] = {}
+    high: dict[str, torch.Tensor] = {}
     held: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
     count = dict.fromkeys(layers, 0)
     kept = dict.fromkeys(layers, 0)
@@ -98,6 +102,9 @@ def collect(model: Any, layers: dict[str, Any], batches: list[Any], device: Any
             count[name] += flat.shape[0]
             most(full, name, flat)
             most(fit, name, flat[~odd])
+            lo, hi = flat.amin(dim=0).cpu(), flat.amax(dim=0).cpu()
+            low[name] = lo if name not in low else torch.minimum(low[name], lo)
+            high[name] = hi if name not in high else torch.maximum(high[name], hi)
             if kept[name] < SAMPLE_ROWS and bool(odd.any()):
                 take = flat[odd][: SAMPLE_ROWS - kept[name]].cpu()
                 held[name].append(take)
@@ -106,7 +113,8 @@ def collect(model: Any, layers: dict[str, Any], batches: list[Any], device: Any
         return add
 
     run_with_input_hooks(model, {n: (m, watch(n)) for n, m in layers.items()}, batches, device)
-    stats = {n: (full[n], fit[n], torch.cat(held[n])) for n in layers if n in fit and held[n]}
+    stats = {n: (full[n], fit[n], torch.cat(held[n]), low[n], high[n]) for n in layers
+             if n in fit and held[n]}
     by_calls: dict[tuple[Any, ...], list[str]] = {}
     for name in stats:
         # and the same values seen (an id and an address can be reused by a later tensor)
@@ -116,14 +124,16 @@ def collect(model: Any, layers: dict[str, Any], batches: list[Any], device: Any
 
 
 def choose(module: Any, absmax: torch.Tensor, fit_absmax: torch.Tensor, sample: torch.Tensor,
-           alphas: tuple[float, ...], build: Any, variants: tuple[Any, ...] = (None,)
+           alphas: tuple[float, ...], build: Any, variants: tuple[Any, ...] = (None,),
+           channel_range: tuple[torch.Tensor, torch.Tensor] | None = None
            ) -> tuple[Any, float, torch.Tensor | None]:
     """(variant, alpha, scales from ``absmax`` or None for no smoothing): for each variant of
     the int8 layer (cheapest first; e.g. per-tensor, then per-row activations), the candidate
     alpha whose layer, with scales fitted on ``fit_absmax``, has the smallest output error on
     ``sample``; then the cheapest variant whose error is within ``TOLERANCE`` of the best.
-    ``build(linear, scales, sample, variant)`` makes the int8 layer as the step will (mode, kernel,
-    activation range)."""
+    ``build(linear, scales, sample, variant, channel_range)`` makes the int8 layer as the step
+    will (mode, kernel, activation range: static layers from ``channel_range``, the per-channel
+    min and max of the input over all calibration rows)."""
     linear = as_linear(module)
     weight = linear.weight.detach().float().cpu()
     bias = None if linear.bias is None else linear.bias.detach().float().cpu()
@@ -135,7 +145,7 @@ def choose(module: Any, absmax: torch.Tensor, fit_absmax: torch.Tensor, sample: 
         best: tuple[float, float] | None = None
         for alpha in (0.0, *alphas):
             scales = None if alpha == 0.0 else guarded_scales(fit_absmax, w_absmax, alpha)
-            layer = build(linear, scales, sample, variant)
+            layer = build(linear, scales, sample, variant, channel_range)
             with torch.inference_mode():
                 out = layer(sample.to(layer.weight_int8.device)).float().cpu()
             error = float((out - ref).pow(2).sum() / norm)
