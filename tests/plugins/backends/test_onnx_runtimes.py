@@ -105,6 +105,43 @@ def test_openvino_runs_the_ir_and_its_int8_layers_in_int8(mode, tmp_path):
     assert (tmp_path / "model.bin").stat().st_size > 0
 
 
+class _TiedLM(torch.nn.Module):
+    """A language model in miniature: an embedding table and a head that shares its weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.wte = torch.nn.Embedding(512, 32)  # above the exporter's own folding limit
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(),
+                                       torch.nn.Linear(64, 32))
+        self.head = torch.nn.Linear(32, 512, bias=False)
+        self.head.weight = self.wte.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.wte(ids)
+        return self.head(h + self.mlp(h))
+
+
+@needs_ov
+def test_openvino_runs_a_head_tied_to_its_int8_table_in_int8(tmp_path):
+    """The tied head reads the table's int8 rows transposed; OpenVINO left that transpose in the
+    graph (the table's Gather reads the same weight) and ran the head in float."""
+    torch.manual_seed(1)
+    batches = [inferopt.Batch(torch.randint(0, 512, (4, 16))) for _ in range(4)]
+    model = inferopt.apply(_TiedLM().eval(), "int8", mode="static",
+                           data=inferopt.Data(eval=batches, calibration=batches))
+    assert model.head.weight_int8 is model.wte.weight_int8  # the tie holds
+    backend = OpenVinoBackend(precision="f32")
+    x = batches[0].inputs
+    ctx = inferopt.PrepareContext(example_inputs=x, role="optimized", artifact_dir=tmp_path)
+    prepared = backend.prepare(model, ctx)
+    facts = backend.describe()["prepared"]["optimized"]
+    assert facts["int8_layers"].get("FullyConnected", 0) == 3  # the two MLP layers and the head
+    assert facts["folded_transposes"] >= 1
+    with torch.inference_mode():
+        assert _cosine(backend.forward(prepared, x), model(x)) > 0.999
+
+
 @needs_ort
 @needs_ov
 @pytest.mark.parametrize(("backend_class", "bits"), [(OnnxRuntimeBackend, 4),
