@@ -574,7 +574,16 @@ class Worker:
                     continue
                 self.stopped = stop or None
                 return
-            self.study.optimize(self._objective, n_trials=1, catch=(TrialFailed,))
+            try:
+                self.study.optimize(self._objective, n_trials=1, catch=(TrialFailed,))
+            except ValueError as exc:
+                # Optuna could not record the trial: it was finished meanwhile, as when another
+                # worker took its heartbeat for stale under heavy load and failed it (and its
+                # retry may run again). The study stays consistent: plan again from it
+                if not str(exc).startswith("Cannot tell"):
+                    raise
+                self.echo(f"a trial could not be recorded ({exc}); the study has it as "
+                          "another worker left it, going on")
 
     def _limit(self, trials: list[Trial], started: bool) -> str | None:
         if len({t["key"] for t in trials if counted(t)}) >= self.max_trials:
