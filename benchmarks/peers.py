@@ -470,7 +470,14 @@ def openvino(int8: bool) -> Callable[[Workload, Path], Prepared]:
         needs("openvino")
         import openvino as ov
 
-        model = ov.convert_model(copy.deepcopy(w.model), example_input=w.inputs)
+        note = ""
+        try:
+            model = ov.convert_model(copy.deepcopy(w.model), example_input=w.inputs)
+        except Exception as exc:  # a converter gap: try the ONNX route
+            # what a user does when the PyTorch frontend cannot convert the model (GPT-2 of
+            # transformers 5): OpenVINO reads torch.onnx's export instead
+            model = ov.convert_model(str(onnx_export(w, tmp)))
+            note = f"; from the torch.onnx export ({type(exc).__name__} converting the module)"
         if int8:
             needs("nncf")
             import nncf
@@ -492,7 +499,7 @@ def openvino(int8: bool) -> Callable[[Workload, Path], Prepared]:
         def run() -> Any:
             return torch.from_numpy(request.infer(feed)[0].copy())
 
-        return Prepared(run, size, f"inference precision {precision}")
+        return Prepared(run, size, f"inference precision {precision}{note}")
 
     return make
 
