@@ -181,11 +181,14 @@ class _Attention(torch.nn.Module):
             return sdpa(q, k, v, attn_mask=(keep[:, None, None, :] - 1) * 1e4, scale=0.3)
         if self.kind == "causal":
             return sdpa(q, k, v, is_causal=True)
-        return sdpa(q, k[:, :2], v[:, :2], enable_gqa=True)  # grouped-query: 2 kv heads
+        if self.kind == "grouped":  # grouped-query: 2 kv heads for 4 query heads
+            return sdpa(q, k[:, :2], v[:, :2], enable_gqa=True)
+        # 3-D (heads, L, E), grouped, causal with fewer queries than keys
+        return sdpa(q[0, :, :4], k[0, :2], v[0, :2], enable_gqa=True, is_causal=True)
 
 
 @needs_ort
-@pytest.mark.parametrize("kind", ["padding", "additive", "causal", "grouped"])
+@pytest.mark.parametrize("kind", ["padding", "additive", "causal", "grouped", "grouped-3d"])
 def test_attention_exports_as_the_chain_the_runtimes_fuse(kind, tmp_path):
     """MatMul, Softmax, MatMul and nothing between them but the scale and the mask (no
     IsNaN/Where after the Softmax, which kept OpenVINO from fusing attention), with PyTorch's

@@ -159,15 +159,18 @@ def attention(query: Any, key: Any, value: Any, attn_mask: Any = None, dropout_p
     import onnx_ir as ir
     from onnxscript import opset21 as op
 
-    if enable_gqa and query.shape[1] != key.shape[1]:
-        # grouped-query attention: each key/value head serves several query heads
-        shape = op.Concat(op.Shape(key, start=0, end=2),
-                          op.Constant(value_ints=[query.shape[1] // key.shape[1]]),
-                          op.Shape(key, start=2), axis=0)
-        flat = op.Concat(op.Shape(key, start=0, end=1), op.Constant(value_ints=[-1]),
-                         op.Shape(key, start=2), axis=0)
-        key, value = (op.Reshape(op.Expand(op.Unsqueeze(t, op.Constant(value_ints=[2])), shape),
-                                 flat) for t in (key, value))
+    rank = len(query.shape)
+    if enable_gqa and rank >= 3 and query.shape[-3] != key.shape[-3]:
+        # grouped-query attention: each key/value head (dimension -3) serves several query
+        # heads, as repeat_interleave would give them
+        heads = rank - 3
+        shape = op.Concat(op.Shape(key, start=0, end=heads + 1),
+                          op.Constant(value_ints=[query.shape[-3] // key.shape[-3]]),
+                          op.Shape(key, start=heads + 1), axis=0)
+        flat = op.Concat(op.Shape(key, start=0, end=heads), op.Constant(value_ints=[-1]),
+                         op.Shape(key, start=heads + 1), axis=0)
+        key, value = (op.Reshape(op.Expand(op.Unsqueeze(t, op.Constant(value_ints=[heads + 1])),
+                                           shape), flat) for t in (key, value))
     lowest = op.Constant(value=ir.tensor(query.dtype.min, dtype=query.dtype))
     zero = op.Constant(value=ir.tensor(0.0, dtype=query.dtype))
     if is_causal:
@@ -182,7 +185,6 @@ def attention(query: Any, key: Any, value: Any, attn_mask: Any = None, dropout_p
                                           dtype=query.dtype))
               if scale is not None or isinstance(head, int)
               else op.Reciprocal(op.Sqrt(op.CastLike(op.Shape(query, start=-1), query))))
-    rank = len(query.shape)
     key_t = op.Transpose(key, perm=[*range(rank - 2), rank - 1, rank - 2])
     scores = op.Mul(op.MatMul(query, key_t), factor)
     if attn_mask is not None:
