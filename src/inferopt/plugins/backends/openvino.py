@@ -119,7 +119,8 @@ class OpenVinoBackend(Backend):
 
 
 def fold_constant_transposes(ov_model: Any) -> int:
-    """Replace each ``Transpose`` of a constant by the transposed constant; return how many.
+    """Replace each ``Transpose`` of an int8 constant by the transposed constant; return how
+    many.
 
     An int8 layer exports its weight as ``DequantizeLinear(Transpose(int8 weight))``, which
     OpenVINO folds into an int8 product, except where the weight has another reader: a language
@@ -135,7 +136,11 @@ def fold_constant_transposes(ov_model: Any) -> int:
         if node.get_type_name() != "Transpose":
             continue
         data, order = (node.input_value(i).get_node() for i in range(2))
-        if data.get_type_name() == "Constant" and order.get_type_name() == "Constant":
+        # int8 weights only: a float weight OpenVINO transposes itself in the product (a
+        # float tied head would be stored twice), and other element types do not round-trip
+        # through numpy (bf16 comes back as f16, int4 packed)
+        if (data.get_type_name() == "Constant" and order.get_type_name() == "Constant"
+                and data.get_element_type().get_type_name() in ("i8", "u8")):
             value = np.ascontiguousarray(np.transpose(data.get_data(), order.get_data()))
             node.output(0).replace(ops.constant(value).output(0))
             folded += 1
