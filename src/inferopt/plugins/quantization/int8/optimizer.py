@@ -532,8 +532,10 @@ class Int8Quantizer(Optimizer):
             if self.mode == "static":
                 # the range static calibration will find for this smoothing: over every
                 # calibration row, so that the choice sees the outlier rows (a few tokens) that
-                # set it, not only the sample's
-                low, high = channel_range
+                # set it, not only the sample's (the percentile observer clips those rows:
+                # there the judged rows' own range)
+                low, high = (channel_range if self.observer == "minmax"
+                             else (sample.amin(dim=0), sample.amax(dim=0)))
                 if scales is not None:
                     low, high = low / scales, high / scales
                 act_range = affine_uint8(float(low.min()), float(high.max()))
