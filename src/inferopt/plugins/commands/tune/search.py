@@ -658,6 +658,13 @@ class Worker:
         else:
             rec = record(report, self.goal)
         rec["seconds"] = round(time.monotonic() - started, 3)
+        if trial.number not in {t.number for t in self.study.get_trials(
+                deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}:
+            # another worker failed it as stale meanwhile (a late heartbeat) and a retry of
+            # it is enqueued: this result is not the study's (Optuna cannot record it)
+            self.echo(f"trial {trial.number} [{item['phase']}] {item['key']}: finished by "
+                      "another worker while it ran (its heartbeat was late); not recorded")
+            raise TrialFailed("finished by another worker while it ran")
         trial.set_user_attr("result", rec)
         self.echo(f"trial {trial.number} [{item['phase']}] {item['key']}: "
                   f"{self.goal.describe(rec)}")
