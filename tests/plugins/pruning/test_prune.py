@@ -150,8 +150,8 @@ def test_what_cannot_be_followed_is_named():
 class _Untraceable(nn.Module):
     """A model torch.fx cannot trace (a branch on the data), built like a `transformers` layer:
     a feed-forward block of modules (Linear -> activation module -> Linear), a gated block (the
-    activation output multiplied by another branch before the second layer), and a Linear whose
-    output is also read by another module."""
+    activation output multiplied by another branch before the second layer), a Softmax between
+    two Linears, and a Linear whose output is also read by another module."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -161,12 +161,15 @@ class _Untraceable(nn.Module):
         self.gate_act, self.out = nn.SiLU(), nn.Linear(32, 16)
         self.shared, self.shared_act, self.after = nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16)
         self.side = nn.LayerNorm(16)
+        # not elementwise: removing channels would change the others' softmax
+        self.mix, self.soft, self.mix_out = nn.Linear(16, 8), nn.Softmax(-1), nn.Linear(8, 16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.sum() > 1e9:  # data-dependent: fx cannot trace it
             return x
         h = x + self.down(self.act(self.up(x)))
         h = h + self.out(self.gate_act(self.gate(h)) * self.value(h))
+        h = h + self.mix_out(self.soft(self.mix(h)))
         s = self.shared(h)
         return self.after(self.shared_act(s)) + self.side(s)
 

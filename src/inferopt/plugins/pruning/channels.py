@@ -375,6 +375,27 @@ def _transformer_ffn_groups(model: nn.Module) -> list[ChannelGroup]:
     return groups
 
 
+def _elementwise(module: nn.Module, before: nn.Linear) -> bool:
+    """Whether ``module`` has no parameters or buffers and treats each channel on its own
+    (checked on random input: changing one channel changes no other channel's output), so that
+    removing hidden channels leaves the others' values as they were (not so for a Softmax)."""
+    if any(True for _ in itertools.chain(module.parameters(), module.buffers())):
+        return False
+    w = before.weight
+    probe = torch.randn(3, before.out_features, generator=torch.Generator().manual_seed(0))
+    probe = probe.to(device=w.device, dtype=w.dtype)
+    try:
+        with torch.no_grad():
+            out = module(probe.clone())
+            moved = probe.clone()
+            moved[:, 0] += 1.0
+            again = module(moved)
+    except Exception:
+        return False
+    return (isinstance(out, torch.Tensor) and out.shape == probe.shape
+            and torch.equal(out[:, 1:], again[:, 1:]))
+
+
 def _observed_ffn_groups(model: nn.Module, example: Any) -> list[ChannelGroup]:
     """Feed-forward blocks seen on one call of the model (for models ``torch.fx`` cannot trace,
     such as ``transformers`` encoders): a Linear whose output tensor is the input of an
@@ -430,9 +451,7 @@ def _observed_ffn_groups(model: nn.Module, example: Any) -> list[ChannelGroup]:
         if type(m) is not nn.Linear or not once(first):
             continue
         act = readers(first)
-        if len(act) != 1 or not once(act[0]) or any(
-                True for _ in itertools.chain(leaves[act[0]].parameters(),
-                                              leaves[act[0]].buffers())):
+        if len(act) != 1 or not once(act[0]) or not _elementwise(leaves[act[0]], m):
             continue
         second = readers(act[0])
         if len(second) != 1 or type(leaves[second[0]]) is not nn.Linear or \
