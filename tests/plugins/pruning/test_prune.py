@@ -147,51 +147,6 @@ def test_what_cannot_be_followed_is_named():
         inferopt.apply(Branchy(), "prune-l1", structured=True)
 
 
-class _Untraceable(nn.Module):
-    """A model torch.fx cannot trace (a branch on the data), built like a `transformers` layer:
-    a feed-forward block of modules (Linear -> activation module -> Linear), a gated block (the
-    activation output multiplied by another branch before the second layer), a Softmax between
-    two Linears, and a Linear whose output is also read by another module."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.up, self.act, self.down = nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16)
-        self.gate, self.value = nn.Linear(16, 32), nn.Linear(16, 32)
-        self.gate_act, self.out = nn.SiLU(), nn.Linear(32, 16)
-        self.shared, self.shared_act, self.after = nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16)
-        self.side = nn.LayerNorm(16)
-        # not elementwise: removing channels would change the others' softmax
-        self.mix, self.soft, self.mix_out = nn.Linear(16, 8), nn.Softmax(-1), nn.Linear(8, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.sum() > 1e9:  # data-dependent: fx cannot trace it
-            return x
-        h = x + self.down(self.act(self.up(x)))
-        h = h + self.out(self.gate_act(self.gate(h)) * self.value(h))
-        h = h + self.mix_out(self.soft(self.mix(h)))
-        s = self.shared(h)
-        return self.after(self.shared_act(s)) + self.side(s)
-
-
-def test_feed_forward_blocks_of_an_untraceable_model_are_found_by_running_it():
-    """transformers models cannot be traced by torch.fx; their feed-forward blocks are found on
-    a call of the model instead, and only where the hidden channels go nowhere else."""
-    model = _Untraceable().eval()
-    x = torch.randn(4, 8, 16)
-    groups, gm, error = pc.find_groups(model, x)
-    assert gm is None and "could not trace _Untraceable" in error
-    assert [(g.producers, g.consumers) for g in groups] == [(["up"], [("down", 1)])]
-    batches = [inferopt.Batch(torch.randn(4, 8, 16)) for _ in range(2)]
-    pruned = inferopt.apply(copy.deepcopy(model), "prune-activations", sparsity=0.25,
-                            data=inferopt.Data(eval=batches, calibration=batches))
-    assert (pruned.up.out_features, pruned.down.in_features) == (48, 48)
-    assert pruned.gate.out_features == 32 and pruned.shared.out_features == 16
-    with torch.no_grad():
-        assert pruned(x).shape == model(x).shape
-    assert model.training is False and pruned.up.weight.shape == (48, 16)
-
-
 def test_unstructured_sparsity_is_exact_and_leaves_no_hooks(inferopt_tiny_model_factory):
     model = inferopt.apply(inferopt_tiny_model_factory(), "prune-l1", sparsity=0.5)
     layers = [m for m in model.modules() if isinstance(m, nn.Linear)]

@@ -19,7 +19,6 @@ own, found by module type.
 from __future__ import annotations
 
 import inspect
-import itertools
 import operator
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -203,8 +202,6 @@ def find_groups(model: nn.Module, example: Any = None
         gm = trace(model, given)
     except UsageError as exc:
         ffn = _transformer_ffn_groups(model)
-        known = {g.name for g in ffn}
-        ffn += [g for g in _observed_ffn_groups(model, example) if g.name not in known]
         if not ffn:
             raise
         return ffn, None, str(exc)
@@ -372,93 +369,6 @@ def _transformer_ffn_groups(model: nn.Module) -> list[ChannelGroup]:
             first, second = f"{name}.linear1", f"{name}.linear2"
             groups.append(ChannelGroup([first], module.linear1.out_features, -1,
                                        consumers=[(second, 1)], probes=[f"module:{second}"]))
-    return groups
-
-
-def _elementwise(module: nn.Module, before: nn.Linear) -> bool:
-    """Whether ``module`` has no parameters or buffers and treats each channel on its own
-    (checked on random input: changing one channel changes no other channel's output), so that
-    removing hidden channels leaves the others' values as they were (not so for a Softmax)."""
-    if any(True for _ in itertools.chain(module.parameters(), module.buffers())):
-        return False
-    w = before.weight
-    probe = torch.randn(3, before.out_features, generator=torch.Generator().manual_seed(0))
-    probe = probe.to(device=w.device, dtype=w.dtype)
-    try:
-        with torch.no_grad():
-            out = module(probe.clone())
-            moved = probe.clone()
-            moved[:, 0] += 1.0
-            again = module(moved)
-    except Exception:
-        return False
-    return (isinstance(out, torch.Tensor) and out.shape == probe.shape
-            and torch.equal(out[:, 1:], again[:, 1:]))
-
-
-def _observed_ffn_groups(model: nn.Module, example: Any) -> list[ChannelGroup]:
-    """Feed-forward blocks seen on one call of the model (for models ``torch.fx`` cannot trace,
-    such as ``transformers`` encoders): a Linear whose output tensor is the input of an
-    activation module (no parameters, output shaped as its input) whose output tensor is the
-    input of the next Linear, each called once, and neither tensor read by any other module.
-    Their hidden channels are a group: the first layer's outputs, the second's inputs. (A
-    function applied to a tensor between modules is not seen: gated blocks, where the activation
-    output is multiplied by another branch, are not matched, as the second layer does not get the
-    activation's output itself.)"""
-    if example is None:
-        return []
-    leaves = {name: m for name, m in model.named_modules()
-              if name and not list(m.children())}
-    # per leaf call, in order: (input tensor ids, output id, when it finished); a freed
-    # tensor's id can be reused, so a read counts only after the tensor was made, and the
-    # candidates' outputs are kept alive until the end
-    calls: dict[str, list[tuple[list[int], int, int]]] = {n: [] for n in leaves}
-    keep: list[Any] = []
-
-    def hook(name: str) -> Any:
-        def record(mod: Any, args: tuple[Any, ...], out: Any) -> None:
-            ins = [id(a) for a in args if isinstance(a, torch.Tensor)]
-            when = sum(len(c) for c in calls.values())
-            calls[name].append((ins, id(out) if isinstance(out, torch.Tensor) else -1, when))
-            if isinstance(out, torch.Tensor) and (
-                    type(mod) is nn.Linear or not any(True for _ in mod.parameters())):
-                keep.append(out)
-        return record
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in leaves.items()]
-    training = model.training
-    try:
-        with torch.no_grad(), no_fast_path():
-            keep.append(call_model(model.eval(), example))
-    except Exception:  # a model that cannot run this batch here: no groups from it
-        return []
-    finally:
-        model.train(training)
-        for h in handles:
-            h.remove()
-
-    def readers(name: str) -> list[str]:
-        """The leaves that read the output of ``name``'s one call."""
-        _ins, out, made = calls[name][0]
-        return [n for n, seen in calls.items() for ins, _o, when in seen
-                if when > made and out in ins]
-
-    def once(name: str) -> bool:
-        return len(calls[name]) == 1
-
-    groups = []
-    for first, m in leaves.items():
-        if type(m) is not nn.Linear or not once(first):
-            continue
-        act = readers(first)
-        if len(act) != 1 or not once(act[0]) or not _elementwise(leaves[act[0]], m):
-            continue
-        second = readers(act[0])
-        if len(second) != 1 or type(leaves[second[0]]) is not nn.Linear or \
-                not once(second[0]) or leaves[second[0]].in_features != m.out_features:
-            continue
-        groups.append(ChannelGroup([first], m.out_features, -1, consumers=[(second[0], 1)],
-                                   probes=[f"module:{second[0]}"]))
     return groups
 
 
