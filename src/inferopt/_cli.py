@@ -10,7 +10,7 @@ import contextlib
 import json
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -210,24 +210,63 @@ def logging_options(default_level: str) -> Callable[[Any], Any]:
     return apply
 
 
+def input_options(command: Any) -> Any:
+    """The options that say what to load and how to measure it, as ``run`` takes them: the
+    RECIPE argument, --model, --data, --split, --output, --trust-model, --backend, --batch-size
+    and --seed (for commands that run the pipeline on a model, as ``tune`` does)."""
+    options = [
+        click.argument("recipe", required=False, type=click.Path(dir_okay=False)),
+        click.option("--model", "-m", metavar="SPEC",
+                     help="Model spec: demo:digits-mlp, python:MODULE:CALLABLE[:k=v,...], "
+                          "PATH.py:CALLABLE, PATH.pt2, PATH.pt/.ts (TorchScript), hf:DIR."),
+        click.option("--data", "-d", metavar="SPEC",
+                     help="Data spec: demo:digits, synthetic:shape=64x1024, PATH.pt/.npy/.npz/"
+                          ".safetensors/.csv, text:FILE, python:MODULE:CALLABLE, "
+                          "PATH.py:CALLABLE."),
+        click.option("--split", metavar="calibration=N,train=N,eval=N,seed=S",
+                     help="Re-split the data's samples: sizes of each split, drawn without "
+                          "overlap after a seeded shuffle. Default: the data source's own "
+                          "splits."),
+        click.option("--output", "output", metavar="NAME",
+                     help="Which model output metrics and steps compare: a key or attribute "
+                          "(last_hidden_state), a tuple position (0), dots to go deeper. "
+                          "Default: logits if the model returns them, else the first tensor."),
+        click.option("--trust-model", is_flag=True,
+                     help="Allow loading a model file that needs unpickling (a pickled "
+                          "nn.Module). Unpickling runs code from the file: only for files you "
+                          "trust."),
+        click.option("--backend", "-b", metavar="NAME[:k=v,...]",
+                     help="Where to run. Default: cpu."),
+        click.option("--batch-size", type=click.IntRange(min=1), help="Batch size. Default: 64."),
+        click.option("--seed", type=int, help="Random seed. Default: 0."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@contextlib.contextmanager
+def errors(debug: bool, interrupted: str) -> Iterator[None]:
+    """A command's body: an :class:`InferoptError` is printed and exits with its code (as
+    :func:`fail`), Ctrl-C prints ``interrupted: <interrupted>`` and exits 130, and any other
+    exception is one ``error:`` line and exit 2 (the traceback with ``debug``)."""
+    try:
+        yield
+    except InferoptError as exc:
+        fail(exc, debug)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: {interrupted}", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        if debug:
+            raise
+        click.echo(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                   err=True)
+        sys.exit(2)
+
+
 @main.command(context_settings=CONTEXT)
-@click.argument("recipe", required=False, type=click.Path(dir_okay=False))
-@click.option("--model", "-m", metavar="SPEC",
-              help="Model spec: demo:digits-mlp, python:MODULE:CALLABLE[:k=v,...], "
-                   "PATH.py:CALLABLE, PATH.pt2, PATH.pt/.ts (TorchScript), hf:DIR.")
-@click.option("--data", "-d", metavar="SPEC",
-              help="Data spec: demo:digits, synthetic:shape=64x1024, PATH.pt/.npy/.npz/"
-                   ".safetensors/.csv, text:FILE, python:MODULE:CALLABLE, PATH.py:CALLABLE.")
-@click.option("--split", metavar="calibration=N,train=N,eval=N,seed=S",
-              help="Re-split the data's samples: sizes of each split, drawn without overlap "
-                   "after a seeded shuffle. Default: the data source's own splits.")
-@click.option("--output", "output", metavar="NAME",
-              help="Which model output metrics and steps compare: a key or attribute "
-                   "(last_hidden_state), a tuple position (0), dots to go deeper. "
-                   "Default: logits if the model returns them, else the first tensor.")
-@click.option("--trust-model", is_flag=True,
-              help="Allow loading a model file that needs unpickling (a pickled nn.Module). "
-                   "Unpickling runs code from the file: only for files you trust.")
+@input_options
 @click.option("--keep-going", is_flag=True,
               help="If a step fails (raises, or breaks the model's outputs or the accuracy "
                    "budget), record it, undo it and run the remaining steps; exit 1 at the end.")
@@ -237,12 +276,9 @@ def logging_options(default_level: str) -> Callable[[Any], Any]:
 @click.option("--optimize", "-O", "optimize", multiple=True, metavar="NAME[:k=v,...]",
               help="An optimizer step; repeat for several, applied in order. 'none' for no "
                    "steps. Default: int8.")
-@click.option("--backend", "-b", metavar="NAME[:k=v,...]", help="Where to run. Default: cpu.")
 @click.option("--metric", "metrics", multiple=True, metavar="NAME[:k=v,...]",
               help="A metric; repeat for several. Default: latency, throughput, accuracy, "
                    "fidelity, size.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Batch size. Default: 64.")
-@click.option("--seed", type=int, help="Random seed. Default: 0.")
 @click.option("--out", "-o", metavar="DIR",
               help="Where to save model and report. Default: inferopt-runs/RUN_ID.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
@@ -295,7 +331,7 @@ def run(
     from inferopt._progress import set_disabled
 
     set_disabled(as_json)  # with --json, stdout is the document and stderr only the logs
-    try:
+    with errors(debug, "stopped cleanly; no partial output was kept"):
         from inferopt._manager import PluginManager
         from inferopt._pipeline import run as run_pipeline
         from inferopt._recipe import make_recipe
@@ -324,17 +360,6 @@ def run(
         )
         manager = PluginManager(strict=True if strict_plugins else None).load_entrypoints()
         report = run_pipeline(rec, manager=manager, overwrite=overwrite)
-    except InferoptError as exc:
-        fail(exc, debug)
-    except KeyboardInterrupt:
-        click.echo("interrupted: stopped cleanly; no partial output was kept", err=True)
-        sys.exit(130)
-    except Exception as exc:
-        if debug:
-            raise
-        click.echo(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-                   err=True)
-        sys.exit(2)
     if not report.main_worker:
         return  # another torchrun worker: the main one prints the report
     if as_json:

@@ -24,6 +24,8 @@ Cost of a model
 Commands (``inferopt_register_commands``)
     :func:`cli_logging_options` (``--log-format/--log-level/--strict-plugins/--debug``),
     :func:`cli_fail` (print an :class:`inferopt.InferoptError` and exit with its code),
+    :func:`cli_errors` (a command body's errors as ``run`` reports them: exit 2, 130, ...),
+    :func:`cli_input_options` (``RECIPE``, ``--model``, ``--data``, ... as ``run`` has them),
     :func:`parse_accuracy_budget` (``--max-accuracy-drop 1.0`` or ``2%``)
 The machine, progress, logs
     :func:`cpu_flags`, :func:`cpu_model`, :func:`progress`, :func:`disable_progress`,
@@ -59,11 +61,13 @@ _WHERE = {
     "get_logger": "_logging",
     "configure_logging": "_logging",
     "cli_logging_options": "_cli", "cli_fail": "_cli", "parse_accuracy_budget": "_cli",
+    "cli_errors": "_cli", "cli_input_options": "_cli",
     "finite_json": "_report", "REPORT_SCHEMA": "_report",
     "plot_reports": "_plotting", "plot_available": "_plotting", "report_rows": "_quantities",
 }
 _RENAMED = {"build_options": "build", "configure_logging": "configure",
             "cli_logging_options": "logging_options", "cli_fail": "fail",
+            "cli_errors": "errors", "cli_input_options": "input_options",
             "parse_accuracy_budget": "accuracy_gate", "REPORT_SCHEMA": "SCHEMA",
             "plot_available": "available", "disable_progress": "set_disabled"}
 

@@ -4,9 +4,7 @@ search itself: :mod:`.search`)."""
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,9 +12,9 @@ from typing import Any
 
 import click
 
-from inferopt import InferoptError, UsageError, hookimpl
+from inferopt import UsageError, hookimpl
 from inferopt.plugins.commands.tune.search import SAMPLERS
-from inferopt.utils import cli_fail, cli_logging_options
+from inferopt.utils import cli_errors, cli_input_options, cli_logging_options
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100, "show_default": True}
 # what --restart may delete in --out: the files inferopt tune writes
@@ -26,19 +24,10 @@ OLD_LOG = "trials.jsonl"  # an older tune's trial log
 
 
 @click.command(context_settings=CONTEXT)
-@click.argument("recipe", required=False, type=click.Path(dir_okay=False))
-@click.option("--model", "-m", metavar="SPEC", help="Model spec, as for `inferopt run`.")
-@click.option("--data", "-d", metavar="SPEC", help="Data spec (labelled), as for `inferopt run`.")
-@click.option("--split", metavar="calibration=N,train=N,eval=N,seed=S",
-              help="Re-split the data's samples, as for `inferopt run`.")
-@click.option("--output", "output", metavar="NAME", help="Which model output to compare.")
-@click.option("--trust-model", is_flag=True, help="Allow unpickling the model file.")
-@click.option("--backend", "-b", metavar="NAME[:k=v,...]", help="Where to run. Default: cpu.")
+@cli_input_options
 @click.option("--metric", "metrics", multiple=True, metavar="NAME[:k=v,...]",
               help="A metric, or options for one (latency:precision=thorough); latency, "
                    "accuracy and size (and throughput) are always measured.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Batch size. Default: 64.")
-@click.option("--seed", type=int, help="Random seed. Default: 0.")
 @click.option("--max-accuracy-drop", default="1.0", metavar="POINTS|PCT%",
               help="The accuracy budget: points of top-1 accuracy (1.0) or a share of the "
                    "baseline's accuracy (2%).")
@@ -83,48 +72,16 @@ def tune(**flags: Any) -> None:
     search. The best candidate that meets the goal is saved to DIR/best like a run. Exits 1
     when no candidate meets the goal, listing the three closest.
     """
+    from inferopt.plugins.commands.tune.results import show
     from inferopt.utils import configure_logging, disable_progress
 
-    debug, as_json, where = flags["debug"], flags["as_json"], _shown(flags["storage"], flags["out"])
     configure_logging(flags["log_format"], flags["log_level"])
-    disable_progress(as_json)
-    try:
+    disable_progress(flags["as_json"])
+    with cli_errors(flags["debug"], f"the finished trials are in the study "
+                    f"({_shown(flags['storage'], flags['out'])}); rerun the same command to "
+                    "continue"):
         doc = _search(flags, echo=lambda line: click.echo(line, err=True))
-    except InferoptError as exc:
-        cli_fail(exc, debug)
-    except KeyboardInterrupt:
-        click.echo(f"interrupted: the finished trials are in the study ({where}); rerun the "
-                   "same command to continue", err=True)
-        sys.exit(130)
-    except Exception as exc:
-        if debug:
-            raise
-        click.echo(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-                   err=True)
-        sys.exit(2)
-    from inferopt.plugins.commands.tune.results import COLUMNS, result_lines, table_rows
-
-    lines = result_lines(doc)
-    if as_json:
-        click.echo(json.dumps(doc, indent=2))
-    else:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=f"inferopt tune: {len(doc['trials'])} trials")
-        for col in COLUMNS:
-            table.add_column(col, overflow="fold", no_wrap=col != "recipe")
-        for row in table_rows(doc):
-            table.add_row(*row)
-        # a pipe or a log file gets the whole table, not one folded to 80 columns
-        console = Console(width=None if sys.stdout.isatty() else 160)
-        console.print(table)
-        for line in lines:
-            console.print(line, soft_wrap=True, highlight=False, markup=False)
-    if doc.get("chosen") is None:
-        closest = [line for line in lines if line.startswith(("no candidate", "closest"))]
-        click.echo("error: " + "\n  ".join(closest), err=True)
-        sys.exit(1)
+    show(doc, flags["as_json"])
 
 
 def _search(flags: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,6 @@ def document(worker: Any, settings: dict[str, Any], study: str, out: Path) -> di
              "id": t["number"], "within_budget": goal.within(t), "meets_goal": goal.meets(t),
              "objective": t.get("objective"), "replayed": t["number"] not in worker.mine}
             for t in measured if t["phase"] != "sensitivity"]
-    ids = {r["id"] for r in rows}
     chosen = max((r for r in rows if r["meets_goal"]),
                  key=lambda t: (t["objective"] or 0.0, -(goal.drop(t) or 0.0),
                                 -(t.get("size_ratio") or 1.0), -t["id"]), default=None)
@@ -39,8 +39,7 @@ def document(worker: Any, settings: dict[str, Any], study: str, out: Path) -> di
     return {
         "schema": SCHEMA, "settings": settings,
         "fingerprint": worker.study.user_attrs["fingerprint"], "goal": goal.text(),
-        "stopped": worker.stopped,
-        "space": [t.to_json() for t in worker.space],
+        "stopped": worker.stopped, "space": [t.to_json() for t in worker.space],
         "baseline": {} if metrics is None else {
             "accuracy": metrics.get("accuracy", {}).get("top1"),
             "size_bytes": metrics.get("size", {}).get("bytes"),
@@ -52,7 +51,8 @@ def document(worker: Any, settings: dict[str, Any], study: str, out: Path) -> di
                                                "accuracy_drop_points", "accuracy_drop_percent")}
                         for t in measured if t["phase"] == "sensitivity"],
         "decisions": worker.decisions,
-        "pareto": sorted(t.number for t in worker.study.best_trials if t.number in ids),
+        "pareto": sorted(t.number for t in worker.study.best_trials
+                         if t.number in {r["id"] for r in rows}),
         "chosen": chosen["id"] if chosen is not None else None,
         "closest": [t["id"] for t in closest],
         "artifacts": {"dir": str(out), "summary": str(out / "tune.json"),
@@ -75,19 +75,19 @@ def finish(worker: Any, settings: dict[str, Any], study: str, notes: list[str], 
         doc = document(worker, settings, study, out)
         chosen = next((t for t in doc["trials"] if t["id"] == doc["chosen"]), None)
         marker, best = out / ".best-trial", out / "best"
-        if chosen is not None:
-            stamp = f"{doc['fingerprint']}:{chosen['id']}"
-            if not (marker.is_file() and marker.read_text() == stamp and best.is_dir()):
-                report = save(chosen)
-                marker.write_text(stamp)
-                doc["best_run"] = {"run_id": report.run_id, "verdict": report.verdict,
-                                   "gates": report.gates}
-            doc["artifacts"]["best"] = str(best)
-        elif best.is_dir():
+        stamp = chosen and f"{doc['fingerprint']}:{chosen['id']}"
+        if chosen and not (marker.is_file() and marker.read_text() == stamp and best.is_dir()):
+            report = save(chosen)
+            marker.write_text(stamp)
+            doc["best_run"] = {"run_id": report.run_id, "verdict": report.verdict,
+                               "gates": report.gates}
+        elif not chosen and best.is_dir():
             # an earlier choice this search does not confirm must not pass for its result
             shutil.rmtree(best)
             marker.unlink(missing_ok=True)
             worker.echo(f"removed {best}: no candidate meets this goal")
+        if chosen:
+            doc["artifacts"]["best"] = str(best)
         doc["notes"] = notes + plots(worker, out, doc)
         for name, text in (("tune.json", json.dumps(finite_json(doc), indent=2) + "\n"),
                            ("tune.md", to_markdown(doc))):
@@ -105,17 +105,16 @@ def plots(worker: Any, out: Path, doc: dict[str, Any]) -> list[str]:
         from optuna.visualization.matplotlib import plot_param_importances, plot_pareto_front
     except ImportError:
         return ["plots skipped: matplotlib is not installed (pip install 'inferopt[plot]')"]
-    notes = []
+    notes, study = [], worker.study
     size = ["size ratio"] if len(worker.directions) == 3 else []
     names = [f"{doc['settings']['objective']} (x better than the baseline)", *size,
              "accuracy drop"]
-    sampled = [t for t in worker.study.get_trials(deepcopy=False) if t.params and t.values]
+    sampled = [t for t in study.get_trials(deepcopy=False) if t.params and t.values]
     for path, draw, enough in (
-            ("pareto.png", lambda: plot_pareto_front(worker.study, target_names=names),
+            ("pareto.png", lambda: plot_pareto_front(study, target_names=names),
              bool(doc["trials"])),
             ("importance.png", lambda: plot_param_importances(
-                worker.study, target=lambda t: t.values[0], target_name=names[0]),
-             len(sampled) > 1)):
+                study, target=lambda t: t.values[0], target_name=names[0]), len(sampled) > 1)):
         if not enough:
             notes.append(f"{path} not drawn: needs more than one completed trial with options")
             continue
@@ -172,17 +171,15 @@ def result_lines(doc: dict[str, Any]) -> list[str]:
     s = doc["settings"]
     goal = Goal(s["objective"], s["max_accuracy_drop"], s["relative"])
     by_id = {t["id"]: t for t in doc["trials"]}
-    lines = []
     if doc.get("chosen") is not None:
         t = by_id[doc["chosen"]]
-        lines.append(f"chosen: trial {t['id']} {t['key']} ({goal.describe(t)})")
+        lines = [f"chosen: trial {t['id']} {t['key']} ({goal.describe(t)})"]
         if doc.get("artifacts", {}).get("best"):
             lines.append(f"saved: {doc['artifacts']['best']} (load with inferopt.load)")
     else:
-        lines.append(f"no candidate met the goal ({doc['goal']})")
-        for i, tid in enumerate(doc.get("closest") or [], start=1):
-            t = by_id[tid]
-            lines.append(f"closest {i}: trial {t['id']} {t['key']} ({goal.describe(t)})")
+        lines = [f"no candidate met the goal ({doc['goal']})"]
+        lines += [f"closest {i}: trial {tid} {by_id[tid]['key']} ({goal.describe(by_id[tid])})"
+                  for i, tid in enumerate(doc.get("closest") or [], start=1)]
     front = ", ".join(f"{i} ({by_id[i]['key']})" for i in doc["pareto"])
     lines.append(f"pareto front (objective, size, accuracy drop; from the study): "
                  f"{front or 'none'}")
@@ -191,3 +188,30 @@ def result_lines(doc: dict[str, Any]) -> list[str]:
     a = doc["artifacts"]
     return [*lines, f"study: {a['study']} ({a['study_name']}); summary: {a['summary']}"]
 
+
+def show(doc: dict[str, Any], as_json: bool) -> None:
+    """The document (``--json``), or the table and what was found; exit 1 when no candidate
+    meets the goal, naming the closest on stderr."""
+    import click
+
+    lines = result_lines(doc)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"inferopt tune: {len(doc['trials'])} trials")
+        for col in COLUMNS:
+            table.add_column(col, overflow="fold", no_wrap=col != "recipe")
+        for row in table_rows(doc):
+            table.add_row(*row)
+        # a pipe or a log file gets the whole table, not one folded to 80 columns
+        console = Console(width=None if sys.stdout.isatty() else 160)
+        console.print(table)
+        for line in lines:
+            console.print(line, soft_wrap=True, highlight=False, markup=False)
+    if doc.get("chosen") is None:
+        closest = [line for line in lines if line.startswith(("no candidate", "closest"))]
+        click.echo("error: " + "\n  ".join(closest), err=True)
+        sys.exit(1)
