@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 
 from inferopt import InferoptError, Interrupted, UsageError
-from inferopt.utils import cpu_flags, cpu_model, iter_tensors, weights_bytes
+from inferopt.utils import cpu_flags, cpu_model, iter_tensors, parse_spec, weights_bytes
 
 SCHEMA = "inferopt.tune/2"
 # the order techniques are tried in and combined in: structural changes before quantization
@@ -100,8 +100,6 @@ def search_space(session: Any, techniques: tuple[Any, ...]) -> tuple[list[Techni
     """The techniques to search, and notes on searchable values a plugin itself rejects.
     Without ``techniques`` (``parse_spec`` results), every installed optimizer that declares
     searchable values (``inferopt.option(..., searchable=...)``); a spec's options are fixed."""
-    from inferopt.utils import parse_spec
-
     names = [s.name for s in techniques]
     if twice := sorted({n for n in names if names.count(n) > 1}):
         raise UsageError(f"--technique {', '.join(twice)} is given twice; give each technique "
@@ -331,9 +329,9 @@ class Worker:
         # and study.best_trials respect. grid asks no sampler: its points are enqueued by the
         # plan, and the random sampler only records the fixed values of enqueued trials
         seed, samplers = identity["settings"]["seed"], optuna.samplers
-        sampler = {"nsga2": samplers.NSGAIISampler(seed=seed, population_size=8),
-                   "tpe": samplers.TPESampler(seed=seed)}.get(self.sampler,
-                                                              samplers.RandomSampler(seed=seed))
+        sampler = (samplers.NSGAIISampler(seed=seed, population_size=8) if self.sampler == "nsga2"
+                   else samplers.TPESampler(seed=seed) if self.sampler == "tpe"
+                   else samplers.RandomSampler(seed=seed))
         try:
             self.study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
                                              directions=self.directions)
@@ -345,11 +343,10 @@ class Worker:
                 self.study.set_user_attr(key, value)
             self._enqueue(self.plan([]))
             self.study.set_user_attr("ready", True)  # the others wait for this
-        deadline = self.study.user_attrs.get("deadline")
-        if not isinstance(deadline, float) or deadline < time.time():
-            deadline = time.time() + self.budget_seconds  # a new session of this study
-            self.study.set_user_attr("deadline", deadline)
-        self.deadline = deadline
+        self.deadline = self.study.user_attrs.get("deadline") or 0.0
+        if self.deadline < time.time():  # a new session of this study
+            self.deadline = time.time() + self.budget_seconds
+            self.study.set_user_attr("deadline", self.deadline)
 
     def _storage(self, url: str) -> Any:
         """With heartbeats: a trial whose worker died is failed after the grace period and
@@ -376,7 +373,7 @@ class Worker:
                           "'inferopt[postgres]')" if isinstance(exc, ImportError) else "")
                 raise UsageError(f"--storage {url.split('://')[0]}://...: cannot open the study "
                                  f"storage ({type(exc).__name__}: {exc}){driver}") from exc
-        raise AssertionError("unreachable")
+        raise AssertionError("unreachable")  # the last attempt returns or raises
 
     def _check(self, name: str, identity: dict[str, Any]) -> None:
         wait = time.monotonic() + 60
@@ -401,13 +398,13 @@ class Worker:
                                  f"{identity[key]}); give the same flags, or use another "
                                  "--study/--out")
         old, mine = theirs.get("machine", {}), self.machine
-        diffs = [f"{k} {old.get(k)!r} here {mine.get(k)!r}"
-                 for k in ("cpu", "cores", "gpu", "torch") if old.get(k) != mine.get(k)]
-        old_flags, my_flags = set(old.get("cpu_flags", [])), set(mine["cpu_flags"])
-        if old_flags != my_flags:
-            diffs.append(f"CPU flags (only the study's: "
-                         f"{' '.join(sorted(old_flags - my_flags)[:8]) or '-'}; only here: "
-                         f"{' '.join(sorted(my_flags - old_flags)[:8]) or '-'})")
+        diffs = [f"{k} {old.get(k)!r} here {mine[k]!r}"
+                 for k in ("cpu", "cores", "gpu", "torch") if old.get(k) != mine[k]]
+        theirs_only, mine_only = (" ".join(sorted(set(a) - set(b))[:8]) or "-" for a, b in (
+            (old.get("cpu_flags", []), mine["cpu_flags"]),
+            (mine["cpu_flags"], old.get("cpu_flags", []))))
+        if (theirs_only, mine_only) != ("-", "-"):
+            diffs.append(f"CPU flags (only the study's: {theirs_only}; only here: {mine_only})")
         if diffs:
             raise UsageError(f"study {name!r} was measured on another kind of machine, so its "
                              f"timings do not compare with this one's: {'; '.join(diffs)}. Run "
@@ -492,8 +489,8 @@ class Worker:
 
     def _pairs(self, keys: dict[str, Trial]) -> list[Trial]:
         """Pairs of the techniques' best single candidates that meet the goal, structural
-        techniques first, best predicted first; pairs predicted to break the budget or to be
-        dominated by a measured trial are recorded in ``decisions`` instead."""
+        techniques first, best predicted first; pairs predicted to break the budget are
+        recorded in ``decisions`` instead."""
         g = self.goal
         best: dict[str, Trial] = {}
         for t in sorted((t for t in keys.values() if self._builds_on(t) and g.meets(t)
@@ -507,22 +504,13 @@ class Worker:
                 continue
             pair = planned(a["steps"] + b["steps"], "combine")
             drop = max(g.drop(a) or 0.0, 0.0) + max(g.drop(b) or 0.0, 0.0)
-            value = (a["objective"] or 0.0) * (b["objective"] or 0.0)
-            reason = None
-            if drop > g.budget + EPSILON:
-                reason = (f"predicted accuracy drop {drop:.3g} (sum of the two steps') exceeds "
-                          f"the budget {g.budget:g}")
-            elif dom := next((t for t in keys.values() if done(t) and t.get("status") == "ok"
-                              and t.get("phase") not in NOT_COUNTED
-                              and (t.get("objective") or -math.inf) >= value
-                              and (g.drop(t) or 0.0) <= drop), None):
-                reason = (f"predicted point (objective {value:.3g}, drop {drop:.3g}) is "
-                          f"dominated by trial {dom['number']} ({dom['key']})")
-            if reason and pair["key"] not in keys:
+            if drop <= g.budget + EPSILON:
+                plans.append(((a["objective"] or 0.0) * (b["objective"] or 0.0), pair))
+            elif pair["key"] not in keys:
                 self.decisions.append({"candidate": pair["key"], "decision": "skipped",
-                                       "reason": reason})
-            elif not reason:
-                plans.append((value, pair))
+                                       "reason": f"predicted accuracy drop {drop:.3g} (sum of "
+                                                 f"the two steps') exceeds the budget "
+                                                 f"{g.budget:g}"})
         return [p for _v, p in sorted(plans, key=lambda p: -p[0])]
 
     def _unvisited(self, keys: dict[str, Trial]) -> Trial | None:
