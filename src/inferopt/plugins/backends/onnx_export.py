@@ -12,6 +12,7 @@ zero point as a Python number; :func:`translations` gives it one that keeps it a
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 import re
 import warnings
@@ -49,6 +50,9 @@ class GraphIO:
     input_keys: tuple[str, ...]  # the dict keys of the inputs, in graph order ("" if positional)
     output_kind: str  # "tensor", "tuple" or "dict"
     output_keys: tuple[str, ...]
+    #: quantizers shared by :func:`share_quantized_activations`: residual sums that read an
+    #: int8 tensor, poolings moved after a quantizer
+    shared: dict[str, int] = attrs.field(factory=dict)
 
     def feed(self, inputs: Any) -> dict[str, Any]:
         """The graph's inputs as numpy arrays, by graph input name."""
@@ -222,7 +226,11 @@ def export_onnx(model: Any, inputs: Any, path: Path, *, opset: int, backend: str
         raise UsageError(
             f"{backend}: torch.onnx could not export the model ({type(exc).__name__}: "
             f"{first[0] if first else ''}); run it on --backend cpu") from exc
-    graph = onnx.load(str(path), load_external_data=False).graph
+    proto = onnx.load(str(path), load_external_data=False)
+    shared = share_quantized_activations(proto.graph)
+    if any(shared.values()):
+        onnx.save(proto, str(path))  # the weights (external data, if any) stay where they are
+    graph = proto.graph
     names = tuple(i.name for i in graph.input)
     input_keys: tuple[str, ...] = ()
     if kwargs:
@@ -237,7 +245,93 @@ def export_onnx(model: Any, inputs: Any, path: Path, *, opset: int, backend: str
             f"{backend}: the exported graph takes {len(names)} inputs ({', '.join(names)}) "
             f"but the batch has {len(args)}; inputs the model ignores or turns into constants "
             "cannot be fed")
-    return GraphIO(names, input_keys, kind, keys)
+    return GraphIO(names, input_keys, kind, keys, shared)
+
+
+def share_quantized_activations(graph: Any) -> dict[str, int]:
+    """Quantize a convolutional network's feature maps once, as the runtimes' int8 kernels want
+    them (and as NNCF and ONNX Runtime's own quantizer place their quantizers); return how many
+    residual sums and poolings changed. Each int8 layer quantizes its own input, so two
+    rewrites apply where a calibrated (constant-scale) ``QuantizeLinear`` reads the output of a
+    ``Relu`` or ``MaxPool``:
+
+    - a residual ``Add`` that reads the same tensor reads it through that quantizer's
+      ``DequantizeLinear`` (the residual sum then starts from the int8 tensor the next layer
+      reads, so the runtime keeps the tensor in int8 instead of also keeping a float copy);
+    - a ``MaxPool`` whose output only quantizers read gets the same quantizer on its input too
+      (the same values: a per-tensor quantizer is monotonic, so it commutes with the max), so
+      the pooling runs on int8 and the layer before it can write int8.
+
+    Transformer graphs are left as they are: their quantized tensors come out of LayerNorms
+    and matmuls, and their residual stream stays in float."""
+    from onnx import helper
+
+    constants = {i.name for i in graph.initializer} | {
+        o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    changed = {"residual_adds": 0, "pools": 0}
+    for q in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
+        tensor, params = q.input[0], list(q.input[1:])
+        source = producer.get(tensor)
+        dq = next((n for n in readers.get(q.output[0], ()) if n.op_type == "DequantizeLinear"
+                   and list(n.input[1:]) == params), None)
+        if source is None or source.op_type not in ("Relu", "MaxPool") or dq is None \
+                or not set(params) <= constants:
+            continue
+        for add in readers[tensor]:
+            # a residual sum of two activations (not a bias or another constant)
+            if add.op_type == "Add" and not set(add.input) & constants:
+                for i in (i for i, name in enumerate(add.input) if name == tensor):
+                    add.input[i] = dq.output[0]
+                    changed["residual_adds"] += 1
+        others = [n for n in readers[tensor] if tensor in n.input]  # the Adds now read dq
+        pooled = source.input[0]
+        if source.op_type == "MaxPool" and all(
+                n.op_type == "QuantizeLinear" and list(n.input[1:]) == params for n in others) \
+                and getattr(producer.get(pooled), "op_type", "") != "DequantizeLinear":
+            graph.node.extend([
+                helper.make_node("QuantizeLinear", [pooled, *params], [f"{pooled}_int8"],
+                                 name=f"{source.name}_quantize"),
+                helper.make_node("DequantizeLinear", [f"{pooled}_int8", *params],
+                                 [f"{pooled}_int8_dq"], name=f"{source.name}_dequantize")])
+            source.input[0] = f"{pooled}_int8_dq"
+            changed["pools"] += 1
+    if any(changed.values()):
+        _sort_nodes(graph)
+    return changed
+
+
+def _sort_nodes(graph: Any) -> None:
+    """Order the nodes so that each comes after the producers of its inputs (as ONNX requires),
+    keeping the present order where it already does (Kahn's algorithm)."""
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output}
+    needs = [{producer[x] for x in n.input if x in producer} for n in graph.node]
+    readers: dict[int, list[int]] = {}
+    for i, deps in enumerate(needs):
+        for d in deps:
+            readers.setdefault(d, []).append(i)
+    waiting = [len(deps) for deps in needs]
+    ready = [i for i, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for r in readers.get(i, ()):
+            waiting[r] -= 1
+            if waiting[r] == 0:
+                heapq.heappush(ready, r)
+    if len(order) != len(graph.node):
+        raise UsageError("onnx export: sharing quantizers left a cycle in the graph")
+    nodes = [type(graph.node[i])() for i in order]
+    for node, i in zip(nodes, order, strict=True):
+        node.CopyFrom(graph.node[i])
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def op_counts(model_proto: Any) -> dict[str, int]:

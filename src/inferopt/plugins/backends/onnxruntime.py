@@ -88,9 +88,11 @@ class OnnxRuntimeBackend(Backend):
         exported = op_counts(onnx.load(str(path), load_external_data=False))
         int8 = {k: v for k, v in ran.items() if k in INT8_OPS}
         self.facts[ctx.role] = {"artifact": "model.onnx", "exported_qdq_ops": exported,
-                                "int8_ops": int8}
-        # one per int8 layer's activations: calibrated (QuantizeLinear) or dynamic
-        quantized = exported.get("QuantizeLinear", 0) + exported.get("DynamicQuantizeLinear", 0)
+                                "int8_ops": int8, "shared_quantizers": io.shared}
+        # one per int8 layer's activations: calibrated (QuantizeLinear) or dynamic; and one
+        # before each pooling that runs on int8
+        quantized = (exported.get("QuantizeLinear", 0) + exported.get("DynamicQuantizeLinear", 0)
+                     - io.shared.get("pools", 0))
         products = sum(v for k, v in int8.items() if k != "DynamicQuantizeLinear")
         if products < quantized:
             ctx.warn(f"onnxruntime: {quantized - products} of {quantized} int8 layers of the "

@@ -94,6 +94,7 @@ class OpenVinoBackend(Backend):
             "inference_precision": compiled.get_property("INFERENCE_PRECISION_HINT").to_string(),
             "int8_layers": dict(sorted(int8.items())),
             "folded_transposes": folded,
+            "shared_quantizers": io.shared,
             "layers_by_precision": dict(sorted(
                 Counter(prec for (_, prec), n in layers.items() for _ in range(n)).items())),
         }
