@@ -205,12 +205,9 @@ def _decomposed_ops() -> Any:
     return torch.ops.quantized_decomposed
 
 
-@torch.library.custom_op("inferopt::dynamic_quantize_u8", mutates_args=())
 def dynamic_quantize_u8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ONNX DynamicQuantizeLinear: (uint8 values, scale, zero point) of ``x`` over the range
-    [min(x, 0), max(x, 0)]. Used only under ``torch.onnx.export``, whose translation table
-    decides per runtime (the ``onnxruntime`` backend: that operator, which its int8 matmul
-    takes directly; ``openvino``: the symmetric per-tensor QDQ form its int8 layers want)."""
+    [min(x, 0), max(x, 0)]."""
     low = torch.clamp(x.min(), max=0.0)
     high = torch.clamp(x.max(), min=0.0)
     scale = ((high - low) / 255.0).clamp(min=1e-12).to(torch.float32)
@@ -219,10 +216,21 @@ def dynamic_quantize_u8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     return q, scale, zero
 
 
-@dynamic_quantize_u8.register_fake
-def _(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return (torch.empty_like(x, dtype=torch.uint8), x.new_empty((), dtype=torch.float32),
-            x.new_empty((), dtype=torch.int64))
+@torch.library.custom_op("inferopt::dynamic_int8_matmul", mutates_args=())
+def dynamic_int8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
+                        ) -> torch.Tensor:
+    """``x`` quantized per tensor as :func:`dynamic_quantize_u8` does, times the int8 ``weight``
+    (``[in, out]``, one scale per column), in float. Used only under ``torch.onnx.export``,
+    whose translation table decides per runtime (``onnxruntime``: DynamicQuantizeLinear and
+    MatMulInteger, which it fuses with the scaling and the bias into one DynamicQuantizeMatMul;
+    ``openvino``: the symmetric per-tensor QDQ form its int8 layers want)."""
+    q, scale, zero = dynamic_quantize_u8(x)
+    return ((q.float() - zero) * scale) @ (weight.float() * weight_scale)
+
+
+@dynamic_int8_matmul.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[1]), dtype=torch.float32)
 
 
 def exported_activation(x: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tensor | None
@@ -230,11 +238,6 @@ def exported_activation(x: torch.Tensor, scale: torch.Tensor | None, zero: torch
     """(``x`` quantized to uint8 and dequantized, the scale used): calibrated ``scale``/
     ``zero`` (static), or when they are None a per-tensor symmetric scale from ``x``."""
     qd = _decomposed_ops()
-    # (3-D and larger inputs only: ONNX Runtime fuses it with a MatMul, but a 2-D layer
-    # becomes a Gemm, which it fuses with a following Relu into a float FusedGemm first)
-    if (scale is None or zero is None) and torch.onnx.is_in_onnx_export() and x.dim() >= 3:
-        xq, scale, zero = torch.ops.inferopt.dynamic_quantize_u8(x)
-        return qd.dequantize_per_tensor.tensor(xq, scale, zero, 0, 255, torch.uint8), scale
     if scale is None or zero is None:
         absmax = x.abs().amax(dim=tuple(range(x.dim())))
         scale = (absmax / 127.0).clamp(min=1e-12)
@@ -407,6 +410,13 @@ class Int8Linear(PackedWeightModule):
                 out = out + self.bias
             return out.to(dtype)
         static = self.mode == "static"
+        if not static and torch.onnx.is_in_onnx_export():
+            # one op the runtimes' translations turn into their fused dynamic int8 product;
+            # the float bias, which ONNX Runtime folds into it (rounding it to int32 at a
+            # scale computed per call would take ops on every call)
+            out = torch.ops.inferopt.dynamic_int8_matmul(x, self.weight_int8.t(),
+                                                         self.weight_scale)
+            return (out if self.bias is None else out + self.bias).to(dtype)
         x, act_scale = exported_activation(x, self.act_scale if static else None,
                                            self.act_zero if static else None)
         out = torch.matmul(x, weight)
