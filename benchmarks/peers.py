@@ -541,6 +541,9 @@ CANDIDATES: dict[str, tuple[Callable[..., Prepared], bool]] = {
     "inferopt-int8-static-fallback0.03@openvino": (
         inferopt_on("openvino", "int8", mode="static", fallback=0.03), True),
     "inferopt-int8@onnxruntime": (inferopt_on("onnxruntime", "int8"), True),
+    # one weight scale per layer: ONNX Runtime's per-tensor DynamicQuantizeMatMul path
+    "inferopt-int8-per-tensor@onnxruntime": (
+        inferopt_on("onnxruntime", "int8", granularity="per-tensor"), True),
     "inferopt-int8-static@onnxruntime": (inferopt_on("onnxruntime", "int8", mode="static"),
                                          True),
 }
