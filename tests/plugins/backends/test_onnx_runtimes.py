@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -231,6 +232,83 @@ def test_a_cnn_feature_map_is_quantized_once_for_its_convolution_sum_and_pooling
                     if "layerType" in n.get_rt_info()
                     and n.get_rt_info()["layerType"].astype(str) == "Pooling")
         assert pool.get_rt_info()["runtimePrecision"].astype(str).upper() in ("U8", "I8")
+
+
+class _Pools(torch.nn.Module):
+    """Max poolings the quantizer must not move before: two reading one tensor (``twice``), a
+    pooled map the model also returns (``returned``), a pooling with indices (``indices``)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1, self.conv2 = (torch.nn.Conv2d(8, 8, 3, padding=1) for _ in range(2))
+        self.pool1 = torch.nn.MaxPool2d(2, return_indices=kind == "indices")
+        self.pool2 = torch.nn.MaxPool2d(3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        h = torch.relu(self.stem(x))
+        if self.kind == "twice":
+            return self.conv1(self.pool1(h)) + self.conv2(self.pool2(h))
+        if self.kind == "indices":
+            pooled, indices = self.pool1(h)
+            return self.conv1(pooled), indices
+        return self.pool1(h), self.conv1(self.pool1(h))
+
+
+@needs_ort
+@pytest.mark.parametrize("kind", ["twice", "returned", "indices"])
+def test_moving_a_quantizer_before_a_pooling_keeps_the_graph_valid_and_its_outputs(kind,
+                                                                                 tmp_path):
+    """Two poolings of one tensor got quantizers with the same names (an invalid graph), and a
+    pooled map the model returns, or pooled with its indices, was quantized too (review
+    findings)."""
+    torch.manual_seed(0)
+    model = inferopt.apply(_Pools(kind).eval(), "int8", mode="static",
+                           data=[torch.randn(2, 3, 16, 16) for _ in range(4)])
+    x = torch.randn(2, 3, 16, 16)
+    backend = OnnxRuntimeBackend()
+    ctx = inferopt.PrepareContext(example_inputs=x, role="optimized", artifact_dir=tmp_path)
+    prepared = backend.prepare(model, ctx)
+    assert backend.describe()["prepared"]["optimized"]["shared_quantizers"]["pools"] == (
+        2 if kind == "twice" else 0)
+    with torch.inference_mode():
+        want = model(x)
+    got = backend.forward(prepared, x)
+    for g, w in zip(*((t,) if isinstance(t, torch.Tensor) else t for t in (got, want)),
+                    strict=True):
+        if w.dtype == torch.int64:  # the indices: exactly the same
+            assert torch.equal(g, w)
+        else:
+            assert _cosine(g, w) > 0.999 and float((g - w).abs().max()) < 0.02
+
+
+def test_equal_weight_scales_stored_as_external_data_become_a_scalar(tmp_path):
+    """A model past 1.5 GB exports its tensors as external data, which the scale pass read
+    against the working directory and failed on (review finding)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from inferopt.plugins.backends.onnx_export import scalar_weight_scales
+
+    scale = numpy_helper.from_array(np.full(64, 0.5, dtype=np.float32), "weight_scale")
+    weight = numpy_helper.from_array(np.ones((16, 64), dtype=np.int8), "weight")
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"]),
+             helper.make_node("MatMulInteger", ["q", "weight", "z"], ["acc"]),
+             helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["s", "weight_scale"], ["ws"]),
+             helper.make_node("Mul", ["accf", "ws"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [2, 16])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, [2, 64])], [scale, weight])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph), str(path), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=0)
+    loaded = onnx.load(str(path), load_external_data=False)
+    assert scalar_weight_scales(loaded.graph, tmp_path)
+    value = next(i for i in loaded.graph.initializer if i.name == "weight_scale")
+    assert numpy_helper.to_array(value).shape == () and float(numpy_helper.to_array(value)) == 0.5
 
 
 @needs_ort

@@ -232,7 +232,8 @@ def export_onnx(model: Any, inputs: Any, path: Path, *, opset: int, backend: str
             f"{first[0] if first else ''}); run it on --backend cpu") from exc
     proto = onnx.load(str(path), load_external_data=False)
     shared = share_quantized_activations(proto.graph)
-    if any(shared.values()) | scalar_weight_scales(proto.graph):
+    scalars = scalar_weight_scales(proto.graph, path.parent)
+    if any(shared.values()) or scalars:
         onnx.save(proto, str(path))  # the weights (external data, if any) stay where they are
     graph = proto.graph
     names = tuple(i.name for i in graph.input)
@@ -267,9 +268,13 @@ def share_quantized_activations(graph: Any) -> dict[str, int]:
       the pooling runs on int8 and the layer before it can write int8.
 
     Transformer graphs are left as they are: their quantized tensors come out of LayerNorms
-    and matmuls, and their residual stream stays in float."""
+    and matmuls, and their residual stream stays in float. So are graphs with subgraphs
+    (``If``, ``Loop``), whose reads of outer tensors this pass does not follow."""
     from onnx import helper
 
+    changed = {"residual_adds": 0, "pools": 0}
+    if _has_subgraphs(graph):
+        return changed
     constants = {i.name for i in graph.initializer} | {
         o for n in graph.node if n.op_type == "Constant" for o in n.output}
     producer = {o: n for n in graph.node for o in n.output}
@@ -277,7 +282,9 @@ def share_quantized_activations(graph: Any) -> dict[str, int]:
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
-    changed = {"residual_adds": 0, "pools": 0}
+    names = set(producer) | {i.name for i in graph.input} | constants | {
+        n.name for n in graph.node}
+    results = {o.name for o in graph.output}
     for q in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
         tensor, params = q.input[0], list(q.input[1:])
         source = producer.get(tensor)
@@ -294,29 +301,51 @@ def share_quantized_activations(graph: Any) -> dict[str, int]:
                     changed["residual_adds"] += 1
         others = [n for n in readers[tensor] if tensor in n.input]  # the Adds now read dq
         pooled = source.input[0]
-        if source.op_type == "MaxPool" and all(
-                n.op_type == "QuantizeLinear" and list(n.input[1:]) == params for n in others) \
+        # the pooled values only (no indices output), read by nothing but such quantizers
+        if source.op_type == "MaxPool" and len([o for o in source.output if o]) == 1 \
+                and tensor not in results and all(
+                    n.op_type == "QuantizeLinear" and list(n.input[1:]) == params
+                    for n in others) \
                 and getattr(producer.get(pooled), "op_type", "") != "DequantizeLinear":
+            quantized = _new_name(f"{tensor}_input_int8", names)
+            dequantized = _new_name(f"{tensor}_input_int8_dq", names)
             graph.node.extend([
-                helper.make_node("QuantizeLinear", [pooled, *params], [f"{pooled}_int8"],
-                                 name=f"{source.name}_quantize"),
-                helper.make_node("DequantizeLinear", [f"{pooled}_int8", *params],
-                                 [f"{pooled}_int8_dq"], name=f"{source.name}_dequantize")])
-            source.input[0] = f"{pooled}_int8_dq"
+                helper.make_node("QuantizeLinear", [pooled, *params], [quantized],
+                                 name=_new_name(f"{source.name}_quantize", names)),
+                helper.make_node("DequantizeLinear", [quantized, *params], [dequantized],
+                                 name=_new_name(f"{source.name}_dequantize", names))])
+            source.input[0] = dequantized
             changed["pools"] += 1
     if any(changed.values()):
         _sort_nodes(graph)
     return changed
 
 
-def scalar_weight_scales(graph: Any) -> bool:
+def _has_subgraphs(graph: Any) -> bool:
+    return any(a.g.node or len(a.graphs) for n in graph.node for a in n.attribute)
+
+
+def _new_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_2``, ``base_3``, ... : a name no tensor or node of the graph has."""
+    name, n = base, 1
+    while name in taken:
+        n += 1
+        name = f"{base}_{n}"
+    taken.add(name)
+    return name
+
+
+def scalar_weight_scales(graph: Any, base_dir: Path) -> bool:
     """Give a dynamic int8 product whose weight columns all have the same scale (``int8:
     granularity=per-tensor``) that scale as a scalar: ONNX Runtime's DynamicQuantizeMatMul
     takes a per-tensor path for it (the same values; on a 1024-4096-1024 MLP at batch 1 about
-    30 us of 390 us per call faster). Return whether any changed."""
+    30 us of 390 us per call faster). Return whether any changed. ``base_dir``: where a
+    model's external data lies."""
     import numpy as np
     from onnx import numpy_helper
 
+    if _has_subgraphs(graph):
+        return False
     scales = {n.output[1] for n in graph.node if n.op_type == "DynamicQuantizeLinear"}
     weights = {i.name: i for i in graph.initializer}
     # an initializer read only by those products' scalings (not a per-channel dequantization)
@@ -327,7 +356,7 @@ def scalar_weight_scales(graph: Any) -> bool:
     for node in scalings:
         for name in (x for x in node.input if x in weights and weights[x].dims
                      and readers[x] == only[x]):
-            value = numpy_helper.to_array(weights[name])
+            value = numpy_helper.to_array(weights[name], base_dir=str(base_dir))
             if value.ndim == 1 and value.dtype == np.float32 and (value == value[0]).all():
                 weights[name].CopyFrom(numpy_helper.from_array(value[:1].reshape(()), name))
                 changed = True
