@@ -182,7 +182,12 @@ def test_a_run_records_how_busy_the_machine_was_and_warns_when_others_compete(tm
         stop.set()
         for spinner in spinners:
             spinner.join(timeout=10)
-    assert busy.environment["machine_load"]["other_processes_cores"] >= 0.5
+    # the spinner's share of a core varies with the scheduler (0.48 of a core seen on a 2-core
+    # machine while the run's own threads competed): what matters is that it passes the
+    # warning threshold and the run says so
+    from inferopt._machine_load import WARN_CORES
+
+    assert busy.environment["machine_load"]["other_processes_cores"] >= WARN_CORES
     assert any("other processes kept" in w for w in busy.warnings)
 
 
