@@ -154,8 +154,15 @@ class Int8Quantizer(Optimizer):
     def _apply(self, model: Any, ctx: Any, device: Any, per_channel: bool) -> Any:
         import torch
 
+        from inferopt.plugins.quantization.int8 import batchnorm
         from inferopt.plugins.quantization.int8 import modules as q
 
+        folded: list[list[str]] = []
+        if self.mode == "static":  # the convolutions calibrate and quantize folded weights
+            folded = (batchnorm.saved(ctx.state, model) if ctx.restoring
+                      else batchnorm.foldable(model))
+            batchnorm.fold(model, folded)
+        ctx.state["folded_batchnorms"] = folded
         targets, skipped = self._select(model, ctx)
         if not targets:
             raise UsageError(nothing_to_quantize(
@@ -345,6 +352,9 @@ class Int8Quantizer(Optimizer):
         if fused:
             summary += (f"; {sum(len(g) for g in fused)} layers in {len(fused)} groups that "
                         "share their input run as one GEMM each")
+        if folded:
+            summary += f"; {len(folded)} BatchNorms folded into the convolutions before them"
+            ctx.details["folded_batchnorms"] = [bn for _conv, bn in folded]
         if fell_back:
             summary += (f"; {len(fell_back)} too sensitive for int8 kept in float (error above "
                         f"{self.fallback:g}"
