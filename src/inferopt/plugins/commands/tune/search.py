@@ -366,8 +366,12 @@ class Worker:
                                       heartbeat_stale_trial_callback=RetryFailedTrialCallback(
                                           max_retry=3))
             except Exception as exc:
-                if attempt < 4 and type(exc).__name__ in ("OperationalError", "IntegrityError"):
-                    time.sleep(0.5)  # another worker is creating the tables at the same time
+                # another worker is creating the tables at the same time (PostgreSQL says
+                # DuplicateTable, a ProgrammingError; SQLite a locked or integrity error)
+                racing = type(exc).__name__ in ("OperationalError", "IntegrityError") or (
+                    type(exc).__name__ == "ProgrammingError" and "already exists" in str(exc))
+                if attempt < 4 and racing:
+                    time.sleep(0.5)
                     continue
                 driver = ("; its database driver is not installed (for PostgreSQL: pip install "
                           "'inferopt[postgres]')" if isinstance(exc, ImportError) else "")
