@@ -154,16 +154,24 @@ def test_static_mode_folds_a_batchnorm_into_the_conv_before_it_and_a_saved_run_r
     with torch.inference_mode():
         assert cos(qm(x), ref) > 0.99
         # a saved run rebuilds the same structure from its state and loads its buffers
+        # (a freshly built model is in training mode: the fold must not need eval mode)
         restore = StepContext(log=get_logger(), data=None, restoring=True, state=ctx.state)
-        rebuilt = Int8Quantizer(mode="static").apply(cnn(), restore)
+        rebuilt = Int8Quantizer(mode="static").apply(cnn().train(), restore)
         rebuilt.load_state_dict(qm.state_dict())
-        torch.testing.assert_close(rebuilt(x), qm(x))
+        torch.testing.assert_close(rebuilt.eval()(x), qm(x))
     edited = {**ctx.state, "folded_batchnorms": [["0", "3"]]}  # "3" is a convolution
     with pytest.raises(inferopt.UsageError, match="folded_batchnorms"):
         Int8Quantizer(mode="static").apply(cnn(), StepContext(
             log=get_logger(), data=None, restoring=True, state=edited))
-    # dynamic mode leaves convolutions (and their BatchNorms) alone
+    # dynamic mode leaves convolutions (and their BatchNorms) alone; so does static where a
+    # hook would be lost with the BatchNorm, or where the user skips the convolution
     qm, ctx = apply(cnn(), data=data, mode="dynamic")
+    assert isinstance(qm[1], torch.nn.BatchNorm2d) and ctx.state["folded_batchnorms"] == []
+    hooked = cnn()
+    hooked[1].register_forward_hook(lambda _m, _i, out: out.clamp(min=0))
+    qm, ctx = apply(hooked, data=data, mode="static")
+    assert isinstance(qm[1], torch.nn.BatchNorm2d) and ctx.state["folded_batchnorms"] == []
+    qm, ctx = apply(cnn(), data=data, mode="static", skip=["0"])
     assert isinstance(qm[1], torch.nn.BatchNorm2d) and ctx.state["folded_batchnorms"] == []
 
 

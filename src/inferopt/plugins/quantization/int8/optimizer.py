@@ -157,17 +157,22 @@ class Int8Quantizer(Optimizer):
         from inferopt.plugins.quantization.int8 import batchnorm
         from inferopt.plugins.quantization.int8 import modules as q
 
-        folded: list[list[str]] = []
-        if self.mode == "static":  # the convolutions calibrate and quantize folded weights
-            folded = (batchnorm.saved(ctx.state, model) if ctx.restoring
-                      else batchnorm.foldable(model))
-            batchnorm.fold(model, folded)
-        ctx.state["folded_batchnorms"] = folded
         targets, skipped = self._select(model, ctx)
         if not targets:
             raise UsageError(nothing_to_quantize(
                 "int8", "Linear, MultiheadAttention and, with mode=static, Conv2d", model,
                 skipped))
+        # static: the convolutions to quantize calibrate and quantize folded weights (once the
+        # step has what it needs, so that a refused step leaves the model as it was)
+        folded: list[list[str]] = []
+        if self.mode == "static" and (ctx.restoring or (ctx.data is not None
+                                                        and bool(ctx.data.calibration))):
+            folded = (batchnorm.saved(ctx.state, model) if ctx.restoring else
+                      [p for p in batchnorm.foldable(model) if p[0] in targets])
+            batchnorm.fold(model, folded)
+            if folded:
+                targets, skipped = self._select(model, ctx)
+        ctx.state["folded_batchnorms"] = folded
 
         saved = _saved_layers(ctx.state) if ctx.restoring else None
         smooth_scales: dict[str, Any] = {}
