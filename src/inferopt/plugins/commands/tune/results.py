@@ -75,19 +75,19 @@ def finish(worker: Any, settings: dict[str, Any], study: str, notes: list[str], 
         doc = document(worker, settings, study, out)
         chosen = next((t for t in doc["trials"] if t["id"] == doc["chosen"]), None)
         marker, best = out / ".best-trial", out / "best"
-        stamp = chosen and f"{doc['fingerprint']}:{chosen['id']}"
-        if chosen and not (marker.is_file() and marker.read_text() == stamp and best.is_dir()):
-            report = save(chosen)
-            marker.write_text(stamp)
-            doc["best_run"] = {"run_id": report.run_id, "verdict": report.verdict,
-                               "gates": report.gates}
-        elif not chosen and best.is_dir():
+        if chosen is not None:
+            stamp = f"{doc['fingerprint']}:{chosen['id']}"
+            if not (marker.is_file() and marker.read_text() == stamp and best.is_dir()):
+                report = save(chosen)
+                marker.write_text(stamp)
+                doc["best_run"] = {"run_id": report.run_id, "verdict": report.verdict,
+                                   "gates": report.gates}
+            doc["artifacts"]["best"] = str(best)
+        elif best.is_dir():
             # an earlier choice this search does not confirm must not pass for its result
             shutil.rmtree(best)
             marker.unlink(missing_ok=True)
             worker.echo(f"removed {best}: no candidate meets this goal")
-        if chosen:
-            doc["artifacts"]["best"] = str(best)
         doc["notes"] = notes + plots(worker, out, doc)
         for name, text in (("tune.json", json.dumps(finite_json(doc), indent=2) + "\n"),
                            ("tune.md", to_markdown(doc))):
