@@ -33,7 +33,8 @@ The machine, progress, logs
     :func:`finite_json`
 Reports
     :data:`REPORT_SCHEMA`, :func:`plot_reports`, :func:`plot_available`,
-    :func:`report_rows` (each report's quantities as its metrics describe them)
+    :func:`report_rows` (each report's quantities as its metrics describe them),
+    :func:`print_table`, :func:`markdown_table` (a command's table on the console, in Markdown)
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ _WHERE = {
     "cli_errors": "_cli", "cli_input_options": "_cli",
     "finite_json": "_report", "REPORT_SCHEMA": "_report",
     "plot_reports": "_plotting", "plot_available": "_plotting", "report_rows": "_quantities",
+    "print_table": "_tables", "markdown_table": "_tables",
 }
 _RENAMED = {"build_options": "build", "configure_logging": "configure",
             "cli_logging_options": "logging_options", "cli_fail": "fail",

@@ -11,7 +11,7 @@ import click
 
 from inferopt import InferoptError, UsageError, hookimpl
 from inferopt.utils import REPORT_SCHEMA as SCHEMA
-from inferopt.utils import cli_fail, report_rows
+from inferopt.utils import cli_fail, markdown_table, print_table, report_rows
 
 
 def _installed_metrics() -> dict[str, dict[str, Any]]:
@@ -111,12 +111,6 @@ def table(docs: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, str]]]:
     return columns, [{c: r.get(c, "-") for c in columns} for r in rows]
 
 
-def to_markdown(columns: list[str], rows: list[dict[str, str]]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(r[c] for c in columns) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
@@ -148,20 +142,13 @@ def compare_command(runs: tuple[str, ...], markdown: bool, as_json: bool,
     except InferoptError as exc:
         cli_fail(exc, False)
     columns, rows = table(docs)
+    cells = [[r[c] for c in columns] for r in rows]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     elif markdown:
-        click.echo(to_markdown(columns, rows), nl=False)
+        click.echo(markdown_table(columns, cells), nl=False)
     else:
-        from rich.console import Console
-        from rich.table import Table
-
-        shown = Table(title=f"inferopt compare: {len(rows)} run(s)")
-        for col in columns:
-            shown.add_column(col)
-        for r in rows:
-            shown.add_row(*(r[c] for c in columns))
-        Console().print(shown)
+        print_table(f"inferopt compare: {len(rows)} run(s)", columns, cells)
     if plot_path:
         click.echo(f"plot: {plot_path}", err=True)
 

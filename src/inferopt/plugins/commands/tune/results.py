@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from inferopt.plugins.commands.tune.search import SCHEMA, Goal, done, num, speedup_text
+from inferopt.utils import finite_json, markdown_table, print_table
 
 COLUMNS = ("#", "phase", "recipe", "speedup [CI]", "latency", "acc. drop", "size", "objective",
            "budget", "note")
@@ -65,8 +66,6 @@ def finish(worker: Any, settings: dict[str, Any], study: str, notes: list[str], 
            save: Any) -> dict[str, Any]:
     """Write the summary, the plots and ``OUT/best``. Workers sharing ``--out`` take turns
     (a file lock); the last one's summary includes every trial."""
-    from inferopt.utils import finite_json
-
     with (out / ".tune.lock").open("w") as lock:
         with contextlib.suppress(ImportError):  # no fcntl (Windows): one worker per --out
             import fcntl
@@ -152,14 +151,12 @@ def table_rows(doc: dict[str, Any]) -> list[tuple[str, ...]]:
 
 
 def to_markdown(doc: dict[str, Any]) -> str:
-    s = doc["settings"]
+    s, stopped = doc["settings"], doc.get("stopped")
     lines = [f"# inferopt tune: {s['model']}", "",
              f"Goal: {doc['goal']}; objective `{s['objective']}`. {len(doc['trials'])} trials"
-             + (f"; stopped: {doc['stopped']}" if doc.get("stopped") else "") + ".", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |"
-              for r in table_rows(doc)]
-    lines += ["", "## Result", "", *[f"- {line}" for line in result_lines(doc)]]
+             + (f"; stopped: {stopped}" if stopped else "") + ".", "",
+             markdown_table(COLUMNS, table_rows(doc)) + "\n## Result", "",
+             *[f"- {line}" for line in result_lines(doc)]]
     if doc["decisions"]:
         lines += ["", "## Skipped candidates", ""]
         lines += [f"- `{d['candidate']}`: {d['reason']}" for d in doc["decisions"]]
@@ -198,19 +195,9 @@ def show(doc: dict[str, Any], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     else:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=f"inferopt tune: {len(doc['trials'])} trials")
-        for col in COLUMNS:
-            table.add_column(col, overflow="fold", no_wrap=col != "recipe")
-        for row in table_rows(doc):
-            table.add_row(*row)
-        # a pipe or a log file gets the whole table, not one folded to 80 columns
-        console = Console(width=None if sys.stdout.isatty() else 160)
-        console.print(table)
-        for line in lines:
-            console.print(line, soft_wrap=True, highlight=False, markup=False)
+        print_table(f"inferopt tune: {len(doc['trials'])} trials", COLUMNS, table_rows(doc),
+                    fold=["recipe"])
+        click.echo("\n".join(lines))
     if doc.get("chosen") is None:
         closest = [line for line in lines if line.startswith(("no candidate", "closest"))]
         click.echo("error: " + "\n  ".join(closest), err=True)
