@@ -134,3 +134,19 @@ def test_the_table_shows_the_sweep_and_marks_thin_tail_percentiles():
     assert rows["throughput at batch 1"] == ("6,000", "4,000", "x0.67", "worse")
     assert rows["latency p99 (few runs)"][2:] == ("x1.50 faster", "better")
     assert rows["output SNR vs baseline"] == ("-", "42.5 dB", "-", "")
+
+
+def test_improvement_is_the_times_better_and_the_verdicts_judgement():
+    paired = {"latency": {"speedup": 1.8, "ci_low": 1.7, "ci_high": 1.9, "confidence": 0.95,
+                          "verdict": "faster"}}
+    report = _report({"latency": {"p50_ms": 2.0, "p90_ms": 2.0}, "size": {"bytes": 400}},
+                     {"latency": {"p50_ms": 1.0, "p90_ms": 1.96}, "size": {"bytes": 100}}, [],
+                     comparisons=paired)
+    assert report.improvement("latency") == (1.8, "better")  # the paired estimate, not 2.0
+    ratio, judged = report.improvement("latency", "p90_ms")  # unpaired: latency's 5% band
+    assert abs(ratio - 2.0 / 1.96) < 1e-9 and judged == "same"
+    assert report.improvement("size") == (4.0, "better")
+    assert report.improvement("accuracy") == (None, "")  # not measured
+    no_ci = _report({"latency": {"p50_ms": 2.0}}, {"latency": {"p50_ms": 2.5}}, [])
+    ratio, judged = no_ci.improvement("latency")
+    assert abs(ratio - 0.8) < 1e-9 and judged == "worse"

@@ -125,6 +125,30 @@ class Report:
         return {m: self.descriptions.get(m) or fallback_description(m, self.optimized.get(m, {}))
                 for m in dict.fromkeys([*self.baseline, *self.optimized, *self.comparisons])}
 
+    def improvement(self, metric: str, field: str | None = None) -> tuple[float | None, str]:
+        """How many times better the optimized model is than the baseline on ``field`` of
+        ``metric`` (default: its primary quantity), and the judgement: ``better``, ``worse`` or
+        ``same``, as the run's verdict makes it (a paired comparison's verdict for the primary
+        quantity, else the change against the quantity's noise band). ``(None, "")`` when the
+        quantity has no direction or was not measured in both runs."""
+        from inferopt._contract import Quantity
+        from inferopt._quantities import _paired_judgement, judge
+
+        description = self._descriptions().get(metric, {})
+        field = field or description.get("primary") or ""
+        q = Quantity.from_dict(description.get("quantities", {}).get(field, {}))
+        comparison = self.comparisons.get(metric, {})
+        paired = _paired_judgement(description, comparison)
+        if field == description.get("primary") and paired and _is_number(comparison.get("speedup")):
+            return float(comparison["speedup"]), paired
+        b, o = self.baseline.get(metric, {}).get(field), self.optimized.get(metric, {}).get(field)
+        if q.better not in ("lower", "higher") or not (_is_number(b) and _is_number(o)
+                                                       and b > 0 and o > 0):
+            return None, ""
+        ratio = b / o if q.better == "lower" else o / b
+        return ratio, paired if field == description.get("primary") and paired else judge(
+            q.better, b, o, q.same_within, q.same_within_relative, q.change)
+
     def judgements(self, aspect: str) -> list[str]:
         """``better``/``worse``/``same`` of each metric of ``aspect`` (``speed``, ``size``,
         ``quality``) that could be judged. Metrics measured in pairs (latency's interleaved

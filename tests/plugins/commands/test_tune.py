@@ -230,6 +230,11 @@ def test_bad_tune_input_is_a_usage_error(cli: Any, tmp_path: Path) -> None:
     assert result.returncode == 2 and "mode" in result.stderr
     result = cli("tune", "--max-accuracy-drop", "lots")
     assert result.returncode == 2 and "--max-accuracy-drop" in result.stderr
+    out = tmp_path / "undirected"
+    result = cli("tune", "--model", "demo:digits-mlp-small", "--objective", "latency.runs",
+                 "--out", str(out))  # refused before the baseline is loaded or a trial runs
+    assert result.returncode == 2 and "not a quantity with a direction" in result.stderr
+    assert "latency.p50_ms" in result.stderr and not out.exists()
     stray = tmp_path / "stray"
     stray.mkdir()
     (stray / "notes.txt").write_text("mine")

@@ -111,6 +111,7 @@ def _search(flags: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any
         raise UsageError(f"--objective {goal.objective!r}: no installed metric {goal.metric!r}; "
                          f"metrics: {', '.join(session.names('metric'))} (METRIC or "
                          "METRIC.FIELD)")
+    goal.check(session.describe("metric", goal.metric)["description"])
     space, notes = search_space(session, techniques)
     _check_out(out, storage, flags["restart"], flags["study_name"])
     given_specs = {k: flags[k] for k in ("model", "data", "split", "trust_model")}

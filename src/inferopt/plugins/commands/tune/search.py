@@ -26,8 +26,6 @@ SCHEMA = "inferopt.tune/2"
 KIND_RANK = {"quantization": 0, "pruning": 1, "": 2, "distillation": 3}
 COMBINE_RANK = {"distillation": 0, "pruning": 1, "": 2, "quantization": 3}
 MAX_SENSITIVITY_LAYERS = 32
-MIN_GAIN = 0.02  # smallest gain called an improvement for a timed quantity without a CI
-TIMED_UNITS = ("ms", "s", "samples/s")
 EPSILON = 1e-9
 NOT_COUNTED = ("baseline", "sensitivity")
 SAMPLERS = ("nsga2", "tpe", "random", "grid")
@@ -207,38 +205,30 @@ class Goal:
             parts.append(f"{self.metric} x{t['objective']:.2f}")
         return ", ".join([*parts, f"{t['seconds']:.1f} s"])
 
-    def judge(self, report: Any) -> tuple[float | None, bool]:
-        """(how many times better than the baseline, whether that is an improvement) of the
-        objective in ``report`` (which measured its metric), from the metric's own description
-        of its quantities."""
-        desc = report.descriptions[self.metric]
-        field = self.objective.partition(".")[2] or desc.get("primary")
-        quantities = desc.get("quantities", {})
-        quantity = quantities.get(field) or {}
-        if quantity.get("better") not in ("lower", "higher"):
+    def check(self, description: dict[str, Any]) -> None:
+        """That the objective is a quantity with a direction, from its metric's description."""
+        quantities = description.get("quantities", {})
+        field = self.objective.partition(".")[2] or description.get("primary")
+        if quantities.get(field, {}).get("better") not in ("lower", "higher"):
             directed = [f"{self.metric}.{k}" for k, q in quantities.items()
                         if q.get("better") in ("lower", "higher") and not k.endswith("*")]
             raise UsageError(f"--objective {self.metric}.{field}: not a quantity with a "
                              f"direction; use one of {', '.join(directed) or '(none)'}")
-        paired = report.comparisons.get(self.metric, {})
-        if field == desc.get("primary") and isinstance(paired.get("speedup"), int | float):
-            return float(paired["speedup"]), paired.get("verdict") in ("faster", "better")
-        b = report.baseline.get(self.metric, {}).get(field)
-        o = report.optimized.get(self.metric, {}).get(field)
-        if not all(isinstance(x, int | float) and x > 0 for x in (b, o)):
-            return None, False
-        ratio = b / o if quantity["better"] == "lower" else o / b
-        margin = MIN_GAIN if quantity.get("unit") in TIMED_UNITS else 0.0
-        return ratio, ratio > 1.0 + margin and abs(o - b) > float(quantity.get("same_within") or 0)
+
+    def judge(self, report: Any) -> tuple[float | None, bool]:
+        """(how many times better than the baseline, whether the run's verdict calls it
+        better) of the objective in ``report``, which measured its metric."""
+        ratio, judgement = report.improvement(self.metric, self.objective.partition(".")[2]
+                                              or None)
+        return ratio, judgement == "better"
 
 
 def record(report: Any, goal: Goal) -> Trial:
     """A finished trial's numbers, as the study keeps them (user attributes)."""
     v, doc = report.verdict, report.to_dict()
     doc.pop("environment", None)  # kept once, with the study's machine
-    # a sensitivity run measures accuracy only; data without labels has no accuracy
-    value, improves = goal.judge(report) if "accuracy" in report.baseline and \
-        goal.metric in report.descriptions else (None, False)
+    # data without labels has no accuracy, so no candidate
+    value, improves = goal.judge(report) if "accuracy" in report.baseline else (None, False)
     return {"status": "ok", "objective": value, "improves": improves,
             **{k: v.get(k) for k in ("speedup", "speedup_ci", "accuracy_drop_points",
                                      "accuracy_drop_percent", "size_ratio")},
