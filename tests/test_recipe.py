@@ -57,7 +57,8 @@ def test_flags_override_toml_field_by_field(tmp_path):
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ('modle = "x"', "unknown key(s) modle; allowed: allow_collapse, backend, batch_size, data"),
+        ('modle = "x"', "unknown key(s) modle; allowed: allow_collapse, backend, "
+                        "baseline_backend, batch_size, data"),
         ("batch_size = \"big\"", "'batch_size' must be an integer, got 'big'"),
         ("optimize = \"int8\"", "'optimize' must be an array"),
         ("[[optimize]]\nmode = 'x'", "a table needs a 'name' key"),
@@ -82,3 +83,15 @@ def test_missing_recipe_file(tmp_path):
 def test_non_finite_gates_are_rejected():
     with pytest.raises(UsageError, match="gate min_speedup got nan"):
         make_recipe(gates={"min_speedup": float("nan")})
+
+
+def test_baseline_backend_from_toml_and_flag(tmp_path):
+    from inferopt._recipe import Spec, make_recipe
+
+    path = tmp_path / "r.toml"
+    path.write_text('backend = "onnxruntime"\nbaseline_backend = { name = "cpu", threads = 1 }\n')
+    rec = make_recipe(path)
+    assert rec.baseline_backend == Spec("cpu", {"threads": 1})
+    assert rec.to_dict()["baseline_backend"] == str(Spec("cpu", {"threads": 1}))
+    assert make_recipe(path, baseline_backend="inductor").baseline_backend == Spec("inductor")
+    assert make_recipe().to_dict()["baseline_backend"] is None

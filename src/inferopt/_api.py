@@ -35,6 +35,7 @@ def run(
     allow_collapse: bool = False,
     overwrite: bool = False,
     save: bool = True,
+    baseline_backend: str | None = None,
 ) -> Report:
     """Run the pipeline and return the :class:`~inferopt._report.Report`.
 
@@ -46,13 +47,15 @@ def run(
     unpickling a model file (only for files you trust); ``keep_going=True`` records a failed
     step in the report, undoes it and runs the rest (check ``report.failed_steps``);
     ``allow_collapse=True`` lets a step whose outputs collapse (cosine < 0.9 against the
-    baseline) go on with a warning.
+    baseline) go on with a warning. ``baseline_backend`` measures the baseline on another
+    backend than ``backend`` (``backend="openvino", baseline_backend="cpu"``: the optimized
+    model where it will run against the model as it runs today).
     """
     return default_session().run(
         recipe, model=model, data=data, optimize=optimize, backend=backend, metrics=metrics,
         batch_size=batch_size, seed=seed, out=out, gates=gates, output=output, split=split,
         trust_model=trust_model, keep_going=keep_going, overwrite=overwrite, save=save,
-        allow_collapse=allow_collapse,
+        allow_collapse=allow_collapse, baseline_backend=baseline_backend,
     )
 
 

@@ -273,6 +273,10 @@ def errors(debug: bool, interrupted: str) -> Iterator[None]:
 @click.option("--allow-collapse", is_flag=True,
               help="Let a step whose outputs no longer match the baseline's (cosine < 0.9 on "
                    "the first batch) go on with a warning instead of stopping the run.")
+@click.option("--baseline-backend", metavar="NAME[:k=v,...]",
+              help="Measure the baseline on this backend instead of --backend (the same "
+                   "device): the optimized model on --backend against the model as it runs "
+                   "today, e.g. --backend openvino --baseline-backend cpu.")
 @click.option("--optimize", "-O", "optimize", multiple=True, metavar="NAME[:k=v,...]",
               help="An optimizer step; repeat for several, applied in order. 'none' for no "
                    "steps. Default: int8.")
@@ -306,6 +310,7 @@ def run(
     allow_collapse: bool,
     optimize: tuple[str, ...],
     backend: str | None,
+    baseline_backend: str | None,
     metrics: tuple[str, ...],
     batch_size: int | None,
     seed: int | None,
@@ -341,6 +346,7 @@ def run(
             model=model,
             data=data,
             backend=backend,
+            baseline_backend=baseline_backend,
             optimize=list(optimize) or None,
             metrics=list(metrics) or None,
             batch_size=batch_size,

@@ -119,6 +119,9 @@ def resolve_plugins(
         backend_entry,
         _build(backend_entry, recipe.backend, f"backend {recipe.backend.name!r}"),
     )
+    if recipe.baseline_backend is not None and recipe.baseline_backend != recipe.backend:
+        backend = attrs.evolve(backend, instance=_baseline_elsewhere(recipe, registry,
+                                                                     backend.instance))
     steps = []
     for i, spec in enumerate(recipe.optimize, start=1):
         entry = registry.get("optimizer", spec.name)
@@ -139,6 +142,28 @@ def resolve_plugins(
         installed = {e.name: e.obj for e in registry.entries("metric")}
         check_gates(recipe.gates.to_dict(), offered_gates(installed), seen, installed)
     return backend, steps, metrics
+
+
+def _baseline_elsewhere(recipe: Recipe, registry: Registry, main: Backend) -> Backend:
+    """The run's backend, with the baseline on ``recipe.baseline_backend``."""
+    from inferopt._prepare import BaselineElsewhere
+
+    spec = recipe.baseline_backend
+    assert spec is not None
+    where = f"--baseline-backend {spec}"
+    try:
+        entry = registry.get("backend", spec.name)
+    except UsageError as exc:
+        raise UsageError(f"{where}: {exc}") from None
+    baseline = _build(entry, spec, f"baseline backend {spec.name!r}")
+    if baseline.device != main.device:
+        raise UsageError(f"{where}: it runs on {baseline.device!r} and backend "
+                         f"{main.name!r} on {main.device!r}; the A/B runs need one device: "
+                         "choose a baseline backend on the same device")
+    if main.world_size > 1 or baseline.world_size > 1:
+        raise UsageError(f"{where}: a baseline on another backend runs in one process; it "
+                         "cannot be combined with a backend launched by torchrun")
+    return BaselineElsewhere(main, baseline)
 
 
 def _provider(entry: Entry) -> str:
@@ -846,7 +871,9 @@ def _apply_step(ctx: RunContext, step: Resolved, model: Any) -> tuple[Any, StepR
 
     optimizer: Optimizer = step.instance
     log = ctx.log.bind(step=step.index, optimizer=step.spec.name, plugin=step.entry.plugin)
-    sctx = StepContext(log=log, data=ctx.data, backend=ctx.backend.instance,
+    # a step optimizes for where the optimized model runs (not the baseline's backend)
+    sctx = StepContext(log=log, data=ctx.data, backend=getattr(ctx.backend.instance, "main",
+                                                                ctx.backend.instance),
                        seed=ctx.recipe.seed, output=ctx.recipe.output,
                        trust_model=ctx.recipe.trust_model,
                        model_loader=model_loader(ctx.registry, log, ctx.recipe.seed,
@@ -917,6 +944,9 @@ def _plugins_used(ctx: RunContext) -> dict[str, dict[str, str]]:
     used: dict[str, dict[str, str]] = {}
     for r in [ctx.backend, *ctx.steps, *ctx.metrics]:
         used[r.entry.plugin] = r.provenance()
+    if ctx.recipe.baseline_backend is not None:
+        entry = ctx.registry.get("backend", ctx.recipe.baseline_backend.name)
+        used[entry.plugin] = {"distribution": entry.distribution, "version": entry.version}
     sources = [ctx.model_source]
     if ctx.data_spec and not ctx.data_spec.startswith("<"):
         sources.append(resolve_model_source(ctx.registry, ctx.data_spec, kind="data source"))

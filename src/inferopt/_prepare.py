@@ -135,3 +135,56 @@ class Preparer:
     def close(self) -> None:
         """Delete the staging folder (a run that does not save keeps no artifact)."""
         shutil.rmtree(self.staging, ignore_errors=True)
+
+
+class _OnBaselineBackend:
+    """A baseline prepared by the run's ``baseline_backend``: its forward goes there."""
+
+    def __init__(self, prepared: Any) -> None:
+        self.prepared = prepared
+
+
+class BaselineElsewhere(Backend):
+    """The run's backend with the baseline prepared and run on another one (the recipe's
+    ``baseline_backend``): the optimized model is measured where it will be deployed, against
+    the model as its user runs it today, in the same interleaved A/B runs. Everything but the
+    baseline's prepare and forward is the run's backend's."""
+
+    def __init__(self, main: Backend, baseline: Backend) -> None:
+        self.main, self.baseline = main, baseline
+        self.name = main.name  # type: ignore[misc]
+        self.exposes_modules = (  # type: ignore[misc]
+            getattr(main, "exposes_modules", True) and getattr(baseline, "exposes_modules", True))
+
+    def available(self) -> str | None:
+        return self.main.available() or (
+            f"the baseline's backend {self.baseline.name!r}: {reason}"
+            if (reason := self.baseline.available()) else None)
+
+    def refuses(self, optimizer: Optimizer) -> str | None:
+        return self.main.refuses(optimizer)
+
+    @property
+    def device(self) -> str:
+        return self.main.device
+
+    def prepare(self, model: Any, ctx: PrepareContext) -> Any:
+        backend = self.baseline if ctx.role == "baseline" else self.main
+        prepared = backend.prepare(model, ctx) if takes_context(backend) else \
+            backend.prepare(model)  # type: ignore[call-arg]
+        return _OnBaselineBackend(prepared) if backend is self.baseline else prepared
+
+    def to_device(self, obj: Any) -> Any:
+        return self.main.to_device(obj)
+
+    def forward(self, prepared: Any, inputs: Any) -> Any:
+        if isinstance(prepared, _OnBaselineBackend):
+            return self.baseline.forward(prepared.prepared, inputs)
+        return self.main.forward(prepared, inputs)
+
+    def synchronize(self) -> None:
+        self.main.synchronize()
+        self.baseline.synchronize()
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.main.describe(), "baseline_backend": self.baseline.describe()}

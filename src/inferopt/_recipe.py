@@ -181,6 +181,8 @@ class Recipe:
     model: str = DEFAULT_MODEL
     data: str | None = None
     backend: Spec = Spec("cpu")
+    # where the baseline is measured, when not on ``backend`` (None: on ``backend``)
+    baseline_backend: Spec | None = None
     optimize: tuple[Spec, ...] = tuple(Spec(n) for n in DEFAULT_OPTIMIZE)
     metrics: tuple[Spec, ...] = tuple(Spec(n) for n in DEFAULT_METRICS)
     metrics_explicit: bool = False
@@ -206,6 +208,7 @@ class Recipe:
             "model": self.model,
             "data": self.data,
             "backend": str(self.backend),
+            "baseline_backend": str(self.baseline_backend) if self.baseline_backend else None,
             "optimize": [str(s) for s in self.optimize],
             "metrics": [str(s) for s in self.metrics],
             "batch_size": self.batch_size,
@@ -224,6 +227,7 @@ _TOP_KEYS = {
     "model",
     "data",
     "backend",
+    "baseline_backend",
     "optimize",
     "metrics",
     "batch_size",
@@ -284,8 +288,9 @@ def fields_from_mapping(doc: Mapping[str, Any], where: str) -> dict[str, Any]:
             if not isinstance(v, int) or isinstance(v, bool):
                 raise UsageError(f"{where}: split.{k} must be an integer, got {v!r}")
         fields["split"] = Split(**split)
-    if "backend" in doc:
-        fields["backend"] = _spec_from_toml(doc["backend"], f"{where}: backend")
+    for key in ("backend", "baseline_backend"):
+        if doc.get(key) is not None:  # a saved recipe says baseline_backend = null
+            fields[key] = _spec_from_toml(doc[key], f"{where}: {key}")
     for key in ("optimize", "metrics"):
         if key in doc:
             items = doc[key]
@@ -319,6 +324,7 @@ def make_recipe(
     model: str | None = None,
     data: str | None = None,
     backend: str | None = None,
+    baseline_backend: str | None = None,
     optimize: list[str] | tuple[str, ...] | None = None,
     metrics: list[str] | tuple[str, ...] | None = None,
     batch_size: int | None = None,
@@ -343,6 +349,8 @@ def make_recipe(
         fields["data"] = data
     if backend is not None:
         fields["backend"] = parse_spec(backend, "--backend")
+    if baseline_backend is not None:
+        fields["baseline_backend"] = parse_spec(baseline_backend, "--baseline-backend")
     if optimize is not None:
         steps = [parse_spec(s, "--optimize") for s in optimize]
         fields["optimize"] = tuple(s for s in steps if s.name != NO_STEPS)

@@ -213,6 +213,9 @@ class Report:
 
         v = self.verdict
         lines = []
+        if self.recipe.get("baseline_backend"):
+            lines.append(f"backends: the baseline ran on {self.recipe['baseline_backend']}, the "
+                         f"optimized model on {self.recipe.get('backend')}")
         for metric in self.baseline:
             line = paired_line(metric, self.comparisons.get(metric, {}))
             if line is None:  # not measured in pairs: its primary quantity's judgement

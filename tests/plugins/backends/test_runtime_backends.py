@@ -144,3 +144,27 @@ def test_old_one_argument_prepare_still_works(cli, plugin_env, tmp_path: Path) -
                for w in report["warnings"])
     assert "backend" not in report["artifacts"]
     assert not (tmp_path / "run" / "backend").exists()
+
+
+def test_the_baseline_can_run_on_another_backend(cli, plugin_env, tmp_path: Path) -> None:
+    # the optimized model where it will be deployed, against the model as it runs today
+    env = _install(plugin_env)
+    result = cli(*RUN, "--backend", "plain-callable", "--baseline-backend", "old-style",
+                 "-O", "prune-l1", "-O", "int8", "--out", "run", env=env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    # each role prepared by its own backend (the baseline's in its old one-argument form)
+    assert [c["role"] for c in _calls(tmp_path)] == ["old", "optimized"]
+    assert report["recipe"]["backend"] == "plain-callable"
+    assert report["recipe"]["baseline_backend"] == "old-style"
+    assert report["environment"]["baseline_backend"]["backend"] == "old-style"
+    # the run's backend decides what runs: its refusal of int8 still holds
+    assert [s["refused"] is not None for s in report["steps"]] == [False, True]
+    assert list(report["artifacts"]["backend"]) == ["optimized"]
+    assert report["optimized"]["metrics"]["latency"]["p50_ms"] > 0
+    assert report["baseline"]["metrics"]["accuracy"]["top1"] > 0.5
+    saved = (tmp_path / "run" / "report.md").read_text()
+    assert "the baseline ran on old-style, the optimized model on plain-callable" in saved
+
+    unknown = cli(*RUN, "--baseline-backend", "no-such", env=env)
+    assert unknown.returncode == 2 and "--baseline-backend no-such" in unknown.stderr
