@@ -404,3 +404,32 @@ def test_a_worker_waits_while_another_creates_the_study_tables(tmp_path: Path,
     storage = search.Worker._storage(types.SimpleNamespace(heartbeat=1.0),
                                      f"sqlite:///{tmp_path / 'study.db'}")
     assert isinstance(storage, real) and calls["n"] == 2
+
+
+def test_try_backend_runs_candidates_there_against_the_baseline_on_backend(
+        cli: Any, plugin_env: Any, tmp_path: Path) -> None:
+    from tests.plugins.backends.test_runtime_backends import _install
+
+    env, out = _install(plugin_env), tmp_path / "t"
+    args = ["tune", *FAST, "-t", "int8", "--max-accuracy-drop", "100", "--trials", "3",
+            "--out", str(out)]
+    result = cli(*args, "--try-backend", "plain-callable", "--json", env=env)
+    assert result.returncode in (0, 1), result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["settings"]["try_backends"] == ["plain-callable"]
+    by_key = {t["key"]: t for t in doc["trials"]}
+    assert set(by_key) == {"none", "int8", "none @ plain-callable", "int8 @ plain-callable"}
+    there = by_key["none @ plain-callable"]  # the runtime alone is a candidate too
+    assert there["status"] == "ok" and there["backend"] == "plain-callable"
+    assert by_key["int8"]["backend"] is None
+    # a step the backend refuses fails its trial: it would measure another recipe
+    refused = by_key["int8 @ plain-callable"]
+    assert refused["status"] == "failed" and "no int8 kernels" in refused["error"]
+    # the trials' baselines ran on --backend (cpu): the runtime prepared optimized models only
+    roles = {json.loads(line)["role"] for line in
+             (tmp_path / "prepare-calls.jsonl").read_text().splitlines()}
+    assert roles == {"optimized"}
+    other = cli(*args, env=env)  # the study tried another set of backends
+    assert other.returncode == 2 and "--try-backend" in other.stderr
+    unknown = cli(*args, "--try-backend", "no-such", "--out", str(tmp_path / "u"), env=env)
+    assert unknown.returncode == 2 and "no-such" in unknown.stderr

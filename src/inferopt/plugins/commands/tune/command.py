@@ -44,6 +44,10 @@ OLD_LOG = "trials.jsonl"  # an older tune's trial log
 @click.option("--technique", "-t", "techniques", multiple=True, metavar="NAME[:k=v,...]",
               help="Search only these optimizers (repeat); options given are fixed. Default: "
                    "every installed optimizer that declares searchable options.")
+@click.option("--try-backend", "backends", multiple=True, metavar="NAME[:k=v,...]",
+              help="Also try the candidates on this backend (repeat): the model as it is and "
+                   "each technique there, measured against the baseline on --backend (as run "
+                   "--baseline-backend does). Same device as --backend.")
 @click.option("--sampler", type=click.Choice(SAMPLERS), default="nsga2",
               help="What proposes trials after the planned ones: Optuna's NSGA-II, TPE or "
                    "random sampler, or grid: the rest of the space in a fixed order, so that "
@@ -104,6 +108,7 @@ def _search(flags: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any
                 "max_relative_accuracy_drop" in gate)
     out, storage = Path(flags["out"]), flags["storage"]
     techniques = tuple(parse_spec(t, "--technique") for t in flags["techniques"])
+    backends = list(dict.fromkeys(str(parse_spec(b, "--try-backend")) for b in flags["backends"]))
 
     started = time.monotonic()
     session = inferopt.Session(strict=True if flags["strict_plugins"] else None)
@@ -113,6 +118,8 @@ def _search(flags: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any
                          "METRIC.FIELD)")
     goal.check(session.describe("metric", goal.metric)["description"])
     space, notes = search_space(session, techniques)
+    for backend in backends:
+        session.describe("backend", parse_spec(backend, "--try-backend").name)  # installed?
     _check_out(out, storage, flags["restart"], flags["study_name"])
     given_specs = {k: flags[k] for k in ("model", "data", "split", "trust_model")}
     model, data, resolved = session.load_inputs(flags["recipe"], batch_size=flags["batch_size"],
@@ -135,24 +142,27 @@ def _search(flags: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any
     out.mkdir(parents=True, exist_ok=True)
     worker = Worker(session, {"model": model, "data": data, **run_args}, metrics, space, goal,
                     flags["max_trials"], flags["budget_minutes"] * 60, load_seconds,
-                    flags["heartbeat_seconds"], echo, flags["sampler"])
+                    flags["heartbeat_seconds"], echo, flags["sampler"], backends)
     worker.open(storage or f"sqlite:///{(out / 'study.db').resolve()}", flags["study_name"], {
         "fingerprint": fingerprint(model, data, settings), "settings": settings,
-        "goal": goal_json, "space": [t.to_json() for t in space], "sampler": flags["sampler"]})
+        "goal": goal_json, "space": [t.to_json() for t in space], "sampler": flags["sampler"],
+        "backends": backends})
     worker.work()
 
     def save(chosen: dict[str, Any]) -> Any:
         """The chosen recipe, run again as an ordinary ``inferopt run`` into ``OUT/best`` (from
         the same recipe file and flags, which it resolves as the search did)."""
         echo(f"saving trial {chosen['id']} ({chosen['key']}) to {out / 'best'}")
+        where = chosen.get("backend")  # a --try-backend: the baseline stays on --backend
+        on = {"backend": where, "baseline_backend": run_args["backend"]} if where else {}
         return session.run(
             flags["recipe"], metrics=metrics, gates=gate, out=out / "best", overwrite=True,
             optimize=[spec_text(s["name"], s["options"]) for s in chosen["steps"]],
-            **given_specs, **run_args)
+            **given_specs, **{**run_args, **on})
 
     doc = finish(worker, {**settings, **goal_json, "sampler": flags["sampler"],
                           "budget_minutes": round(flags["budget_minutes"], 3),
-                          "max_trials": flags["max_trials"],
+                          "max_trials": flags["max_trials"], "try_backends": backends,
                           "techniques": [str(t) for t in techniques] or None},
                  _shown(storage, out.resolve()), notes, out, save)
     doc["seconds"] = round(time.monotonic() - started, 2)

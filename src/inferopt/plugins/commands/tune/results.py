@@ -12,7 +12,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from inferopt.plugins.commands.tune.search import SCHEMA, Goal, done, num, speedup_text
+from inferopt.plugins.commands.tune.search import (
+    SCHEMA,
+    Goal,
+    done,
+    is_candidate,
+    num,
+    speedup_text,
+)
 from inferopt.utils import finite_json, markdown_table, print_table
 
 COLUMNS = ("#", "phase", "recipe", "speedup [CI]", "latency", "acc. drop", "size", "objective",
@@ -32,7 +39,7 @@ def document(worker: Any, settings: dict[str, Any], study: str, out: Path) -> di
                  key=lambda t: (t["objective"] or 0.0, -(goal.drop(t) or 0.0),
                                 -(t.get("size_ratio") or 1.0), -t["id"]), default=None)
     closest = [] if chosen is not None else sorted(
-        (r for r in rows if r["status"] == "ok" and r["steps"]),
+        (r for r in rows if r["status"] == "ok" and is_candidate(r)),
         key=lambda t: (goal.excess(t), not t["improves"], -(t["objective"] or 0.0)))[:3]
     worker.plan(trials)  # its decisions on the pairs, for the record
     base = next((t for t in measured if t["phase"] == "baseline"), {})

@@ -45,15 +45,18 @@ def spec_text(name: str, options: dict[str, Any]) -> str:
     return f"{name}:{opts}" if opts else name
 
 
-def key_of(steps: list[dict[str, Any]]) -> str:
-    return " + ".join(spec_text(s["name"], s["options"]) for s in steps) or "none"
+def key_of(steps: list[dict[str, Any]], backend: str | None = None) -> str:
+    """A recipe's key: its steps, and ``@ BACKEND`` when it runs on a --try-backend."""
+    recipe = " + ".join(spec_text(s["name"], s["options"]) for s in steps) or "none"
+    return f"{recipe} @ {backend}" if backend else recipe
 
 
-def planned(steps: list[dict[str, Any]], phase: str, **extra: Any) -> Trial:
+def planned(steps: list[dict[str, Any]], phase: str, backend: str | None = None,
+            **extra: Any) -> Trial:
     """A trial to enqueue, as its user attributes (a sensitivity run's key says that it
     measures accuracy only: it is not the candidate of that recipe)."""
-    key = key_of(steps) + (" (accuracy only)" if phase == "sensitivity" else "")
-    return {"key": key, "phase": phase, "steps": steps, **extra}
+    key = key_of(steps, backend) + (" (accuracy only)" if phase == "sensitivity" else "")
+    return {"key": key, "phase": phase, "steps": steps, "backend": backend, **extra}
 
 
 def num(x: Any) -> str:
@@ -182,7 +185,7 @@ class Goal:
         return math.inf if drop is None else max(0.0, drop - self.budget)
 
     def meets(self, t: Trial) -> bool:
-        return self.within(t) and bool(t.get("improves")) and bool(t.get("steps"))
+        return self.within(t) and bool(t.get("improves")) and is_candidate(t)
 
     def text(self) -> str:
         budget = (f"{self.budget:g}% of the baseline's accuracy" if self.relative
@@ -224,7 +227,10 @@ class Goal:
 
 
 def record(report: Any, goal: Goal) -> Trial:
-    """A finished trial's numbers, as the study keeps them (user attributes)."""
+    """A finished trial's numbers, as the study keeps them (user attributes); a trial whose
+    backend refused a step failed (it would measure another recipe than its own)."""
+    if refused := [s.refused for s in report.steps if s.refused]:
+        return {"status": "failed", "error": refused[0]}
     v, doc = report.verdict, report.to_dict()
     doc.pop("environment", None)  # kept once, with the study's machine
     # data without labels has no accuracy, so no candidate
@@ -237,6 +243,11 @@ def record(report: Any, goal: Goal) -> Trial:
             "step_seconds": sum(s.seconds for s in report.steps),
             "summaries": [s.details.get("summary", "") for s in report.steps],
             "warnings": report.warnings, "report": doc}
+
+
+def is_candidate(t: Trial) -> bool:
+    """Changes something: steps, or another backend than the baseline's."""
+    return bool(t.get("steps") or t.get("backend"))
 
 
 def attrs_of(trial: Any) -> Trial:
@@ -285,6 +296,7 @@ class Worker:
     heartbeat: float
     echo: Callable[[str], None]
     sampler: str = "nsga2"  # one of SAMPLERS
+    backends: list[str] = attrs.field(factory=list)  # --try-backend specs
     study: Any = None
     machine: dict[str, Any] = attrs.field(init=False, factory=machine)
     layers: list[str] = attrs.field(init=False)
@@ -385,9 +397,12 @@ class Worker:
                              f"{', '.join(changed)}); its trials cannot be reused. Choose "
                              "another --out/--study, or --restart to discard them")
         for key, flag in (("goal", "--objective/--max-accuracy-drop"),
-                          ("space", "--technique"), ("sampler", "--sampler")):
-            # a study from before --sampler was made with NSGA-II
-            if (old := theirs.get(key, "nsga2" if key == "sampler" else None)) != identity[key]:
+                          ("space", "--technique"), ("sampler", "--sampler"),
+                          ("backends", "--try-backend")):
+            # a study from before --sampler was made with NSGA-II, one before --try-backend
+            # tried none
+            if (old := theirs.get(key, {"sampler": "nsga2", "backends": []}.get(key))) != \
+                    identity[key]:
                 raise UsageError(f"study {name!r} searches another {key} ({flag}: {old}, here "
                                  f"{identity[key]}); give the same flags, or use another "
                                  "--study/--out")
@@ -406,7 +421,8 @@ class Worker:
 
     def _enqueue(self, plan: list[Trial]) -> None:
         for item in plan:
-            self.study.enqueue_trial(self._params(item["steps"]) or {}, user_attrs=item)
+            self.study.enqueue_trial(self._params(item["steps"], item.get("backend")) or {},
+                                     user_attrs=item)
 
     def trials(self) -> list[Trial]:
         return [attrs_of(t) for t in self.study.get_trials(deepcopy=False)]
@@ -417,13 +433,15 @@ class Worker:
         """The next trials to enqueue (as user attributes: key, phase, steps); the same trials
         give the same plan, and a key already taken is never enqueued again."""
         keys = taken_keys(trials)
-        # the space is in KIND_RANK order: cheap kinds first, training ones last
-        wanted = [planned([], "baseline")] + [planned([t.points()[0]], "single")
-                                              for t in self.space]
+        # the space is in KIND_RANK order: cheap kinds first, training ones last; then each
+        # --try-backend: the model as it is, then each technique
+        wanted = [planned([], "baseline")] + [
+            planned([t.points()[0]] if t else [], "single", b)
+            for b in self.where for t in ([] if b is None else [None]) + self.space]
         if (todo := self._wait_for(wanted, keys)) is not None:
             return todo
-        for tech in self.space:
-            if (step := self._fallback(tech, keys)) is not None:
+        for backend, tech in itertools.product(self.where, self.space):
+            if (step := self._fallback(tech, backend, keys)) is not None:
                 return step
         self.decisions = []
         pairs = [p for p in self._pairs(keys) if p["key"] not in keys]
@@ -446,7 +464,8 @@ class Worker:
         the plan never depends on which of them finished first."""
         return done(t) and not (self.sampler == "grid" and t.get("phase") == "search")
 
-    def _fallback(self, tech: Technique, keys: dict[str, Trial]) -> list[Trial] | None:
+    def _fallback(self, tech: Technique, backend: str | None,
+                  keys: dict[str, Trial]) -> list[Trial] | None:
         """Per-layer sensitivity: the technique improves the objective but breaks the budget;
         leave out one layer at a time, then keep the 1, 2, 4, ... most sensitive in float.
         None when there is nothing (more) to do for it; else what to enqueue (maybe nothing
@@ -454,7 +473,8 @@ class Worker:
         if "skip" not in tech.defaults or len(self.layers) < 2:
             return None
         mine = [t for t in keys.values() if self._builds_on(t) and t.get("phase") not in NOT_COUNTED
-                and [s["name"] for s in t["steps"]] == [tech.name]]
+                and [s["name"] for s in t["steps"]] == [tech.name]
+                and t.get("backend") == backend]
         worth = [t for t in mine if t.get("improves") and not self.goal.within(t)
                  and t.get("phase") != "sensitivity-retry"]
         if any(self.goal.meets(t) for t in mine) or not worth:
@@ -464,7 +484,7 @@ class Worker:
         before = list(opts.get("skip") or [])
         layers = [n for n in self.layers if n not in before][:MAX_SENSITIVITY_LAYERS]
         runs = [planned([{"name": tech.name, "options": {**opts, "skip": [*before, n]}}],
-                        "sensitivity", layer=n, of=start["key"]) for n in layers]
+                        "sensitivity", backend, layer=n, of=start["key"]) for n in layers]
         if (todo := self._wait_for(runs, keys)) is not None:
             return todo
         start_drop = self.goal.drop(start) or 0.0
@@ -474,7 +494,7 @@ class Worker:
         most = min(len(ranked), len(layers) - 1)  # never all of them: that is the baseline
         for k in sorted({*(2 ** i for i in range(most.bit_length())), most} - {0}):
             retry = planned([{"name": tech.name, "options": {**opts, "skip": before + ranked[:k]}}],
-                            "sensitivity-retry")
+                            "sensitivity-retry", backend)
             if (todo := self._wait_for([retry], keys)) is not None:
                 return todo  # its turn, or wait for it
             if self.goal.within(keys[retry["key"]]):
@@ -486,17 +506,18 @@ class Worker:
         techniques first, best predicted first; pairs predicted to break the budget are
         recorded in ``decisions`` instead."""
         g = self.goal
-        best: dict[str, Trial] = {}
+        best: dict[tuple[str, str | None], Trial] = {}  # (technique, backend): its best
         for t in sorted((t for t in keys.values() if self._builds_on(t) and g.meets(t)
                          and len(t["steps"]) == 1),
                         key=lambda t: (-g.excess(t), t["objective"] or -math.inf)):
-            best[t["steps"][0]["name"]] = t
+            best[t["steps"][0]["name"], t.get("backend")] = t
         rank = {tech.name: COMBINE_RANK.get(tech.kind, COMBINE_RANK[""]) for tech in self.space}
         plans = []
-        for (a_name, a), (b_name, b) in itertools.permutations(best.items(), 2):
-            if rank[a_name] >= rank[b_name]:
+        for ((a_name, where), a), ((b_name, b_where), b) in itertools.permutations(
+                best.items(), 2):
+            if rank[a_name] >= rank[b_name] or where != b_where:  # pairs on one backend
                 continue
-            pair = planned(a["steps"] + b["steps"], "combine")
+            pair = planned(a["steps"] + b["steps"], "combine", where)
             drop = max(g.drop(a) or 0.0, 0.0) + max(g.drop(b) or 0.0, 0.0)
             if drop <= g.budget + EPSILON:
                 plans.append(((a["objective"] or 0.0) * (b["objective"] or 0.0), pair))
@@ -509,24 +530,42 @@ class Worker:
 
     def _unvisited(self, keys: dict[str, Trial]) -> Trial | None:
         """The first point of the space not measured yet (what replaces a repeated sample)."""
-        return next((planned([step], "search") for tech in self.space
-                     for step in tech.points() if key_of([step]) not in keys), None)
+        return next((planned([step], "search", b) for b in self.where for tech in self.space
+                     for step in tech.points() if key_of([step], b) not in keys), None)
 
-    def _params(self, steps: list[dict[str, Any]]) -> dict[str, Any] | None:
+    def run_args(self, backend: str | None) -> dict[str, Any]:
+        """``session.run``'s arguments for a trial on ``backend`` (None: the baseline's)."""
+        if backend is None:
+            return self.inputs
+        return {**self.inputs, "backend": backend, "baseline_backend": self.inputs["backend"]}
+
+    @property
+    def where(self) -> list[str | None]:
+        """The backends candidates run on: the baseline's (None), then each --try-backend."""
+        return [None, *self.backends]
+
+    def _params(self, steps: list[dict[str, Any]], backend: str | None) -> dict[str, Any] | None:
         """A single-technique point as sampler parameters (None for other recipes)."""
         tech = next((t for t in self.space if len(steps) == 1 and t.name == steps[0]["name"]),
                     None)
         if tech is None or set(steps[0]["options"]) - set(tech.dims) - set(tech.fixed):
             return None
         values = {**tech.defaults, **steps[0]["options"]}
-        return {"technique": tech.name, **{f"{tech.name}.{d}": values[d] for d in tech.dims}}
+        on = {"backend": backend or self.inputs["backend"]} if self.backends else {}
+        return {"technique": tech.name, **on,
+                **{f"{tech.name}.{d}": values[d] for d in tech.dims}}
 
-    def _sample(self, trial: Any) -> list[dict[str, Any]]:
-        """The sampler's point: a technique, then a value of each of its searchable options."""
+    def _sample(self, trial: Any) -> tuple[list[dict[str, Any]], str | None]:
+        """The sampler's point: a technique, then a value of each of its searchable options,
+        and (with --try-backend) the backend (None: the baseline's)."""
         name = trial.suggest_categorical("technique", [t.name for t in self.space])
         tech = next(t for t in self.space if t.name == name)
+        base = self.inputs["backend"]
+        backend = trial.suggest_categorical("backend", [base, *self.backends]) \
+            if self.backends else base
         return [tech.step({d: trial.suggest_categorical(f"{name}.{d}", values)
-                           for d, values in tech.dims.items()})]
+                           for d, values in tech.dims.items()})], \
+            None if backend == base else backend
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -603,12 +642,12 @@ class Worker:
             # the sampler's proposal is enqueued, not run: an enqueued trial carries its key
             # from its creation and is claimed atomically, so the lowest-numbered trial of a
             # key is the one that runs (below), whichever workers plan or sample it
-            steps, keys = self._sample(trial), taken_keys(trials)
-            nxt = (planned(steps, "search") if key_of(steps) not in keys
+            (steps, backend), keys = self._sample(trial), taken_keys(trials)
+            nxt = (planned(steps, "search", backend) if key_of(steps, backend) not in keys
                    else self._unvisited(keys))  # a repeat: something new
             self._enqueue([nxt] if nxt else [])
             self._skip(trial, "sampler proposal, enqueued" if nxt else "sampler repeat")
-        if self._params(item["steps"]) is not None:
+        if self._params(item["steps"], item.get("backend")) is not None:
             self._sample(trial)  # the sampler learns from it (the values are fixed)
         # a trial of the same key measured, or running or waiting since before this one
         dup = next((t for t in trials if t.get("key") == item["key"] and taken(t)
@@ -630,7 +669,7 @@ class Worker:
             report = self.session.run(
                 optimize=[spec_text(s["name"], s["options"]) for s in item["steps"]],
                 metrics=["accuracy"] if item["phase"] == "sensitivity" else self.metrics,
-                allow_collapse=True, save=False, **self.inputs)
+                allow_collapse=True, save=False, **self.run_args(item.get("backend")))
         except (KeyboardInterrupt, Interrupted):  # the pipeline turns Ctrl-C into Interrupted
             trial.set_user_attr("interrupted", True)  # FAIL without a status: runs again
             raise KeyboardInterrupt from None
