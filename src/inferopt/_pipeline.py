@@ -41,7 +41,7 @@ from inferopt._errors import (
 )
 from inferopt._logging import get_logger
 from inferopt._manager import PluginManager
-from inferopt._prepare import Preparer, backend_refuses
+from inferopt._prepare import BaselineElsewhere, Preparer, backend_refuses
 from inferopt._recipe import Recipe, Spec
 from inferopt._registry import Entry, Registry, load_plugins
 from inferopt._report import Report, StepRecord
@@ -146,8 +146,6 @@ def resolve_plugins(
 
 def _baseline_elsewhere(recipe: Recipe, registry: Registry, main: Backend) -> Backend:
     """The run's backend, with the baseline on ``recipe.baseline_backend``."""
-    from inferopt._prepare import BaselineElsewhere
-
     spec = recipe.baseline_backend
     assert spec is not None
     where = f"--baseline-backend {spec}"
@@ -163,7 +161,7 @@ def _baseline_elsewhere(recipe: Recipe, registry: Registry, main: Backend) -> Ba
     if main.world_size > 1 or baseline.world_size > 1:
         raise UsageError(f"{where}: a baseline on another backend runs in one process; it "
                          "cannot be combined with a backend launched by torchrun")
-    return BaselineElsewhere(main, baseline)
+    return BaselineElsewhere(main, baseline, f"plugin {entry.plugin!r} from {_provider(entry)}")
 
 
 def _provider(entry: Entry) -> str:
@@ -293,6 +291,9 @@ def run(
         ctx.warnings.append(note)
         ctx.log.warning(note)
     ctx.out_dir_existed = out_dir is not None and out_dir.exists()
+    import torch
+
+    threads = torch.get_num_threads()  # a backend's threads option ends with the run
     try:
         return _run_resolved(ctx, model, data, registry, manager, overwrite)
     except KeyboardInterrupt:
@@ -313,6 +314,8 @@ def run(
     finally:
         if ctx.preparer is not None:  # artifacts a saved run kept were moved out already
             ctx.preparer.close()
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -872,8 +875,9 @@ def _apply_step(ctx: RunContext, step: Resolved, model: Any) -> tuple[Any, StepR
     optimizer: Optimizer = step.instance
     log = ctx.log.bind(step=step.index, optimizer=step.spec.name, plugin=step.entry.plugin)
     # a step optimizes for where the optimized model runs (not the baseline's backend)
-    sctx = StepContext(log=log, data=ctx.data, backend=getattr(ctx.backend.instance, "main",
-                                                                ctx.backend.instance),
+    backend = ctx.backend.instance
+    sctx = StepContext(log=log, data=ctx.data,
+                       backend=backend.main if isinstance(backend, BaselineElsewhere) else backend,
                        seed=ctx.recipe.seed, output=ctx.recipe.output,
                        trust_model=ctx.recipe.trust_model,
                        model_loader=model_loader(ctx.registry, log, ctx.recipe.seed,

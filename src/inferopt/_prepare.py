@@ -138,23 +138,35 @@ class Preparer:
 
 
 class _OnBaselineBackend:
-    """A baseline prepared by the run's ``baseline_backend``: its forward goes there."""
+    """A baseline prepared by the run's ``baseline_backend``: its forward goes there. Metrics
+    that look inside a torch model (its ``parameters()``, ...) see the wrapped object."""
 
     def __init__(self, prepared: Any) -> None:
         self.prepared = prepared
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["prepared"], name)
 
 
 class BaselineElsewhere(Backend):
     """The run's backend with the baseline prepared and run on another one (the recipe's
     ``baseline_backend``): the optimized model is measured where it will be deployed, against
     the model as its user runs it today, in the same interleaved A/B runs. Everything but the
-    baseline's prepare and forward is the run's backend's."""
+    baseline's prepare and forward is the run's backend's.
 
-    def __init__(self, main: Backend, baseline: Backend) -> None:
-        self.main, self.baseline = main, baseline
+    Backends that set torch's thread count when they prepare (``cpu:threads=N``) would leave
+    it set for the other: each role is prepared from the thread count the run started with,
+    and each forward runs with the count its backend's prepare left."""
+
+    def __init__(self, main: Backend, baseline: Backend, baseline_plugin: str = "") -> None:
+        import torch
+
+        self.main, self.baseline, self.baseline_plugin = main, baseline, baseline_plugin
         self.name = main.name  # type: ignore[misc]
         self.exposes_modules = (  # type: ignore[misc]
             getattr(main, "exposes_modules", True) and getattr(baseline, "exposes_modules", True))
+        self._start_threads = torch.get_num_threads()
+        self._threads: dict[bool, int] = {}  # on the baseline's backend -> torch threads
 
     def available(self) -> str | None:
         return self.main.available() or (
@@ -169,16 +181,36 @@ class BaselineElsewhere(Backend):
         return self.main.device
 
     def prepare(self, model: Any, ctx: PrepareContext) -> Any:
-        backend = self.baseline if ctx.role == "baseline" else self.main
-        prepared = backend.prepare(model, ctx) if takes_context(backend) else \
-            backend.prepare(model)  # type: ignore[call-arg]
-        return _OnBaselineBackend(prepared) if backend is self.baseline else prepared
+        import torch
+
+        on_baseline = ctx.role == "baseline"
+        backend = self.baseline if on_baseline else self.main
+        torch.set_num_threads(self._start_threads)
+        if takes_context(backend):
+            call = lambda: backend.prepare(model, ctx)  # noqa: E731
+        else:
+            ctx.warn(f"backend {backend.name!r} implements prepare(model) without a context; "
+                     "that form is deprecated: accept prepare(self, model, ctx)")
+            call = lambda: backend.prepare(model)  # type: ignore[call-arg]  # noqa: E731
+        try:
+            prepared = call()
+        except Exception as exc:
+            if not on_baseline:
+                raise
+            raise RuntimeError(f"the baseline's backend {backend.name!r} "
+                               f"({self.baseline_plugin}) failed: {type(exc).__name__}: "
+                               f"{exc}") from exc
+        self._threads[on_baseline] = torch.get_num_threads()
+        return _OnBaselineBackend(prepared) if on_baseline else prepared
 
     def to_device(self, obj: Any) -> Any:
         return self.main.to_device(obj)
 
     def forward(self, prepared: Any, inputs: Any) -> Any:
-        if isinstance(prepared, _OnBaselineBackend):
+
+        on_baseline = isinstance(prepared, _OnBaselineBackend)
+        self._use_threads(on_baseline)
+        if on_baseline:
             return self.baseline.forward(prepared.prepared, inputs)
         return self.main.forward(prepared, inputs)
 
@@ -187,4 +219,15 @@ class BaselineElsewhere(Backend):
         self.baseline.synchronize()
 
     def describe(self) -> dict[str, Any]:
-        return {**self.main.describe(), "baseline_backend": self.baseline.describe()}
+        facts = {}
+        for on_baseline, backend in ((True, self.baseline), (False, self.main)):
+            self._use_threads(on_baseline)  # each says the thread count it ran with
+            facts[on_baseline] = backend.describe()
+        return {**facts[False], "baseline_backend": facts[True]}
+
+    def _use_threads(self, on_baseline: bool) -> None:
+        import torch
+
+        threads = self._threads.get(on_baseline)
+        if threads is not None and threads != torch.get_num_threads():
+            torch.set_num_threads(threads)

@@ -384,4 +384,6 @@ def make_recipe(
         merged = fields.get("gates", Gates()).to_dict()
         merged.update({k: v for k, v in gates.items() if v is not None})
         fields["gates"] = Gates(merged)
+    if fields.get("baseline_backend") == fields.get("backend", Spec("cpu")):
+        fields.pop("baseline_backend", None)  # the baseline runs there anyway
     return Recipe(source=source, **fields)

@@ -155,6 +155,8 @@ def test_the_baseline_can_run_on_another_backend(cli, plugin_env, tmp_path: Path
     report = json.loads(result.stdout)
     # each role prepared by its own backend (the baseline's in its old one-argument form)
     assert [c["role"] for c in _calls(tmp_path)] == ["old", "optimized"]
+    assert any("'old-style' implements prepare(model) without a context" in w
+               for w in report["warnings"])
     assert report["recipe"]["backend"] == "plain-callable"
     assert report["recipe"]["baseline_backend"] == "old-style"
     assert report["environment"]["baseline_backend"]["backend"] == "old-style"
@@ -168,3 +170,30 @@ def test_the_baseline_can_run_on_another_backend(cli, plugin_env, tmp_path: Path
 
     unknown = cli(*RUN, "--baseline-backend", "no-such", env=env)
     assert unknown.returncode == 2 and "--baseline-backend no-such" in unknown.stderr
+
+
+def test_a_baseline_backend_keeps_its_own_threads_and_exposes_its_modules(tmp_path: Path) -> None:
+    import torch
+
+    import inferopt
+
+    before = torch.get_num_threads()
+    if before < 2:
+        torch.set_num_threads(2)
+    try:
+        start = torch.get_num_threads()
+        report = inferopt.run(model="demo:digits-mlp-small", optimize=["none"], backend="cpu",
+                              baseline_backend="cpu:threads=1", save=False,
+                              metrics=["memory", "latency:min_runs=5,min_seconds=0,warmup=1"])
+        # the baseline's threads option applies to the baseline only, and ends with the run
+        assert report.environment["baseline_backend"]["threads"] == 1
+        assert report.environment["threads"] == start
+        assert torch.get_num_threads() == start
+        # a metric that reads the torch modules sees the baseline through its wrapper
+        assert "memory" not in report.skipped_metrics
+        assert report.baseline["memory"] and report.optimized["memory"]
+        same = inferopt.run(model="demo:digits-mlp-small", optimize=["none"], save=False,
+                            baseline_backend="cpu", metrics=["size"])
+        assert same.recipe["baseline_backend"] is None  # the baseline runs there anyway
+    finally:
+        torch.set_num_threads(before)
