@@ -143,10 +143,15 @@ def test_improvement_is_the_times_better_and_the_verdicts_judgement():
                      {"latency": {"p50_ms": 1.0, "p90_ms": 1.96}, "size": {"bytes": 100}}, [],
                      comparisons=paired)
     assert report.improvement("latency") == (1.8, "better")  # the paired estimate, not 2.0
-    ratio, judged = report.improvement("latency", "p90_ms")  # unpaired: latency's 5% band
-    assert abs(ratio - 2.0 / 1.96) < 1e-9 and judged == "same"
+    # another field of a paired metric: judged as the report's row, without the noise band
+    ratio, judged = report.improvement("latency", "p90_ms")
+    assert abs(ratio - 2.0 / 1.96) < 1e-9 and judged == "better"
+    row = next(r for r in report.rows() if r[0] == "latency p90")
+    assert row[4] == judged
     assert report.improvement("size") == (4.0, "better")
     assert report.improvement("accuracy") == (None, "")  # not measured
-    no_ci = _report({"latency": {"p50_ms": 2.0}}, {"latency": {"p50_ms": 2.5}}, [])
+    no_ci = _report({"latency": {"p50_ms": 2.0, "p90_ms": 2.0}},
+                    {"latency": {"p50_ms": 2.5, "p90_ms": 1.96}}, [])
     ratio, judged = no_ci.improvement("latency")
     assert abs(ratio - 0.8) < 1e-9 and judged == "worse"
+    assert no_ci.improvement("latency", "p90_ms")[1] == "same"  # unpaired: latency's 5% band

@@ -129,8 +129,9 @@ class Report:
         """How many times better the optimized model is than the baseline on ``field`` of
         ``metric`` (default: its primary quantity), and the judgement: ``better``, ``worse`` or
         ``same``, as the run's verdict makes it (a paired comparison's verdict for the primary
-        quantity, else the change against the quantity's noise band). ``(None, "")`` when the
-        quantity has no direction or was not measured in both runs."""
+        quantity, else the change against the quantity's noise band, as the report's rows judge
+        it). ``(None, "")`` when the quantity has no direction or was not measured in both
+        runs; the times better is None when a value is not positive."""
         from inferopt._contract import Quantity
         from inferopt._quantities import _paired_judgement, judge
 
@@ -142,12 +143,14 @@ class Report:
         if field == description.get("primary") and paired and _is_number(comparison.get("speedup")):
             return float(comparison["speedup"]), paired
         b, o = self.baseline.get(metric, {}).get(field), self.optimized.get(metric, {}).get(field)
-        if q.better not in ("lower", "higher") or not (_is_number(b) and _is_number(o)
-                                                       and b > 0 and o > 0):
+        if q.better not in ("lower", "higher") or not (_is_number(b) and _is_number(o)):
             return None, ""
-        ratio = b / o if q.better == "lower" else o / b
-        return ratio, paired if field == description.get("primary") and paired else judge(
-            q.better, b, o, q.same_within, q.same_within_relative, q.change)
+        ratio = (b / o if q.better == "lower" else o / b) if b > 0 and o > 0 else None
+        if field == description.get("primary") and paired:
+            return ratio, paired
+        # as the report's rows judge it: a metric measured in pairs has no unpaired noise band
+        return ratio, judge(q.better, b, o, q.same_within,
+                            0.0 if paired else q.same_within_relative, q.change)
 
     def judgements(self, aspect: str) -> list[str]:
         """``better``/``worse``/``same`` of each metric of ``aspect`` (``speed``, ``size``,

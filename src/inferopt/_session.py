@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from inferopt._contract import Data, Optimizer, StepContext
+from inferopt._contract import Backend, Data, Optimizer, StepContext
 from inferopt._errors import PluginError, UsageError
 from inferopt._logging import get_logger
 from inferopt._manager import (
@@ -146,6 +146,12 @@ class Session:
         checked like ``--optimize`` options: a value for :meth:`apply`."""
         return options.build(self.optimizer_class(name), opts,  # type: ignore[no-any-return]
                              f"optimizer {name!r}")
+
+    def backend(self, name: str, /, **opts: Any) -> Backend:
+        """The backend ``name`` configured with ``opts`` (typed values or CLI strings), checked
+        like ``--backend`` options: to ask its ``device`` or whether it is ``available()``."""
+        return options.build(self.registry.get("backend", name).obj,  # type: ignore[no-any-return]
+                             opts, f"backend {name!r}")
 
     def _configured(self, config: str | Optimizer, opts: Mapping[str, Any]) -> tuple[Any, str]:
         """The optimizer to apply and the plugin it comes from."""

@@ -431,5 +431,11 @@ def test_try_backend_runs_candidates_there_against_the_baseline_on_backend(
     assert roles == {"optimized"}
     other = cli(*args, env=env)  # the study tried another set of backends
     assert other.returncode == 2 and "--try-backend" in other.stderr
-    unknown = cli(*args, "--try-backend", "no-such", "--out", str(tmp_path / "u"), env=env)
-    assert unknown.returncode == 2 and "no-such" in unknown.stderr
+    for bad, says in (("no-such", "no-such"), ("onnxruntime:bogus=1", "bogus"),
+                      ("cpu", "that is --backend"), ("cuda", "device")):
+        refused = cli(*args, "--try-backend", bad, "--out", str(tmp_path / "u"), env=env)
+        assert refused.returncode == 2 and says in refused.stderr, (bad, refused.stderr)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('baseline_backend = "onnxruntime"\n')
+    refused = cli("tune", str(recipe), *args[1:-2], "--out", str(tmp_path / "r"), env=env)
+    assert refused.returncode == 2 and "--try-backend NAME instead" in refused.stderr

@@ -118,13 +118,15 @@ def _search(flags: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any
                          "METRIC.FIELD)")
     goal.check(session.describe("metric", goal.metric)["description"])
     space, notes = search_space(session, techniques)
-    for backend in backends:
-        session.describe("backend", parse_spec(backend, "--try-backend").name)  # installed?
     _check_out(out, storage, flags["restart"], flags["study_name"])
     given_specs = {k: flags[k] for k in ("model", "data", "split", "trust_model")}
     model, data, resolved = session.load_inputs(flags["recipe"], batch_size=flags["batch_size"],
                                                 seed=flags["seed"], **given_specs)
     load_seconds = time.monotonic() - started
+    if resolved.get("baseline_backend"):
+        raise UsageError(f"{flags['recipe']}: baseline_backend {resolved['baseline_backend']!r}: "
+                         "tune measures the baseline on --backend; give the other backend as "
+                         "--try-backend NAME instead")
     given = list(flags["metrics"]) or (resolved["metrics"] if resolved["metrics_explicit"] else [])
     names = [m.partition(":")[0] for m in given]
     always = ("latency", "accuracy", "size", goal.metric)
@@ -137,6 +139,7 @@ def _search(flags: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any
     run_args = {"backend": settings["backend"], "seed": settings["seed"],
                 "output": settings["output"],
                 "batch_size": settings["batch_size"] if resolved["batch_size_explicit"] else None}
+    _check_backends(session, settings["backend"], backends)
     goal_json = {"objective": goal.objective, "max_accuracy_drop": goal.budget,
                  "relative": goal.relative}
     out.mkdir(parents=True, exist_ok=True)
@@ -167,6 +170,27 @@ def _search(flags: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any
                  _shown(storage, out.resolve()), notes, out, save)
     doc["seconds"] = round(time.monotonic() - started, 2)
     return doc
+
+
+def _check_backends(session: Any, base: str, backends: list[str]) -> None:
+    """Each --try-backend: installed, its options valid, on --backend's device, available
+    here, and not --backend itself (before any trial runs on it)."""
+    from inferopt.utils import parse_spec
+
+    base_spec = parse_spec(base, "--backend")
+    device = session.backend(base_spec.name, **base_spec.options).device
+    for text in backends:
+        spec = parse_spec(text, "--try-backend")
+        backend = session.backend(spec.name, **spec.options)
+        where = f"--try-backend {text}"
+        if spec == base_spec:
+            raise UsageError(f"{where}: that is --backend, where every candidate runs anyway")
+        if backend.device != device:
+            raise UsageError(f"{where}: it runs on {backend.device!r} and --backend {base} on "
+                             f"{device!r}; candidates are timed against the baseline on one "
+                             "device: try backends of that device")
+        if reason := backend.available():
+            raise UsageError(f"{where}: cannot run here: {reason}")
 
 
 def _shown(storage: str | None, out: str | Path) -> str:
