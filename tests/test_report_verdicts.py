@@ -99,8 +99,14 @@ def test_runs_are_plotted_and_compared(cli, tmp_path):
     assert lines[0].startswith("| run | steps |") and len(lines) == 4
     assert "int8" in lines[2] and "prune-l1" in lines[3]
     assert (tmp_path / "both.png").read_bytes().startswith(b"\x89PNG")
+    assert lines[0].startswith("| run | steps | backend |") and "| cpu |" in lines[2]
     rows = json.loads(cli("compare", str(tmp_path / "a"), "--json").stdout)
     assert rows[0]["latency verdict"] in ("faster", "no measurable change", "slower")
+    elsewhere = cli("run", *SMALL, "--backend", "cpu:threads=1", "--baseline-backend", "cpu",
+                    "--out", str(tmp_path / "c"))
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    rows = json.loads(cli("compare", str(tmp_path / "c"), "--json").stdout)
+    assert rows[0]["backend"] == "cpu:threads=1 (baseline on cpu)"
     again = cli("compare", str(tmp_path / "a"), "--plot", str(tmp_path / "both.png"))
     assert again.returncode == 2 and "the file exists" in again.stderr
     (tmp_path / "x.json").write_text('{"schema": "other/1"}')

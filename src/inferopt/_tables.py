@@ -22,7 +22,8 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]
 
 
 def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A Markdown table, ``|`` in a cell escaped, ending with a newline."""
+    """A Markdown table, ``|`` in a cell escaped and a line break as ``<br>``, ending with a
+    newline."""
     lines = [list(columns), ["---"] * len(columns), *rows]
-    return "".join("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |\n"
-                   for cells in lines)
+    return "".join("| " + " | ".join(c.replace("|", "\\|").replace("\n", "<br>")
+                                     for c in cells) + " |\n" for cells in lines)

@@ -71,7 +71,7 @@ def _check_shape(doc: dict[str, Any], file: Path) -> None:
                              f"{type(doc[key]).__name__}")
 
 
-FIXED = ("run", "steps")
+FIXED = ("run", "steps", "backend")
 
 
 def _steps(doc: dict[str, Any]) -> str:
@@ -81,6 +81,13 @@ def _steps(doc: dict[str, Any]) -> str:
         for s in doc["steps"]) or "none"
 
 
+def _backend(doc: dict[str, Any]) -> str:
+    """Where the optimized model ran, and the baseline when it ran elsewhere."""
+    recipe = doc.get("recipe") if isinstance(doc.get("recipe"), dict) else {}
+    base = recipe.get("baseline_backend")
+    return str(recipe.get("backend") or "-") + (f" (baseline on {base})" if base else "")
+
+
 def table(docs: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, str]]]:
     """The columns and one row per run: run, steps, then one column per quantity of the
     metrics present, as the reports describe them (no fixed columns: a third-party metric gets
@@ -88,7 +95,7 @@ def table(docs: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, str]]]:
     columns = list(FIXED)
     rows = []
     for doc, quantities in zip(docs, report_rows(docs), strict=True):
-        row = {"run": doc["run_id"], "steps": _steps(doc)}
+        row = {"run": doc["run_id"], "steps": _steps(doc), "backend": _backend(doc)}
         for q in quantities:
             col = q["name"]
             better = f", {q['better']}" if q["better"] else ""
