@@ -403,3 +403,47 @@ def test_skipping_a_layer_keeps_its_inputs_too():
     assert (pruned[2].in_features, pruned[2].out_features) == (8, 8)
     assert pruned[0].out_features == 8  # its channels feed the skipped layer
     assert (pruned[4].out_features, pruned[6].in_features) == (4, 4)
+
+
+class Untraceable(nn.Module):
+    """What transformers models do to torch.fx (an item assignment on a traced tensor), with a
+    feed-forward pair, a pair whose hidden tensor is also read elsewhere, and a layer called
+    twice: only the first may lose channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 32), nn.Linear(32, 8)
+        self.side, self.side2 = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.twice = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        x[:, 0] = 0.0  # torch.fx: 'Proxy' object does not support item assignment
+        y = x + self.down(nn.functional.dropout(nn.functional.gelu(self.up(x)), 0.1,
+                                                self.training))
+        s = self.side(x)
+        y = y + self.side2(torch.relu(s)) + s.mean(-1, keepdim=True)
+        return self.twice(self.twice(y))
+
+
+def test_a_model_fx_cannot_trace_loses_channels_of_its_feed_forward_pairs_only(tmp_path):
+    def build():
+        torch.manual_seed(0)
+        return Untraceable().eval()
+
+    example = torch.randn(4, 8)
+    with pytest.raises(inferopt.UsageError):
+        pc.trace(build())
+    groups = pc.exported_ffn_groups(build(), example)
+    assert [(g.producers, g.consumers) for g in groups] == [(["up"], [("down", 1)])]
+    data = inferopt.Data(eval=[inferopt.Batch(torch.randn(16, 8)) for _ in range(3)])
+    report = inferopt.run(model=build(), data=data, optimize=["prune-activations:sparsity=0.5"],
+                          metrics=["fidelity"], out=tmp_path / "run")
+    details = report.steps[0].details
+    assert details["groups"]["up"]["kept"] == 16 and list(details["groups"]) == ["up"]
+    assert "torch.export graph" in details["not_pruned"]["(rest of the model)"]
+    loaded = inferopt.load(tmp_path / "run", model=build())
+    assert (loaded.up.out_features, loaded.down.in_features) == (16, 16)
+    assert (loaded.side.out_features, loaded.twice.out_features) == (16, 8)
+    with torch.inference_mode():
+        assert loaded(example).shape == (4, 8)

@@ -202,9 +202,14 @@ def find_groups(model: nn.Module, example: Any = None
         gm = trace(model, given)
     except UsageError as exc:
         ffn = _transformer_ffn_groups(model)
+        known = {g.name for g in ffn}
+        ffn += [g for g in exported_ffn_groups(model, example) if g.name not in known]
         if not ffn:
             raise
-        return ffn, None, str(exc)
+        cause = str(exc.__cause__ or exc).splitlines()[0][:200]
+        return ffn, None, (f"torch.fx could not trace {type(model).__name__} ({cause}); only its "
+                           "feed-forward blocks (Linear -> activation -> Linear, found in its "
+                           "torch.export graph or by module type) can lose channels")
     if example is not None:
         from torch.fx.passes.shape_prop import ShapeProp
 
@@ -360,6 +365,68 @@ def _follow_flat(node: torch.fx.Node, arg: torch.fx.Node, flat: dict[str, str],
     else:
         block_inputs(node, _describe(node))
         fresh(node, f"it comes from {_describe(node)}")
+
+
+#: elementwise ops a feed-forward block's hidden tensor may pass between its two Linears
+_EXPORTED_ELEMENTWISE = {"relu", "relu_", "gelu", "gelu_", "silu", "silu_", "tanh", "sigmoid",
+                         "mish", "hardswish", "leaky_relu", "elu", "selu", "celu", "softplus",
+                         "dropout", "clone", "contiguous", "alias"}
+
+
+def exported_ffn_groups(model: nn.Module, example: Any) -> list[ChannelGroup]:
+    """Feed-forward pairs ``Linear -> elementwise ops -> Linear`` of a model torch.fx cannot
+    trace (``transformers`` models), found in its ``torch.export`` graph on ``example``. The
+    graph holds every read of every tensor, so a hidden tensor that only the second Linear
+    reads (through activations, dropout) can lose channels safely; anything else reading it
+    (a residual, a keyword argument, an output), or either Linear's weight used twice (a
+    module called twice, tied weights), leaves the pair alone. None found (or no export): []."""
+    if example is None:
+        return []
+    args, kwargs = ((), dict(example)) if isinstance(example, dict) else (
+        (tuple(example) if isinstance(example, tuple | list) else (example,)), {})
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), no_fast_path():
+            program = torch.export.export(model, args, kwargs, strict=False)
+    except Exception:  # not exportable either: only the groups found by module type
+        return []
+    finally:
+        model.train(was_training)
+    parameters = program.graph_signature.inputs_to_parameters
+    modules = dict(model.named_modules())
+
+    def linear(node: Any) -> str | None:
+        """The nn.Linear module a ``linear`` node runs, when its weights are used only there."""
+        if node.op != "call_function" or node.target is not torch.ops.aten.linear.default:
+            return None
+        weights = [a for a in node.args[1:] if isinstance(a, torch.fx.Node)]
+        name = parameters.get(weights[0].name, "") if weights else ""
+        module = modules.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
+        if not isinstance(module, nn.Linear) or any(len(w.users) != 1 for w in weights):
+            return None
+        return name.removesuffix(".weight")
+
+    groups = []
+    for node in program.graph.nodes:
+        if (first := linear(node)) is None:
+            continue
+        hidden = node
+        while len(hidden.users) == 1:
+            (user,) = hidden.users
+            op = getattr(user.target, "__name__", "").split(".")[0]
+            if user.op != "call_function" or user.args[0] is not hidden \
+                    or op not in _EXPORTED_ELEMENTWISE:
+                break
+            hidden = user
+        readers = list(hidden.users)
+        second = linear(readers[0]) if len(readers) == 1 else None
+        if second is None or readers[0].args[0] is not hidden \
+                or modules[second].in_features != modules[first].out_features:
+            continue
+        groups.append(ChannelGroup([first], modules[first].out_features, -1,
+                                   consumers=[(second, 1)], probes=[f"module:{second}"]))
+    return groups
 
 
 def _transformer_ffn_groups(model: nn.Module) -> list[ChannelGroup]:
