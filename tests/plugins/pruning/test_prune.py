@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -447,3 +448,55 @@ def test_a_model_fx_cannot_trace_loses_channels_of_its_feed_forward_pairs_only(t
     assert (loaded.side.out_features, loaded.twice.out_features) == (16, 8)
     with torch.inference_mode():
         assert loaded(example).shape == (4, 8)
+
+
+@torch.library.custom_op("inferopt_test::mix", mutates_args=())
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    return x.flip(-1).cumsum(-1)  # mixes channels: never a place to prune across
+
+
+@_mix.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+class _Pair(nn.Module):
+    """``up -> hidden -> down`` that torch.fx cannot trace, the hidden step given."""
+
+    def __init__(self, hidden: Any, tie: bool = False) -> None:
+        super().__init__()
+        self.up, self.down, self.hidden = nn.Linear(8, 32), nn.Linear(32, 8), hidden
+        if tie:  # a module that is never called holds the same weight
+            self.dec = nn.Linear(8, 32)
+            self.dec.weight = self.up.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        x[:, 0] = 0.0
+        return self.hidden(self, x)
+
+
+@pytest.mark.parametrize(("hidden", "tie", "grouped"), [
+    (lambda m, x: m.down(torch.relu(m.up(x))), False, True),
+    (lambda m, x: m.down(input=torch.relu(m.up(x))), False, True),  # a keyword call
+    (lambda m, x: m.down(torch.relu(m.up(x))), True, False),  # tied to an uncalled module
+    (lambda m, x: m.down(torch.ops.inferopt_test.mix(m.up(x))), False, False),  # not aten
+    (lambda m, x: nn.functional.linear(torch.relu(m.up(x)), m.down.weight, m.down.bias),
+     False, False),  # not called as a module: no hook sees its input
+    (lambda m, x: m.down(torch.relu(m.up(x))) * (2 if x.shape[0] > 4 else 1), False, False),
+    (lambda m, x: m.down(torch.relu(m.up(x))) + (0.1 * m.up(x).sum() if m.training else 0),
+     False, False),  # the train-mode graph reads up again
+], ids=["pair", "keyword", "tied", "custom-op", "functional", "batch-branch", "train-branch"])
+def test_exported_pairs_are_only_those_nothing_else_reads(hidden, tie, grouped):
+    torch.manual_seed(0)
+    model = _Pair(hidden, tie).eval()
+    groups = pc.exported_ffn_groups(model, torch.randn(6, 8))
+    assert bool(groups) == grouped
+    if grouped:
+        data = inferopt.Data(eval=[inferopt.Batch(torch.randn(6, 8))],
+                             calibration=[inferopt.Batch(torch.randn(6, 8))])
+        pruned = inferopt.apply(copy.deepcopy(model), "prune-activations", data=data,
+                                sparsity=0.5)
+        assert pruned.up.out_features == 16
+        with torch.inference_mode():
+            assert pruned(torch.randn(3, 8)).shape == (3, 8)

@@ -367,7 +367,7 @@ def _follow_flat(node: torch.fx.Node, arg: torch.fx.Node, flat: dict[str, str],
         fresh(node, f"it comes from {_describe(node)}")
 
 
-#: elementwise ops a feed-forward block's hidden tensor may pass between its two Linears
+#: elementwise aten ops a feed-forward block's hidden tensor may pass between its two Linears
 _EXPORTED_ELEMENTWISE = {"relu", "relu_", "gelu", "gelu_", "silu", "silu_", "tanh", "sigmoid",
                          "mish", "hardswish", "leaky_relu", "elu", "selu", "celu", "softplus",
                          "dropout", "clone", "contiguous", "alias"}
@@ -375,37 +375,89 @@ _EXPORTED_ELEMENTWISE = {"relu", "relu_", "gelu", "gelu_", "silu", "silu_", "tan
 
 def exported_ffn_groups(model: nn.Module, example: Any) -> list[ChannelGroup]:
     """Feed-forward pairs ``Linear -> elementwise ops -> Linear`` of a model torch.fx cannot
-    trace (``transformers`` models), found in its ``torch.export`` graph on ``example``. The
-    graph holds every read of every tensor, so a hidden tensor that only the second Linear
-    reads (through activations, dropout) can lose channels safely; anything else reading it
-    (a residual, a keyword argument, an output), or either Linear's weight used twice (a
-    module called twice, tied weights), leaves the pair alone. None found (or no export): []."""
-    if example is None:
+    trace (``transformers`` models), found in its ``torch.export`` graphs on ``example``, in
+    eval and in train mode (pairs found in both). The graph holds every read of every tensor,
+    so a hidden tensor that only the second Linear reads (through activations, dropout) can lose
+    channels safely; anything else reading it (a residual, a keyword argument, an output), a
+    Linear whose parameters have other names too (tied) or are used twice (called twice), or one
+    not called as a module, leaves the pair alone. The batch dimension is exported as dynamic,
+    and a model whose graph depends on the batch size is not grouped; branches on other sizes
+    are those of ``example``. A model with hooks is not exported (they would run on fake
+    tensors). None found (or no export): []."""
+    if example is None or any(m._forward_hooks or m._forward_pre_hooks
+                              for m in model.modules()):
         return []
-    args, kwargs = ((), dict(example)) if isinstance(example, dict) else (
-        (tuple(example) if isinstance(example, tuple | list) else (example,)), {})
     was_training = model.training
-    model.eval()
+    found = []
     try:
-        with torch.no_grad(), no_fast_path():
-            program = torch.export.export(model, args, kwargs, strict=False)
-    except Exception:  # not exportable either: only the groups found by module type
-        return []
+        for training in (False, True):
+            model.train(training)
+            program = _export_dynamic_batch(model, example)
+            if program is None:
+                return []
+            found.append(_pairs_in(model, program))
     finally:
         model.train(was_training)
+    both = {(g.producers[0], g.consumers[0][0]) for g in found[1]}
+    return [g for g in found[0] if (g.producers[0], g.consumers[0][0]) in both]
+
+
+def _export_dynamic_batch(model: nn.Module, example: Any) -> Any:
+    """``torch.export`` of ``model`` on ``example`` with its batch dimension dynamic; None when
+    it cannot be exported or its graph holds only for some batch sizes."""
+    from torch.export import Dim
+
+    args, kwargs = ((), dict(example)) if isinstance(example, dict) else (
+        (tuple(example) if isinstance(example, tuple | list) else (example,)), {})
+    tensors = [v for v in [*args, *kwargs.values()] if isinstance(v, torch.Tensor)]
+    batched = bool(tensors) and all(t.dim() > 0 and t.shape[0] == tensors[0].shape[0] > 1
+                                    for t in tensors)
+
+    def spec(v: Any) -> Any:
+        return {0: Dim.DYNAMIC} if batched and isinstance(v, torch.Tensor) else None
+
+    shapes = {k: spec(v) for k, v in kwargs.items()} if kwargs else tuple(spec(v) for v in args)
+    try:
+        with torch.no_grad(), no_fast_path():
+            program = torch.export.export(model, args, kwargs, dynamic_shapes=shapes,
+                                          strict=False)
+    except Exception:  # not exportable (or the batch size is baked in): no groups from it
+        return None
+    for bounds in program.range_constraints.values():
+        if bounds.lower > 2 or bounds.upper < 2**62:  # a branch on the batch size
+            return None
+    return program
+
+
+def _pairs_in(model: nn.Module, program: Any) -> list[ChannelGroup]:
     parameters = program.graph_signature.inputs_to_parameters
     modules = dict(model.named_modules())
+    names: dict[int, int] = {}
+    for _name, p in model.named_parameters(remove_duplicate=False):
+        names[id(p)] = names.get(id(p), 0) + 1
 
     def linear(node: Any) -> str | None:
-        """The nn.Linear module a ``linear`` node runs, when its weights are used only there."""
+        """The nn.Linear module a ``linear`` node runs as a module call, when its parameters
+        have no other name and are read only there."""
         if node.op != "call_function" or node.target is not torch.ops.aten.linear.default:
             return None
+        stack = list((node.meta.get("nn_module_stack") or {}).values())
+        name = stack[-1][0] if stack else ""
+        module = modules.get(name)
         weights = [a for a in node.args[1:] if isinstance(a, torch.fx.Node)]
-        name = parameters.get(weights[0].name, "") if weights else ""
-        module = modules.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
-        if not isinstance(module, nn.Linear) or any(len(w.users) != 1 for w in weights):
+        if type(module) is not nn.Linear or [parameters.get(w.name) for w in weights] != [
+                f"{name}.{k}" for k in ("weight", "bias")[:len(weights)]]:
             return None
-        return name.removesuffix(".weight")
+        if any(len(w.users) != 1 for w in weights) or any(
+                names.get(id(p), 0) != 1 for p in module.parameters(recurse=False)):
+            return None
+        return name
+
+    def elementwise(node: Any) -> bool:
+        target = node.target
+        return (node.op == "call_function" and isinstance(target, torch._ops.OpOverload)
+                and target.namespace == "aten"
+                and target._schema.name.split("::")[-1] in _EXPORTED_ELEMENTWISE)
 
     groups = []
     for node in program.graph.nodes:
@@ -414,9 +466,7 @@ def exported_ffn_groups(model: nn.Module, example: Any) -> list[ChannelGroup]:
         hidden = node
         while len(hidden.users) == 1:
             (user,) = hidden.users
-            op = getattr(user.target, "__name__", "").split(".")[0]
-            if user.op != "call_function" or user.args[0] is not hidden \
-                    or op not in _EXPORTED_ELEMENTWISE:
+            if not elementwise(user) or user.args[0] is not hidden:
                 break
             hidden = user
         readers = list(hidden.users)
@@ -523,9 +573,11 @@ def activation_stats(model: nn.Module, gm: torch.fx.GraphModule | None, groups: 
     handles = []
     for probe in wanted:
         if probe.startswith("module:"):
-            def hook(_m: Any, args: tuple[Any, ...], probe: str = probe) -> None:
-                record(probe, args[0])
-            handles.append(model.get_submodule(probe[7:]).register_forward_pre_hook(hook))
+            def hook(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     probe: str = probe) -> None:
+                record(probe, args[0] if args else next(iter(kwargs.values()), None))
+            handles.append(model.get_submodule(probe[7:]).register_forward_pre_hook(
+                hook, with_kwargs=True))
     graph_probes = any(not p.startswith("module:") for p in wanted)
     observer = Observer(gm) if graph_probes and gm is not None else None
     was_training = model.training
