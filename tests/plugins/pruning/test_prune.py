@@ -500,3 +500,26 @@ def test_exported_pairs_are_only_those_nothing_else_reads(hidden, tie, grouped):
         assert pruned.up.out_features == 16
         with torch.inference_mode():
             assert pruned(torch.randn(3, 8)).shape == (3, 8)
+
+
+class _Tokens(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 32), nn.Linear(32, 8)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(input_ids)))
+
+
+def test_activation_statistics_leave_out_padding_tokens():
+    model = _Tokens().eval()
+    x = torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
+    groups, gm, _ = pc.find_groups(model, {"input_ids": x, "attention_mask": mask})
+    batch = inferopt.Batch({"input_ids": x, "attention_mask": mask})
+    stats = pc.activation_stats(model, gm, groups, [batch], "cpu")
+    (probe,) = stats
+    assert stats[probe].count == 5  # the 5 real tokens, not the 10 positions
+    with torch.no_grad():
+        real = torch.relu(model.up(x[mask.bool()]))
+    assert torch.allclose(stats[probe].mean, real.mean(0), atol=1e-5)

@@ -558,9 +558,14 @@ def activation_stats(model: nn.Module, gm: torch.fx.GraphModule | None, groups: 
         for (name, _repeat), probe in zip(group.consumers, group.probes, strict=True):
             wanted[probe] = _consumer_dim(model, name)
 
+    mask: list[torch.Tensor | None] = [None]  # the batch's attention mask, [batch, tokens]
+
     def record(probe: str, x: Any) -> None:
         if isinstance(x, torch.Tensor) and x.is_floating_point():
             dim = wanted[probe]
+            m = mask[0]
+            if m is not None and dim == -1 and x.dim() == 3 and tuple(x.shape[:2]) == m.shape:
+                x = x[m]  # padding positions say nothing about the channels real tokens use
             stats.setdefault(probe, ActivationStats.empty(x.shape[dim])).add(x, dim)
 
     class Observer(torch.fx.Interpreter):
@@ -586,6 +591,9 @@ def activation_stats(model: nn.Module, gm: torch.fx.GraphModule | None, groups: 
         with torch.no_grad(), no_fast_path():
             for batch in batches:
                 inputs = move_to(batch.inputs, device)
+                given = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+                mask[0] = given.bool() if isinstance(given, torch.Tensor) and given.dim() == 2 \
+                    else None
                 if observer is None:
                     call_model(model, inputs)
                 else:
