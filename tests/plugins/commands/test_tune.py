@@ -439,3 +439,24 @@ def test_try_backend_runs_candidates_there_against_the_baseline_on_backend(
     recipe.write_text('baseline_backend = "onnxruntime"\n')
     refused = cli("tune", str(recipe), *args[1:-2], "--out", str(tmp_path / "r"), env=env)
     assert refused.returncode == 2 and "--try-backend NAME instead" in refused.stderr
+
+
+def test_min_cosine_is_the_budget_for_data_without_labels(cli: Any, tmp_path: Path) -> None:
+    args = ["tune", "--model", "demo:digits-mlp-small", "--data", "synthetic:shape=64x64",
+            "--metric", "latency:min_runs=5,min_seconds=0,warmup=1", "-t", "int8",
+            "--trials", "2"]
+    refused = cli(*args, "--out", str(tmp_path / "a"))
+    assert refused.returncode == 2 and "--min-cosine 0.99" in refused.stderr
+    both = cli(*args, "--min-cosine", "0.99", "--max-accuracy-drop", "1")
+    assert both.returncode == 2 and "one quality budget" in both.stderr
+    out = tmp_path / "c"
+    result = cli(*args, "--min-cosine", "0.999", "--out", str(out), "--json")
+    assert result.returncode in (0, 1), result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["settings"]["quality"] == "cosine" and "cosine to the baseline" in doc["goal"]
+    int8 = next(t for t in doc["trials"] if t["key"] == "int8")
+    # int8 keeps the outputs (cosine ~0.9999), so the trial is within the budget
+    assert 0.0 <= int8["cosine_drop"] < 1e-3 and int8["within_budget"]
+    assert "| cosine |" in (out / "tune.md").read_text()
+    resumed = cli(*args, "--out", str(out))  # the default accuracy budget: no labels
+    assert resumed.returncode == 2

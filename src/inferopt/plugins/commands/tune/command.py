@@ -28,9 +28,13 @@ OLD_LOG = "trials.jsonl"  # an older tune's trial log
 @click.option("--metric", "metrics", multiple=True, metavar="NAME[:k=v,...]",
               help="A metric, or options for one (latency:precision=thorough); latency, "
                    "accuracy and size (and throughput) are always measured.")
-@click.option("--max-accuracy-drop", default="1.0", metavar="POINTS|PCT%",
+@click.option("--max-accuracy-drop", metavar="POINTS|PCT%",
               help="The accuracy budget: points of top-1 accuracy (1.0) or a share of the "
-                   "baseline's accuracy (2%).")
+                   "baseline's accuracy (2%). Default: 1.0.")
+@click.option("--min-cosine", type=click.FloatRange(0.0, 1.0), metavar="C",
+              help="A fidelity budget instead, for data without labels (a sentence encoder): "
+                   "the mean per-sample cosine of each candidate's outputs to the baseline's "
+                   "must stay at or above C (0.99).")
 @click.option("--objective", default="latency", metavar="METRIC[.FIELD]",
               help="What the chosen candidate is best at, among those within the budget: any "
                    "installed metric (its primary quantity: latency, size, throughput, ...) or "
@@ -103,9 +107,15 @@ def _search(flags: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any
     )
     from inferopt.utils import parse_accuracy_budget, parse_spec
 
-    gate = parse_accuracy_budget(flags["max_accuracy_drop"])
-    goal = Goal(flags["objective"], next(iter(gate.values())) or 0.0,
-                "max_relative_accuracy_drop" in gate)
+    if flags["min_cosine"] is not None:
+        if flags["max_accuracy_drop"] is not None:
+            raise UsageError("give one quality budget: --max-accuracy-drop or --min-cosine")
+        gate: dict[str, float | None] = {}  # the fidelity metric offers no gate: none on best/
+        goal = Goal(flags["objective"], 1.0 - flags["min_cosine"], False, "cosine")
+    else:
+        gate = parse_accuracy_budget(flags["max_accuracy_drop"] or "1.0")
+        goal = Goal(flags["objective"], next(iter(gate.values())) or 0.0,
+                    "max_relative_accuracy_drop" in gate)
     out, storage = Path(flags["out"]), flags["storage"]
     techniques = tuple(parse_spec(t, "--technique") for t in flags["techniques"])
     backends = list(dict.fromkeys(str(parse_spec(b, "--try-backend")) for b in flags["backends"]))
@@ -129,7 +139,11 @@ def _search(flags: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any
                          "--try-backend NAME instead")
     given = list(flags["metrics"]) or (resolved["metrics"] if resolved["metrics_explicit"] else [])
     names = [m.partition(":")[0] for m in given]
-    always = ("latency", "accuracy", "size", goal.metric)
+    if goal.quality == "accuracy" and data.eval[0].labels is None:
+        raise UsageError(f"--data {resolved['data']!r} has no labels, so no accuracy to keep "
+                         "within --max-accuracy-drop; give a fidelity budget instead: "
+                         "--min-cosine 0.99")
+    always = ("latency", goal.measure, "size", goal.metric)
     metrics = list(dict.fromkeys(given + [m for m in always if m not in names]))
     settings = {"model": resolved["model"], "data": resolved["data"], "split": resolved["split"],
                 "batch_size": resolved["batch_size"], "seed": resolved["seed"],
@@ -141,7 +155,8 @@ def _search(flags: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any
                 "batch_size": settings["batch_size"] if resolved["batch_size_explicit"] else None}
     _check_backends(session, settings["backend"], backends)
     goal_json = {"objective": goal.objective, "max_accuracy_drop": goal.budget,
-                 "relative": goal.relative}
+                 "relative": goal.relative,
+                 **({"quality": goal.quality} if goal.quality != "accuracy" else {})}
     out.mkdir(parents=True, exist_ok=True)
     worker = Worker(session, {"model": model, "data": data, **run_args}, metrics, space, goal,
                     flags["max_trials"], flags["budget_minutes"] * 60, load_seconds,

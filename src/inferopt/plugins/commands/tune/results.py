@@ -56,7 +56,8 @@ def document(worker: Any, settings: dict[str, Any], study: str, out: Path) -> di
             "environment": worker.study.user_attrs.get("machine") or {}},
         "trials": rows,
         "sensitivity": [{k: t.get(k) for k in ("key", "of", "layer", "status", "error",
-                                               "accuracy_drop_points", "accuracy_drop_percent")}
+                                               "accuracy_drop_points", "accuracy_drop_percent",
+                                               "cosine_drop")}
                         for t in measured if t["phase"] == "sensitivity"],
         "decisions": worker.decisions,
         "pareto": sorted(t.number for t in worker.study.best_trials
@@ -114,7 +115,7 @@ def plots(worker: Any, out: Path, doc: dict[str, Any]) -> list[str]:
     notes, study = [], worker.study
     size = ["size ratio"] if len(worker.directions) == 3 else []
     names = [f"{doc['settings']['objective']} (x better than the baseline)", *size,
-             "accuracy drop"]
+             f"{worker.goal.quality} drop"]
     sampled = [t for t in study.get_trials(deepcopy=False) if t.params and t.values]
     for path, draw, enough in (
             ("pareto.png", lambda: plot_pareto_front(study, target_names=names),
@@ -136,13 +137,24 @@ def plots(worker: Any, out: Path, doc: dict[str, Any]) -> list[str]:
     return notes
 
 
+def goal_of(doc: dict[str, Any]) -> Goal:
+    s = doc["settings"]
+    return Goal(s["objective"], s["max_accuracy_drop"], s["relative"], s.get("quality", "accuracy"))
+
+
+def columns(doc: dict[str, Any]) -> tuple[str, ...]:
+    """The table's columns: the quality column says what the budget is about."""
+    quality = "cosine" if goal_of(doc).quality == "cosine" else "acc. drop"
+    return tuple(quality if c == "acc. drop" else c for c in COLUMNS)
+
+
 def table_rows(doc: dict[str, Any]) -> list[tuple[str, ...]]:
     """One tuple of cells per trial, in the order the trials were created."""
-    relative = doc["settings"]["relative"]
+    goal = goal_of(doc)
     rows: list[tuple[str, ...]] = []
     for t in doc["trials"]:
         ok = t["status"] == "ok"
-        drop = t.get("accuracy_drop_percent" if relative else "accuracy_drop_points")
+        drop = goal.drop(t)
         notes = [n for n, on in (("CHOSEN", t["id"] == doc.get("chosen")),
                                  ("pareto", t["id"] in doc["pareto"]),
                                  ("closest", t["id"] in (doc.get("closest") or [])),
@@ -150,7 +162,8 @@ def table_rows(doc: dict[str, Any]) -> list[tuple[str, ...]]:
         rows.append((
             str(t["id"]), t["phase"], t["key"], speedup_text(t) if ok else "-",
             str(t.get("latency_verdict") or "-") if ok else "failed",
-            "-" if drop is None else f"{drop:.2f}{'%' if relative else ''}",
+            "-" if drop is None else f"{1.0 - drop:.5f}" if goal.quality == "cosine"
+            else f"{drop:.2f}{'%' if goal.relative else ''}",
             "-" if t.get("size_ratio") is None else f"{t['size_ratio'] * 100:.1f}%",
             f"x{num(t.get('objective'))}", "within" if t["within_budget"] else "OUT",
             ", ".join(notes) if ok else str(t.get("error", ""))[:80]))
@@ -162,7 +175,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
     lines = [f"# inferopt tune: {s['model']}", "",
              f"Goal: {doc['goal']}; objective `{s['objective']}`. {len(doc['trials'])} trials"
              + (f"; stopped: {stopped}" if stopped else "") + ".", "",
-             markdown_table(COLUMNS, table_rows(doc)) + "\n## Result", "",
+             markdown_table(columns(doc), table_rows(doc)) + "\n## Result", "",
              *[f"- {line}" for line in result_lines(doc)]]
     if doc["decisions"]:
         lines += ["", "## Skipped candidates", ""]
@@ -172,8 +185,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
 
 def result_lines(doc: dict[str, Any]) -> list[str]:
     """What the search found, in words, and where it is kept."""
-    s = doc["settings"]
-    goal = Goal(s["objective"], s["max_accuracy_drop"], s["relative"])
+    goal = goal_of(doc)
     by_id = {t["id"]: t for t in doc["trials"]}
     if doc.get("chosen") is not None:
         t = by_id[doc["chosen"]]
@@ -185,7 +197,7 @@ def result_lines(doc: dict[str, Any]) -> list[str]:
         lines += [f"closest {i}: trial {tid} {by_id[tid]['key']} ({goal.describe(by_id[tid])})"
                   for i, tid in enumerate(doc.get("closest") or [], start=1)]
     front = ", ".join(f"{i} ({by_id[i]['key']})" for i in doc["pareto"])
-    lines.append(f"pareto front (objective, size, accuracy drop; from the study): "
+    lines.append(f"pareto front (objective, size, {goal.quality} drop; from the study): "
                  f"{front or 'none'}")
     if doc.get("stopped"):
         lines.append(f"stopped early: {doc['stopped']}")
@@ -202,7 +214,7 @@ def show(doc: dict[str, Any], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     else:
-        print_table(f"inferopt tune: {len(doc['trials'])} trials", COLUMNS, table_rows(doc),
+        print_table(f"inferopt tune: {len(doc['trials'])} trials", columns(doc), table_rows(doc),
                     fold=["recipe"])
         click.echo("\n".join(lines))
     if doc.get("chosen") is None:

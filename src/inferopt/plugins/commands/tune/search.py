@@ -162,19 +162,35 @@ def fingerprint(model: Any, data: Any, settings: dict[str, Any]) -> str:
 
 @attrs.frozen
 class Goal:
-    """The accuracy budget and the objective, ``METRIC[.FIELD]`` (default: the metric's primary
-    quantity), better ``lower`` or ``higher`` as the metric describes it."""
+    """The quality budget and the objective, ``METRIC[.FIELD]`` (default: the metric's primary
+    quantity), better ``lower`` or ``higher`` as the metric describes it. The budget is a drop
+    of top-1 accuracy (points, or ``relative``: percent of the baseline's), or with ``quality``
+    ``cosine`` a drop of the fidelity metric's cosine to the baseline's outputs (for data
+    without labels)."""
 
     objective: str
     budget: float
     relative: bool
+    quality: str = "accuracy"  # or "cosine"
 
     @property
     def metric(self) -> str:
         return self.objective.partition(".")[0]
 
+    @property
+    def measure(self) -> str:
+        """The metric that measures the quality the budget is about."""
+        return "fidelity" if self.quality == "cosine" else "accuracy"
+
     def drop(self, t: Trial) -> float | None:
+        if self.quality == "cosine":
+            return t.get("cosine_drop")
         return t.get("accuracy_drop_percent" if self.relative else "accuracy_drop_points")
+
+    def drop_text(self, drop: float) -> str:
+        if self.quality == "cosine":
+            return f"cosine {1.0 - drop:.5f}"
+        return f"accuracy drop {drop:.3g}{'%' if self.relative else ' pts'}"
 
     def within(self, t: Trial) -> bool:
         drop = self.drop(t)
@@ -188,10 +204,12 @@ class Goal:
         return self.within(t) and bool(t.get("improves")) and is_candidate(t)
 
     def text(self) -> str:
-        budget = (f"{self.budget:g}% of the baseline's accuracy" if self.relative
-                  else f"{self.budget:g} points")
-        return (f"accuracy drop <= {budget} and better {self.objective} than the baseline (a "
-                f"paired metric: its confidence interval; else by more than its noise)")
+        budget = (f"cosine to the baseline's outputs >= {1.0 - self.budget:g}"
+                  if self.quality == "cosine" else
+                  f"accuracy drop <= {self.budget:g}% of the baseline's accuracy"
+                  if self.relative else f"accuracy drop <= {self.budget:g} points")
+        return (f"{budget} and better {self.objective} than the baseline (a paired metric: "
+                f"its confidence interval; else by more than its noise)")
 
     def describe(self, t: Trial) -> str:
         """A trial's numbers in one line."""
@@ -201,7 +219,7 @@ class Goal:
         if t.get("speedup") is not None:
             parts.append(f"{speedup_text(t)} {t.get('latency_verdict')}")
         if (drop := self.drop(t)) is not None:
-            parts.append(f"accuracy drop {drop:.3g}{'%' if self.relative else ' pts'}")
+            parts.append(self.drop_text(drop))
         if t.get("size_ratio") is not None:
             parts.append(f"size {t['size_ratio'] * 100:.1f}%")
         if t.get("objective") is not None and self.metric not in ("latency", "size"):
@@ -233,13 +251,15 @@ def record(report: Any, goal: Goal) -> Trial:
         return {"status": "failed", "error": refused[0]}
     v, doc = report.verdict, report.to_dict()
     doc.pop("environment", None)  # kept once, with the study's machine
-    # data without labels has no accuracy, so no candidate
-    value, improves = goal.judge(report) if "accuracy" in report.baseline else (None, False)
+    # without the quality measured (an accuracy budget, data without labels): no candidate
+    value, improves = goal.judge(report) if goal.measure in report.optimized else (None, False)
+    cosine = report.optimized.get("fidelity", {}).get("cosine")
     return {"status": "ok", "objective": value, "improves": improves,
             **{k: v.get(k) for k in ("speedup", "speedup_ci", "accuracy_drop_points",
                                      "accuracy_drop_percent", "size_ratio")},
             "latency_verdict": v.get("latency"),
             "accuracy": report.optimized.get("accuracy", {}).get("top1"),
+            "cosine_drop": None if cosine is None else 1.0 - cosine,
             "step_seconds": sum(s.seconds for s in report.steps),
             "summaries": [s.details.get("summary", "") for s in report.steps],
             "warnings": report.warnings, "report": doc}
@@ -523,7 +543,7 @@ class Worker:
                 plans.append(((a["objective"] or 0.0) * (b["objective"] or 0.0), pair))
             elif pair["key"] not in keys:
                 self.decisions.append({"candidate": pair["key"], "decision": "skipped",
-                                       "reason": f"predicted accuracy drop {drop:.3g} (sum of "
+                                       "reason": f"predicted {g.quality} drop {drop:.3g} (sum of "
                                                  f"the two steps') exceeds the budget "
                                                  f"{g.budget:g}"})
         return [p for _v, p in sorted(plans, key=lambda p: -p[0])]
@@ -668,7 +688,7 @@ class Worker:
             # a trial that wrecks the model is scored by the accuracy budget, not refused
             report = self.session.run(
                 optimize=[spec_text(s["name"], s["options"]) for s in item["steps"]],
-                metrics=["accuracy"] if item["phase"] == "sensitivity" else self.metrics,
+                metrics=[self.goal.measure] if item["phase"] == "sensitivity" else self.metrics,
                 allow_collapse=True, save=False, **self.run_args(item.get("backend")))
         except (KeyboardInterrupt, Interrupted):  # the pipeline turns Ctrl-C into Interrupted
             trial.set_user_attr("interrupted", True)  # FAIL without a status: runs again
