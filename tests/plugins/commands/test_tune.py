@@ -441,6 +441,19 @@ def test_try_backend_runs_candidates_there_against_the_baseline_on_backend(
     assert refused.returncode == 2 and "--try-backend NAME instead" in refused.stderr
 
 
+def test_a_nan_cosine_is_not_within_a_cosine_budget() -> None:
+    from types import SimpleNamespace
+
+    from inferopt.plugins.commands.tune.search import Goal, record
+
+    goal = Goal("latency", 0.01, False, "cosine")
+    report = SimpleNamespace(
+        optimized={"fidelity": {"cosine": float("nan")}}, baseline={}, steps=[], warnings=[],
+        verdict={}, to_dict=dict, improvement=lambda *a: (1.5, "better"))
+    rec = record(report, goal)
+    assert rec["cosine_drop"] is None and not goal.within({**rec, "status": "ok"})
+
+
 def test_min_cosine_is_the_budget_for_data_without_labels(cli: Any, tmp_path: Path) -> None:
     args = ["tune", "--model", "demo:digits-mlp-small", "--data", "synthetic:shape=64x64",
             "--metric", "latency:min_runs=5,min_seconds=0,warmup=1", "-t", "int8",
@@ -449,6 +462,11 @@ def test_min_cosine_is_the_budget_for_data_without_labels(cli: Any, tmp_path: Pa
     assert refused.returncode == 2 and "--min-cosine 0.99" in refused.stderr
     both = cli(*args, "--min-cosine", "0.99", "--max-accuracy-drop", "1")
     assert both.returncode == 2 and "one quality budget" in both.stderr
+    for objective, says in (("fidelity", "only be as close"), ("accuracy", "no labels")):
+        bad = cli(*args, "--min-cosine", "0.99", "--objective", objective,
+                  "--out", str(tmp_path / objective))
+        assert bad.returncode == 2 and says in bad.stderr, bad.stderr
+        assert not (tmp_path / objective / "study.db").exists()
     out = tmp_path / "c"
     result = cli(*args, "--min-cosine", "0.999", "--out", str(out), "--json")
     assert result.returncode in (0, 1), result.stderr
@@ -458,5 +476,6 @@ def test_min_cosine_is_the_budget_for_data_without_labels(cli: Any, tmp_path: Pa
     # int8 keeps the outputs (cosine ~0.9999), so the trial is within the budget
     assert 0.0 <= int8["cosine_drop"] < 1e-3 and int8["within_budget"]
     assert "| cosine |" in (out / "tune.md").read_text()
+    assert doc["settings"]["min_cosine"] == 0.999
     resumed = cli(*args, "--out", str(out))  # the default accuracy budget: no labels
     assert resumed.returncode == 2

@@ -47,6 +47,13 @@ def test_fidelity_is_perfect_against_itself_and_drops_when_outputs_differ():
     flipped = FidelityMetric().measure(
         model, CpuBackend(), d, ctx(baseline_outputs=[-r for r in ref]))
     assert flipped["cosine"] < -0.9999 and flipped["agreement"] < 1
+    # rows that are all zero in both (a ReLU output) agree fully: cosine 1, not 0
+    relu = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
+    with torch.no_grad():
+        relu[0].bias.fill_(-100.0)
+    zeros = FidelityMetric().measure(relu, CpuBackend(), d,
+                                     ctx(baseline_outputs=[torch.zeros(8, 3)]))
+    assert zeros["cosine"] == 1.0
 
 
 def test_latency_runs_until_count_and_reports_percentiles():

@@ -56,6 +56,8 @@ class FidelityMetric(Metric):
             b = ref.float().reshape(a.shape)
             rows = out.shape[0] if out.dim() >= 1 else 1
             cos = torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12)
+            # identical rows agree fully, all-zero ones too (whose cosine is otherwise 0)
+            cos = torch.where((a == b).all(dim=1), torch.ones_like(cos), cos)
             cos_sum += float(cos.sum()) if per_sample else float(cos) * rows
             n += rows
             diff = (a - b).abs()

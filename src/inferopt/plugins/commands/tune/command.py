@@ -26,8 +26,9 @@ OLD_LOG = "trials.jsonl"  # an older tune's trial log
 @click.command(context_settings=CONTEXT)
 @cli_input_options
 @click.option("--metric", "metrics", multiple=True, metavar="NAME[:k=v,...]",
-              help="A metric, or options for one (latency:precision=thorough); latency, "
-                   "accuracy and size (and throughput) are always measured.")
+              help="A metric, or options for one (latency:precision=thorough); latency, size "
+                   "and the budget's metric (accuracy, or fidelity with --min-cosine) are always "
+                   "measured.")
 @click.option("--max-accuracy-drop", metavar="POINTS|PCT%",
               help="The accuracy budget: points of top-1 accuracy (1.0) or a share of the "
                    "baseline's accuracy (2%). Default: 1.0.")
@@ -111,7 +112,7 @@ def _search(flags: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any
         if flags["max_accuracy_drop"] is not None:
             raise UsageError("give one quality budget: --max-accuracy-drop or --min-cosine")
         gate: dict[str, float | None] = {}  # the fidelity metric offers no gate: none on best/
-        goal = Goal(flags["objective"], 1.0 - flags["min_cosine"], False, "cosine")
+        goal = Goal(flags["objective"], round(1.0 - flags["min_cosine"], 12), False, "cosine")
     else:
         gate = parse_accuracy_budget(flags["max_accuracy_drop"] or "1.0")
         goal = Goal(flags["objective"], next(iter(gate.values())) or 0.0,
@@ -139,10 +140,8 @@ def _search(flags: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any
                          "--try-backend NAME instead")
     given = list(flags["metrics"]) or (resolved["metrics"] if resolved["metrics_explicit"] else [])
     names = [m.partition(":")[0] for m in given]
-    if goal.quality == "accuracy" and data.eval[0].labels is None:
-        raise UsageError(f"--data {resolved['data']!r} has no labels, so no accuracy to keep "
-                         "within --max-accuracy-drop; give a fidelity budget instead: "
-                         "--min-cosine 0.99")
+    _check_quality(goal, model, data, resolved["data"], flags["output"] or resolved["output"],
+                   given)
     always = ("latency", goal.measure, "size", goal.metric)
     metrics = list(dict.fromkeys(given + [m for m in always if m not in names]))
     settings = {"model": resolved["model"], "data": resolved["data"], "split": resolved["split"],
@@ -156,7 +155,8 @@ def _search(flags: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any
     _check_backends(session, settings["backend"], backends)
     goal_json = {"objective": goal.objective, "max_accuracy_drop": goal.budget,
                  "relative": goal.relative,
-                 **({"quality": goal.quality} if goal.quality != "accuracy" else {})}
+                 **({"quality": goal.quality, "min_cosine": flags["min_cosine"]}
+                    if goal.quality != "accuracy" else {})}
     out.mkdir(parents=True, exist_ok=True)
     worker = Worker(session, {"model": model, "data": data, **run_args}, metrics, space, goal,
                     flags["max_trials"], flags["budget_minutes"] * 60, load_seconds,
@@ -185,6 +185,35 @@ def _search(flags: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any
                  _shown(storage, out.resolve()), notes, out, save)
     doc["seconds"] = round(time.monotonic() - started, 2)
     return doc
+
+
+def _check_quality(goal: Any, model: Any, data: Any, data_spec: str, output: str | None,
+                   metrics: tuple[str, ...]) -> None:
+    """That the budget and the objective can be measured on this model and data."""
+    import torch
+
+    from inferopt.utils import call_model, primary_output
+
+    if goal.metric == "fidelity":
+        raise UsageError("--objective fidelity: a candidate's outputs can only be as close to "
+                         "the baseline's as the baseline itself; budget it with --min-cosine "
+                         "and choose another objective")
+    if data.eval[0].labels is None:
+        if goal.quality == "accuracy":
+            raise UsageError(f"--data {data_spec!r} has no labels, so no accuracy to "
+                             "keep within --max-accuracy-drop; give a fidelity budget instead: "
+                             "--min-cosine 0.99")
+        if "accuracy" in [goal.metric, *(m.partition(":")[0] for m in metrics)]:
+            raise UsageError(f"--data {data_spec!r} has no labels: the accuracy metric "
+                             "cannot be measured; leave it out of --objective and --metric")
+    if goal.quality == "cosine":
+        with torch.inference_mode():
+            out = primary_output(call_model(model.eval(), data.eval[0].inputs), output)
+        if not out.is_floating_point():
+            raise UsageError(f"--min-cosine: the model's output is {out.dtype} (predictions), "
+                             "whose cosine says nothing about how many changed; give data with "
+                             "labels and --max-accuracy-drop, or pick a float output with "
+                             "--output")
 
 
 def _check_backends(session: Any, base: str, backends: list[str]) -> None:

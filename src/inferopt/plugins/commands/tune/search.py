@@ -254,6 +254,8 @@ def record(report: Any, goal: Goal) -> Trial:
     # without the quality measured (an accuracy budget, data without labels): no candidate
     value, improves = goal.judge(report) if goal.measure in report.optimized else (None, False)
     cosine = report.optimized.get("fidelity", {}).get("cosine")
+    if not (isinstance(cosine, int | float) and math.isfinite(cosine)):
+        cosine = None  # not measured, or NaN outputs: not within a cosine budget
     return {"status": "ok", "objective": value, "improves": improves,
             **{k: v.get(k) for k in ("speedup", "speedup_ci", "accuracy_drop_points",
                                      "accuracy_drop_percent", "size_ratio")},
@@ -416,7 +418,7 @@ class Worker:
             raise UsageError(f"study {name!r} holds a tune of a different baseline (changed: "
                              f"{', '.join(changed)}); its trials cannot be reused. Choose "
                              "another --out/--study, or --restart to discard them")
-        for key, flag in (("goal", "--objective/--max-accuracy-drop"),
+        for key, flag in (("goal", "--objective/--max-accuracy-drop/--min-cosine"),
                           ("space", "--technique"), ("sampler", "--sampler"),
                           ("backends", "--try-backend")):
             # a study from before --sampler was made with NSGA-II, one before --try-backend
