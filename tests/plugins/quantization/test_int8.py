@@ -662,6 +662,14 @@ def test_auto_mode_is_static_for_conv_nets_with_calibration_data_else_dynamic():
     assert ctx.details["mode"] == "dynamic" and "no calibration data" in ctx.details["mode_chosen"]
     _qm, ctx = apply(mlp(), data=calib(4, 64))
     assert ctx.details["mode"] == "dynamic"
+    # on OpenVINO, which runs exported dynamic layers' per-call quantization slowly: static
+    from inferopt.plugins.backends.openvino import OpenVinoBackend
+
+    on_ov = StepContext(log=get_logger(), data=calib(4, 64), backend=OpenVinoBackend())
+    Int8Quantizer().apply(mlp(), on_ov)
+    assert on_ov.details["mode"] == "static"
+    assert on_ov.details["mode_chosen"] == ("auto -> static: it runs on openvino and "
+                                            "calibration data is given")
 
 
 def test_a_version_1_run_reloads_with_per_tensor_fbgemm_activations():

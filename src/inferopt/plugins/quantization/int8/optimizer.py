@@ -2,8 +2,9 @@
 
 Modes:
 
-* ``auto`` (default): ``static`` for models with Conv2d layers when calibration data is given,
-  else ``dynamic``.
+* ``auto`` (default): ``static`` when calibration data is given and the model has Conv2d layers
+  or runs on the ``openvino`` backend (which runs the exported per-call quantization of dynamic
+  layers slowly), else ``dynamic``.
 * ``dynamic``: int8 weights (symmetric, per output channel); activations quantized at run time,
   one scale per row (token); int8 x int8 -> int32 products rescaled in float. Linear layers and
   the projections of ``nn.MultiheadAttention``; Conv2d needs ``static``.
@@ -124,17 +125,19 @@ class Int8Quantizer(Optimizer):
         ctx.state["mode"] = mode
         if mode != self.mode:
             ctx.details["mode_chosen"] = (
-                f"auto -> {mode}: " + ("the model has Conv2d layers and calibration data is "
-                                       "given" if mode == "static" else
-                                       "no Conv2d layer int8 can take" if has_calibration
-                                       or ctx.restoring else "no calibration data"))
+                f"auto -> {mode}: " + (
+                    "it runs on openvino and calibration data is given" if mode == "static"
+                    and _on_openvino(ctx) else "the model has Conv2d layers and calibration data "
+                    "is given" if mode == "static" else "no Conv2d layer int8 can take"
+                    if has_calibration or ctx.restoring else "no calibration data"))
             return attrs.evolve(self, mode=mode)._apply(model, ctx, device, per_channel)
         return self._apply(model, ctx, device, per_channel)
 
     def _resolve_mode(self, model: Any, ctx: Any, has_calibration: bool) -> str:
-        """``auto``: static when the model has a convolution int8 can take and calibration data
-        is given (the conv kernels need calibrated ranges), else dynamic. A saved run says
-        which mode it resolved to."""
+        """``auto``: static when calibration data is given and the model has a convolution int8
+        can take (the conv kernels need calibrated ranges) or runs on OpenVINO (demo MLP: x2.88
+        static against x0.92 dynamic; MiniLM: x3.86 against x1.76), else dynamic. A saved run
+        says which mode it resolved to."""
         if self.mode != "auto":
             return self.mode
         if ctx.restoring:
@@ -149,7 +152,7 @@ class Int8Quantizer(Optimizer):
 
         convs = [m for _, m in model.named_modules()
                  if type(m) is torch.nn.Conv2d and Int8Conv2d.supported(m) is None]
-        return "static" if convs and has_calibration else "dynamic"
+        return "static" if has_calibration and (convs or _on_openvino(ctx)) else "dynamic"
 
     def _apply(self, model: Any, ctx: Any, device: Any, per_channel: bool) -> Any:
         import torch
@@ -682,3 +685,8 @@ def affine_uint8(low: float, high: float) -> tuple[float, int]:
 @hookimpl
 def inferopt_register_optimizers(register: Any) -> None:
     register(Int8Quantizer)
+
+
+def _on_openvino(ctx: Any) -> bool:
+    """Whether the step's model will run on the built-in openvino backend."""
+    return getattr(ctx.backend, "name", None) == "openvino"
