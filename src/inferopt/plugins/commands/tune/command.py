@@ -74,7 +74,8 @@ OLD_LOG = "trials.jsonl"  # an older tune's trial log
               help="Print only the tune document (inferopt.tune/2) on stdout.")
 @cli_logging_options(default_level="warning")
 def tune(**flags: Any) -> None:
-    """Search the installed techniques for the best recipe within an accuracy budget.
+    """Search the installed techniques for the best recipe within an accuracy budget (or,
+    with --min-cosine, a fidelity budget for data without labels).
 
     Every trial is measured against the same baseline (latency interleaved A/B) and stored in
     an Optuna study; start more workers with the same --storage and --study to share the
