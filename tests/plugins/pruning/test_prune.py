@@ -207,9 +207,108 @@ def test_activation_pruning_removes_dead_and_constant_neurons_without_changing_o
     assert apoz[0].out_features == 8
     kept_bias = apoz[0].bias.detach()
     assert bool((kept_bias > -50).all())  # every dead neuron went
+    folded = inferopt.apply(copy.deepcopy(model), "prune-activations", data=data,
+                            sparsity=0.5, criterion="variance")
+    torch.testing.assert_close(folded(x), expected, atol=1e-4, rtol=1e-4)
     no_fold = inferopt.apply(copy.deepcopy(model), "prune-activations", data=data,
-                             sparsity=0.5, compensate=False)
+                             sparsity=0.5, criterion="variance", compensate=False)
     assert not torch.allclose(no_fold(x), expected, atol=1e-3)
+
+
+def _redundant_mlp() -> tuple[nn.Module, inferopt.Data, torch.Tensor]:
+    """32 hidden neurons made of 8 independent ones: 8 exact copies and 16 mixes of pairs (a
+    mix of two ReLUs is no ReLU, so these are real Linear inputs the next layer reads)."""
+    torch.manual_seed(0)
+    base = nn.Linear(6, 8)
+    model = nn.Sequential(nn.Linear(6, 32), nn.Identity(), nn.Linear(32, 4)).eval()
+    with torch.no_grad():
+        mix = torch.zeros(32, 8)
+        mix[:8] = torch.eye(8)
+        mix[8:16] = 2.0 * torch.eye(8)
+        mix[16:] = torch.rand(16, 8) * (torch.rand(16, 8) < 0.25)
+        model[0].weight.copy_(mix @ base.weight)
+        model[0].bias.copy_(mix @ base.bias)
+    # many rows against the 32 channels: the covariance is then damped by its floor only
+    x = torch.randn(9600, 6)
+    data = inferopt.Data(eval=[inferopt.Batch(x[i:i + 1200]) for i in range(0, 9600, 1200)])
+    return model, data, x
+
+
+def test_reconstruction_keeps_outputs_where_other_channels_carry_the_removed_ones():
+    model, data, x = _redundant_mlp()
+    expected = model(x)
+    pruned = inferopt.apply(copy.deepcopy(model), "prune-activations", data=data, sparsity=0.75)
+    assert pruned[0].out_features == 8 and pruned[2].in_features == 8
+    # 8 independent directions span all 32 neurons: the refit next layer loses nothing
+    torch.testing.assert_close(pruned(x), expected, atol=1e-3, rtol=1e-3)
+    ranked = inferopt.apply(copy.deepcopy(model), "prune-activations", data=data,
+                            sparsity=0.75, criterion="variance")
+    assert (ranked(x) - expected).abs().max() > 100 * (pruned(x) - expected).abs().max()
+    report = inferopt.run(model=copy.deepcopy(model), data=data, save=False,
+                          optimize=["prune-activations:sparsity=0.75"], metrics=["fidelity"])
+    details = report.steps[0].details
+    assert details["criterion"] == "reconstruct" and details["not_refit"] == {}
+    assert "reconstruction of the next layer's output" in details["summary"]
+    assert "in 1 of 1 group(s)" in details["summary"]
+
+
+def test_reconstruction_generalizes_past_the_calibration_rows():
+    """Refit on 96 rows, judged on 2,000 others: the least squares must not fit noise."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 8)).eval()
+    calib = torch.randn(96, 16)
+    data = inferopt.Data(eval=[inferopt.Batch(calib[i:i + 32]) for i in range(0, 96, 32)])
+    fresh = torch.randn(2000, 16)
+    with torch.no_grad():
+        expected = model(fresh)
+
+        def error(criterion: str) -> float:
+            pruned = inferopt.apply(copy.deepcopy(model), "prune-activations", data=data,
+                                    sparsity=0.5, criterion=criterion)
+            return float((pruned(fresh) - expected).pow(2).mean())
+
+        assert error("reconstruct") < 0.5 * error("variance")
+
+
+def test_reconstruction_falls_back_to_variance_where_it_cannot_refit(monkeypatch):
+    model = ResNetish().eval()
+    _randomize_norms(model)
+    data = inferopt.Data(eval=[inferopt.Batch(torch.randn(4, 3, 8, 8)) for _ in range(2)])
+    by_variance = inferopt.apply(copy.deepcopy(model), "prune-activations", data=data,
+                                 sparsity=0.25, criterion="variance")
+    report = inferopt.run(model=copy.deepcopy(model), data=data, save=False,
+                          optimize=["prune-activations:sparsity=0.25"], metrics=["fidelity"])
+    not_refit = report.steps[0].details["not_refit"]
+    assert not_refit and all("not a Linear" in why or "layers, not one" in why
+                             for why in not_refit.values())
+    assert "in 0 of" in report.steps[0].details["summary"]
+    # with nothing to refit, the same channels go and the same means are folded
+    pruned = inferopt.apply(copy.deepcopy(model), "prune-activations", data=data, sparsity=0.25)
+    x = torch.randn(3, 3, 8, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(pruned(x), by_variance(x))
+    # a group past the memory allowed for second moments falls back too, and says why
+    model, data, _x = _redundant_mlp()
+    monkeypatch.setattr(pc, "REFIT_MEMORY", 100)
+    report = inferopt.run(model=model, data=data, save=False,
+                          optimize=["prune-activations:sparsity=0.5"], metrics=["fidelity"])
+    assert "MiB allowed" in next(iter(report.steps[0].details["not_refit"].values()))
+
+
+def test_reconstruction_adds_a_bias_and_round_trips(tmp_path):
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 4, bias=False)).eval()
+
+    data = inferopt.Data(eval=[inferopt.Batch(torch.randn(16, 6) + 1.0) for _ in range(3)])
+    inferopt.run(model=build(), data=data, optimize=["prune-activations:sparsity=0.5"],
+                 metrics=["fidelity"], out=tmp_path / "run")
+    loaded = inferopt.load(tmp_path / "run", model=build())
+    assert loaded[2].in_features == 16 and loaded[2].bias is not None
+    direct = inferopt.apply(build(), "prune-activations", data=data, sparsity=0.5)
+    x = torch.randn(5, 6)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), direct(x))
 
 
 def test_finetuning_keeps_pruned_weights_at_zero_and_lowers_the_loss(inferopt_tiny_model_factory,
@@ -523,3 +622,77 @@ def test_activation_statistics_leave_out_padding_tokens():
     with torch.no_grad():
         real = torch.relu(model.up(x[mask.bool()]))
     assert torch.allclose(stats[probe].mean, real.mean(0), atol=1e-5)
+
+
+class _TiedReader(nn.Module):
+    """fc2 reads the pruned channels; another layer uses fc2's very weight on other inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.side = nn.Linear(8, 32), nn.Linear(32, 4), nn.Linear(32, 4)
+        self.side.weight = self.fc2.weight
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.fc2(torch.relu(self.fc1(x))), self.side(x.new_ones(x.shape[0], 32))
+
+
+def test_reconstruction_leaves_shared_weights_and_thin_data_to_variance():
+    torch.manual_seed(0)
+    model = _TiedReader().eval()
+    x = torch.randn(256, 8)
+    data = inferopt.Data(eval=[inferopt.Batch(x[i:i + 64]) for i in range(0, 256, 64)])
+    with torch.no_grad():
+        side = model(x)[1]
+    report = inferopt.run(model=copy.deepcopy(model), data=data, save=False,
+                          optimize=["prune-activations:sparsity=0.5"], metrics=["fidelity"])
+    assert "shared with another layer" in report.steps[0].details["not_refit"]["fc1"]
+    pruned = inferopt.apply(copy.deepcopy(model), "prune-activations", data=data, sparsity=0.5)
+    with torch.no_grad():  # the other user of the weight is not rewritten
+        torch.testing.assert_close(pruned(x)[1], side)
+    # 16 rows for 32 channels: a least-squares refit would fit noise
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    thin = inferopt.Data(eval=[inferopt.Batch(torch.randn(16, 8))])
+    report = inferopt.run(model=model, data=thin, save=False,
+                          optimize=["prune-activations:sparsity=0.5"], metrics=["fidelity"])
+    assert "16 rows observed, fewer than its 32 channels" in \
+        report.steps[0].details["not_refit"]["0"]
+
+
+def test_reconstruction_with_as_many_rows_as_channels_is_no_worse_than_variance():
+    """Full-rank activations and rows = channels, where an undamped refit fits the rows'
+    noise: the damping that grows as rows get fewer keeps it at least as good as ranking."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 32)).eval()
+    calib = torch.randn(128, 128)
+    data = inferopt.Data(eval=[inferopt.Batch(calib[i:i + 32]) for i in range(0, 128, 32)])
+    fresh = torch.randn(2000, 128)
+    with torch.no_grad():
+        expected = model(fresh)
+        errors = {c: float((inferopt.apply(copy.deepcopy(model), "prune-activations", data=data,
+                                           sparsity=0.5, criterion=c)(fresh) - expected)
+                           .pow(2).mean())
+                  for c in ("reconstruct", "variance")}
+    assert errors["reconstruct"] <= errors["variance"], errors
+
+
+def test_a_group_refit_in_a_later_round_is_not_reported_as_refused():
+    """28 rows: too few for 32 channels in round 1 (ranked by variance), enough for the 24
+    left in round 2 (refit); the report says what happened last."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    data = inferopt.Data(eval=[inferopt.Batch(torch.randn(28, 8))])
+    report = inferopt.run(model=model, data=data, save=False, metrics=["fidelity"],
+                          optimize=["prune-activations:sparsity=0.5,iterations=2"])
+    details = report.steps[0].details
+    assert details["not_refit"] == {}
+    assert "in 1 of 1 group(s)" in details["summary"] and "others" not in details["summary"]
+
+
+def test_second_moments_of_channels_far_from_zero_keep_their_precision():
+    torch.manual_seed(0)
+    x = torch.randn(5000, 16) * 0.01 + 300.0  # a large mean, a small spread
+    stats = pc.ActivationStats.empty(16, outer=True)
+    for i in range(0, 5000, 700):
+        stats.add(x[i:i + 700], -1)
+    exact = torch.cov(x.double().T, correction=0)
+    assert float((stats.covariance() - exact).abs().max()) < 1e-3 * float(exact.abs().max())

@@ -8,11 +8,14 @@
   norm of their weights and removes the weakest, together with everything coupled to them (the
   next layer's inputs, BatchNorm, residual additions, transformer feed-forward blocks). The
   result is a smaller ordinary module that runs faster on any hardware.
-* ``prune-activations``: the same physical removal, ranking channels by what they do on the run's
-  data: how much their activation varies times the weight that carries it on
-  (``criterion=variance``, the default), mean |activation| (``mean``) or the share of zeros after
-  ReLU (``apoz``); the mean activation of each removed channel is folded into the next layer's
-  bias (``compensate``).
+* ``prune-activations``: the same physical removal, choosing channels by what they do on the
+  run's data. By default (``criterion=reconstruct``) where one Linear reads the channels, the
+  channels and that Linear's new weights are chosen together, by least squares on the observed
+  activations (Optimal Brain Surgeon on its input columns); elsewhere, and with
+  ``criterion=variance``, by how much their activation varies times the weight that carries it
+  on, the mean activation of each removed channel folded into the next layer's bias
+  (``compensate``); or by mean |activation| (``mean``) or the share of zeros after ReLU
+  (``apoz``).
 
 All three can fine-tune afterwards (``finetune_steps``) and prune in several rounds
 (``iterations``). The torch side is in :mod:`inferopt.plugins.pruning.channels`,
@@ -145,24 +148,41 @@ class _Pruner(Optimizer):
                              f"removed ({reasons})")
         before = _output_signature(model, example)
         original = {g.name: g.channels for g in chosen}
+        # criterion=reconstruct: groups it cannot refit fall back to variance + folded means
+        plan = pc.refit_plan(model, chosen) if criterion == "reconstruct" else {}
+        not_refit = {name: why for name, why in plan.items() if why is not None}
+        outer = [g.probes[0] for g in chosen if plan.get(g.name, "no") is None]
+        refit: set[str] = set()
         rounds: list[dict[str, Any]] = []
         for round_no in range(1, self.iterations + 1):
             target = self._target(round_no)
             stats = None
             if criterion != "l1":
                 batches = list(ctx.data.calibration)[: self.calibration_batches]
-                stats = pc.activation_stats(model, gm, chosen, batches, device)
+                stats = pc.activation_stats(model, gm, chosen, batches, device, outer)
             for group in chosen:
                 keep_n = pc.channels_to_keep(original[group.name], target, self._round_to())
                 if keep_n >= group.channels:
                     continue
                 if stats is None:
-                    score = pc.weight_scores(model, group)
+                    keep = torch.topk(pc.weight_scores(model, group), keep_n,
+                                      sorted=False).indices
+                elif group.probes[0] in outer and group.probes[0] in stats and (
+                        refit_keep := pc.reconstruct(model, group, stats, keep_n)) is not None:
+                    keep = refit_keep
+                    refit.add(group.name)
+                    not_refit.pop(group.name, None)  # refused in an earlier round
                 else:
-                    score = pc.activation_scores(model, group, stats, criterion)
-                keep = torch.topk(score, keep_n, sorted=False).indices
-                if stats is not None and self._compensate():
-                    pc.fold_means(model, group, keep, stats)
+                    if group.probes[0] in outer and group.probes[0] in stats:
+                        not_refit[group.name] = (
+                            f"{stats[group.probes[0]].count} rows observed, fewer than its "
+                            f"{group.channels} channels (give more calibration data)")
+                    score = pc.activation_scores(
+                        model, group, stats,
+                        "variance" if criterion == "reconstruct" else criterion)
+                    keep = torch.topk(score, keep_n, sorted=False).indices
+                    if self._compensate():
+                        pc.fold_means(model, group, keep, stats)
                 pc.prune_group(model, group, keep)
                 group.channels = keep_n
             rounds.append({"round": round_no, "sparsity": round(target, 4),
@@ -181,15 +201,22 @@ class _Pruner(Optimizer):
                   for g in chosen}
         removed = sum(original[g.name] - g.channels for g in chosen)
         total = sum(original.values())
+        how = self._criterion_text(criterion)
+        if criterion == "reconstruct":
+            how = (f"{how} in {len(refit)} of {len(chosen)} group(s)"
+                   + (f", by {self._criterion_text('variance')} in the others"
+                      if not_refit else ""))
         summary = (f"removed {removed:,} of {total:,} channels/neurons ({removed / total:.1%}) "
-                   f"in {len(chosen)} group(s) by {self._criterion_text(criterion)}")
+                   f"in {len(chosen)} group(s) by {how}")
         if skipped:
             summary += "; not pruned: " + "; ".join(
                 f"{n} ({why})" for n, why in list(skipped.items())[:4])
-        if self._compensate():
+        if self._compensate() and (criterion != "reconstruct" or not_refit):
             summary += "; mean activations of removed channels folded into the next biases"
         ctx.details.update({"summary": summary, "mode": "structured", "criterion": criterion,
                             "groups": pruned, "not_pruned": skipped, "rounds": rounds})
+        if criterion == "reconstruct":
+            ctx.details["not_refit"] = not_refit
         return model
 
     def _target(self, round_no: int) -> float:
@@ -208,7 +235,9 @@ class _Pruner(Optimizer):
     def _criterion_text(criterion: str) -> str:
         return {"l1": "weight L1 norm", "mean": "mean |activation|",
                 "variance": "activation variance x weight reaching the next layer",
-                "apoz": "share of zero activations (APoZ)"}[criterion]
+                "apoz": "share of zero activations (APoZ)",
+                "reconstruct": "least-squares reconstruction of the next layer's output "
+                               "(Optimal Brain Surgeon on its input columns)"}[criterion]
 
 
 @attrs.frozen
@@ -301,16 +330,20 @@ class ActivationPruner(_Pruner):
     """Structured pruning that ranks channels by their activations on the run's data."""
 
     name = "prune-activations"
-    summary = ("remove the neurons/channels that matter least on the run's data (activation "
-               "variance x outgoing weight, mean |activation| or APoZ)")
+    summary = ("remove the neurons/channels that matter least on the run's data and refit the "
+               "next layer by least squares (or rank by activation variance, mean or APoZ)")
 
     criterion: str = option(
-        "variance", choices=("variance", "mean", "apoz"), searchable=("variance", "mean"),
-        help="variance: activation variance x squared norm of the weights reading it (the "
-             "error removal causes once the mean is folded into the next bias); mean: mean "
-             "|activation|; apoz: share of zeros after ReLU")
+        "reconstruct", choices=("reconstruct", "variance", "mean", "apoz"),
+        searchable=("reconstruct", "variance", "mean"),
+        help="reconstruct: remove the channels the next Linear can best make up for and refit "
+             "it by least squares on the run's activations (groups read by one Linear; others "
+             "by variance); variance: activation variance x squared norm of the weights "
+             "reading it (the error removal causes once the mean is folded into the next "
+             "bias); mean: mean |activation|; apoz: share of zeros after ReLU")
     compensate: bool = option(True, help="fold the mean activation of removed channels into "
-                                         "the next layer's bias")
+                                         "the next layer's bias (reconstruct refits the bias "
+                                         "anyway)")
     round_to: int = option(1, min=1, help="keep a multiple of this many channels")
 
     def _needs_activations(self) -> bool:
