@@ -479,3 +479,16 @@ def test_min_cosine_is_the_budget_for_data_without_labels(cli: Any, tmp_path: Pa
     assert doc["settings"]["min_cosine"] == 0.999
     resumed = cli(*args, "--out", str(out))  # the default accuracy budget: no labels
     assert resumed.returncode == 2
+
+
+def test_json_output_is_strict_json_as_tune_json_is(capsys: Any) -> None:
+    from inferopt.plugins.commands.tune.results import show
+
+    doc = {"settings": {"objective": "latency", "max_accuracy_drop": 1.0, "relative": False},
+           "goal": "g", "trials": [], "pareto": [], "chosen": None, "closest": [],
+           "baseline": {"latency_p50_ms": float("nan"), "a_a_speedup": float("inf")},
+           "artifacts": {"study": "s", "study_name": "n", "summary": "tune.json"}}
+    with pytest.raises(SystemExit):  # no candidate chosen: exit 1
+        show(doc, as_json=True)
+    printed = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(c))
+    assert printed["baseline"] == {"latency_p50_ms": None, "a_a_speedup": None}

@@ -212,7 +212,7 @@ def show(doc: dict[str, Any], as_json: bool) -> None:
 
     lines = result_lines(doc)
     if as_json:
-        click.echo(json.dumps(doc, indent=2))
+        click.echo(json.dumps(finite_json(doc), indent=2))
     else:
         print_table(f"inferopt tune: {len(doc['trials'])} trials", columns(doc), table_rows(doc),
                     fold=["recipe"])
