@@ -140,15 +140,13 @@ def _search(flags: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any
                          "tune measures the baseline on --backend; give the other backend as "
                          "--try-backend NAME instead")
     given = list(flags["metrics"]) or (resolved["metrics"] if resolved["metrics_explicit"] else [])
-    names = [m.partition(":")[0] for m in given]
-    _check_quality(goal, model, data, resolved["data"], flags["output"] or resolved["output"],
-                   given)
-    always = ("latency", goal.measure, "size", goal.metric)
-    metrics = list(dict.fromkeys(given + [m for m in always if m not in names]))
-    settings = {"model": resolved["model"], "data": resolved["data"], "split": resolved["split"],
-                "batch_size": resolved["batch_size"], "seed": resolved["seed"],
+    settings = {**{k: resolved[k] for k in ("model", "data", "split", "batch_size", "seed")},
                 "backend": flags["backend"] or resolved["backend"], "metrics": given,
                 "output": flags["output"] or resolved["output"]}
+    _check_quality(goal, model, data, resolved["data"], settings["output"], given)
+    names = [m.partition(":")[0] for m in given]
+    always = ("latency", goal.measure, "size", goal.metric)
+    metrics = list(dict.fromkeys(given + [m for m in always if m not in names]))
     # session.run's arguments for every trial and for saving the choice, besides model and data
     run_args = {"backend": settings["backend"], "seed": settings["seed"],
                 "output": settings["output"],
@@ -172,12 +170,11 @@ def _search(flags: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any
         """The chosen recipe, run again as an ordinary ``inferopt run`` into ``OUT/best`` (from
         the same recipe file and flags, which it resolves as the search did)."""
         echo(f"saving trial {chosen['id']} ({chosen['key']}) to {out / 'best'}")
-        where = chosen.get("backend")  # a --try-backend: the baseline stays on --backend
-        on = {"backend": where, "baseline_backend": run_args["backend"]} if where else {}
+        args = worker.run_args(chosen.get("backend"))  # as the trial ran, but from the specs
         return session.run(
             flags["recipe"], metrics=metrics, gates=gate, out=out / "best", overwrite=True,
             optimize=[spec_text(s["name"], s["options"]) for s in chosen["steps"]],
-            **given_specs, **{**run_args, **on})
+            **given_specs, **{k: v for k, v in args.items() if k not in ("model", "data")})
 
     doc = finish(worker, {**settings, **goal_json, "sampler": flags["sampler"],
                           "budget_minutes": round(flags["budget_minutes"], 3),

@@ -187,11 +187,6 @@ class Goal:
             return t.get("cosine_drop")
         return t.get("accuracy_drop_percent" if self.relative else "accuracy_drop_points")
 
-    def drop_text(self, drop: float) -> str:
-        if self.quality == "cosine":
-            return f"cosine {1.0 - drop:.5f}"
-        return f"accuracy drop {drop:.3g}{'%' if self.relative else ' pts'}"
-
     def within(self, t: Trial) -> bool:
         drop = self.drop(t)
         return t.get("status") == "ok" and drop is not None and drop <= self.budget + EPSILON
@@ -219,7 +214,8 @@ class Goal:
         if t.get("speedup") is not None:
             parts.append(f"{speedup_text(t)} {t.get('latency_verdict')}")
         if (drop := self.drop(t)) is not None:
-            parts.append(self.drop_text(drop))
+            parts.append(f"cosine {1.0 - drop:.5f}" if self.quality == "cosine" else
+                         f"accuracy drop {drop:.3g}{'%' if self.relative else ' pts'}")
         if t.get("size_ratio") is not None:
             parts.append(f"size {t['size_ratio'] * 100:.1f}%")
         if t.get("objective") is not None and self.metric not in ("latency", "size"):
@@ -431,11 +427,10 @@ class Worker:
         old, mine = theirs.get("machine", {}), self.machine
         diffs = [f"{k} {old.get(k)!r} here {mine[k]!r}"
                  for k in ("cpu", "cores", "gpu", "torch") if old.get(k) != mine[k]]
-        theirs_only, mine_only = (" ".join(sorted(set(a) - set(b))[:8]) or "-" for a, b in (
-            (old.get("cpu_flags", []), mine["cpu_flags"]),
-            (mine["cpu_flags"], old.get("cpu_flags", []))))
-        if (theirs_only, mine_only) != ("-", "-"):
-            diffs.append(f"CPU flags (only the study's: {theirs_only}; only here: {mine_only})")
+        a, b = set(old.get("cpu_flags", [])), set(mine["cpu_flags"])
+        if a != b:
+            diffs.append(f"CPU flags (only the study's: {' '.join(sorted(a - b)[:8]) or '-'}; "
+                         f"only here: {' '.join(sorted(b - a)[:8]) or '-'})")
         if diffs:
             raise UsageError(f"study {name!r} was measured on another kind of machine, so its "
                              f"timings do not compare with this one's: {'; '.join(diffs)}. Run "
