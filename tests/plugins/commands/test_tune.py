@@ -70,7 +70,15 @@ def test_tune_picks_a_faster_candidate_within_one_point(cli: Any, tmp_path: Path
 
 
 def test_impossible_budget_exits_1_with_the_three_closest(cli: Any, tmp_path: Path) -> None:
+    import os
+
     out = tmp_path / "tune"
+    # an earlier choice, and what a worker killed while it discarded one left (its pid reused)
+    (out / "best").mkdir(parents=True)
+    (out / "best" / "inferopt.json").write_text("{}")
+    (out / f".best.discarded-{os.getpid()}").mkdir()
+    (out / f".best.discarded-{os.getpid()}" / "model.safetensors").write_text("half")
+    (out / ".tune.running").touch()
     result = cli("tune", *FAST, "--max-accuracy-drop", "0.0", "--out", str(out),
                  "-t", "prune-l1:structured=true,sparsity=0.9",
                  "-t", "prune-activations:sparsity=0.9")
@@ -83,7 +91,7 @@ def test_impossible_budget_exits_1_with_the_three_closest(cli: Any, tmp_path: Pa
     drops = [next(t for t in doc["trials"] if t["id"] == i)["accuracy_drop_points"]
              for i in doc["closest"]]
     assert drops == sorted(drops) and drops[0] > 0
-    assert not (out / "best").exists()
+    assert not (out / "best").exists() and not list(out.glob(".best.discarded-*"))
     # when the fallback ran, a layer the pruners cannot leave out is said, not hidden
     assert all(s["status"] == "ok" or "found no layer" in s["error"] for s in doc["sensitivity"])
 
@@ -492,3 +500,137 @@ def test_json_output_is_strict_json_as_tune_json_is(capsys: Any) -> None:
         show(doc, as_json=True)
     printed = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(c))
     assert printed["baseline"] == {"latency_p50_ms": None, "a_a_speedup": None}
+
+
+def test_out_never_takes_a_users_files_for_an_earlier_tune(cli: Any, tmp_path: Path) -> None:
+    """A folder with a tune-like name in it is not an earlier tune (a user's best/ was deleted,
+    a tune.md overwritten); tune's own names as links or of the wrong kind are refused (it
+    wrote through a .tune.lock link), before anything is written."""
+    import shutil
+
+    args = ["tune", *FAST, "-t", "int8", "--trials", "1"]
+    mine = tmp_path / "mine.txt"
+    mine.write_text("user data")
+    proj = tmp_path / "proj"
+    (proj / "best").mkdir(parents=True)
+    (proj / "best" / "model.pt").write_text("weights")
+    (proj / "tune.md").write_text("my notes")
+    for files in (["best", "tune.md"], ["tune.md"]):
+        for name in {"best", "tune.md", "notes.txt"} - set(files):
+            shutil.rmtree(proj / name) if (proj / name).is_dir() else \
+                (proj / name).unlink(missing_ok=True)
+        result = cli(*args, "--out", str(proj))
+        assert result.returncode == 2 and "not an earlier tune" in result.stderr, result.stderr
+    assert (proj / "tune.md").read_text() == "my notes" and sorted(
+        p.name for p in proj.iterdir()) == ["tune.md"]
+    in_file = cli(*args, "--out", str(mine / "sub"))
+    assert in_file.returncode == 2 and "a parent of it is a file" in in_file.stderr
+    done = tmp_path / "done"
+    assert cli(*args, "--out", str(done)).returncode in (0, 1)
+    for i, (name, make) in enumerate(((".tune.lock", lambda p: p.symlink_to(mine)),
+                                      ("tune.json", lambda p: p.mkdir()),
+                                      ("best", lambda p: p.symlink_to(tmp_path)),
+                                      ("best", lambda p: p.mkdir()))):
+        copy = tmp_path / f"copy{i}"
+        shutil.copytree(done, copy, symlinks=True)
+        path = copy / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        make(path)
+        for restart in ([], ["--restart"]):
+            result = cli(*args, "--out", str(copy), *restart)
+            assert result.returncode == 2 and f"{name} is " in result.stderr, result.stderr
+            assert path.exists() or path.is_symlink()
+    assert mine.read_text() == "user data" and (tmp_path / "proj").is_dir()
+
+
+def test_restart_clears_what_a_killed_tune_left_and_waits_for_no_running_one(
+        cli: Any, tmp_path: Path) -> None:
+    import fcntl
+
+    out = tmp_path / "t"
+    args = ["tune", *FAST, "-t", "int8", "--trials", "1", "--out", str(out)]
+    assert cli(*args).returncode in (0, 1)
+    (out / ".best.partial-x1").mkdir()  # a half-saved best, journals, a half-written summary
+    (out / ".best.partial-x1" / "model.pt").write_text("half")
+    for name in ("study.db-journal", ".tune.json.123.tmp"):
+        (out / name).write_text("")
+    assert cli(*args).returncode in (0, 1)  # a plain rerun continues beside them
+    (out / "study.db-backup").write_text("a user's copy")  # not a leftover: refused, kept
+    refused = cli(*args, "--restart")
+    assert refused.returncode == 2 and "study.db-backup" in refused.stderr
+    assert (out / "study.db-backup").read_text() == "a user's copy"
+    (out / "study.db-backup").unlink()
+    with (out / ".tune.running").open("a") as running:
+        fcntl.flock(running, fcntl.LOCK_SH)  # a worker running in --out
+        refused = cli(*args, "--restart")
+        assert refused.returncode == 2 and "a tune is running" in refused.stderr
+        assert (out / "study.db").is_file()
+    import inferopt
+
+    real = inferopt.Session.load_inputs
+
+    def slow_load(self: Any, *a: Any, **k: Any) -> Any:
+        (out / "notes.txt").write_text("written while the model loaded")
+        return real(self, *a, **k)
+
+    with pytest.MonkeyPatch.context() as m:  # checked again before deleting: kept
+        m.setattr(inferopt.Session, "load_inputs", slow_load)
+        refused = cli(*args, "--restart")
+    assert refused.returncode == 2 and "notes.txt" in refused.stderr
+    (out / "notes.txt").unlink()
+    again = cli(*args, "--restart", "--json")
+    assert again.returncode in (0, 1), again.stderr
+    assert not {"study.db-journal", ".tune.json.123.tmp", ".best.partial-x1"} & {
+        p.name for p in out.iterdir()}
+    assert len(json.loads(again.stdout)["trials"]) == 2  # A/A and int8: a new study
+
+
+def test_storage_refusals_and_a_study_left_half_set_up(cli: Any, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+    import types
+
+    import optuna
+
+    from inferopt.plugins.commands.tune import search
+
+    args = ["tune", *FAST, "-t", "int8", "--trials", "1"]
+    for url in ("sqlite://", "sqlite:///", "sqlite:///:memory:"):
+        result = cli(*args, "--storage", url, "--out", str(tmp_path / "m"))
+        assert result.returncode == 2 and "in-memory" in result.stderr, (url, result.stderr)
+    other = f"sqlite:///{tmp_path / 'other.db'}"  # another program's study of the same name
+    study = optuna.create_study(study_name="inferopt-tune", storage=other)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    def no_wait(_seconds: float) -> None:
+        raise AssertionError("waited for another program's study to be set up")
+
+    earlier = tmp_path / "o"  # an earlier tune in --out: a refused --restart keeps it
+    assert cli(*args, "--out", str(earlier)).returncode in (0, 1)
+    kept = sorted(p.name for p in earlier.iterdir())
+    for restart in ([], ["--restart"]):
+        with monkeypatch.context() as m:  # refused at once, not after SETUP_WAIT
+            m.setattr(search, "time", types.SimpleNamespace(
+                sleep=no_wait, monotonic=time.monotonic, time=time.time))
+            result = cli(*args, "--storage", other, "--out", str(earlier), *restart)
+        assert result.returncode == 2 and "not an inferopt tune study" in result.stderr
+        assert sorted(p.name for p in earlier.iterdir()) == kept
+    assert len(optuna.load_study(study_name="inferopt-tune", storage=other).trials) == 2
+    # a worker killed while it set the study up: a rerun finishes the setup and goes on
+    monkeypatch.setattr(search, "SETUP_WAIT", 0.3)
+    for attrs in ({}, {"schema": search.SCHEMA}, {"schema": search.SCHEMA, "fingerprint": "x"},
+                  {"fingerprint": "x"}):  # an earlier version set the fingerprint first
+        out = tmp_path / f"half{len(attrs)}{'s' if 'schema' in attrs else ''}"
+        out.mkdir()
+        (out / ".tune.running").touch()
+        half = optuna.create_study(study_name="inferopt-tune",
+                                   storage=f"sqlite:///{out / 'study.db'}",
+                                   directions=["maximize", "minimize", "minimize"])
+        for key, value in attrs.items():
+            half.set_user_attr(key, value)
+        result = cli(*args, "--out", str(out), "--json")
+        if "fingerprint" in attrs:  # another search's: refused, nothing of this one written
+            assert result.returncode == 2 and "differing: fingerprint" in result.stderr
+            assert half.user_attrs == attrs and not half.trials
+            continue
+        assert result.returncode in (0, 1) and "left half set up" in result.stderr, result.stderr
+        assert len(json.loads(result.stdout)["trials"]) == 2

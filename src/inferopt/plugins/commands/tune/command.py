@@ -4,6 +4,7 @@ search itself: :mod:`.search`)."""
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -17,9 +18,13 @@ from inferopt.plugins.commands.tune.search import SAMPLERS
 from inferopt.utils import cli_errors, cli_input_options, cli_logging_options
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100, "show_default": True}
-# what --restart may delete in --out: the files inferopt tune writes
+# what --restart may delete in --out: the files inferopt tune writes (best: a directory), and
+# what a killed one leaves (SQLite's journals, a half-saved best, a half-written summary)
 OURS = {"study.db", "tune.json", "tune.md", "pareto.png", "importance.png", "best",
-        ".tune.lock", ".best-trial"}
+        ".tune.lock", ".best-trial", ".tune.running"}
+LEFTOVERS = re.compile(r"study\.db-(journal|wal|shm)|\.best\.(partial|replaced|discarded)-\w+"
+                       r"|\.tune\.(json|md)\.\d+\.tmp")
+MARKS = {"study.db", ".tune.lock", ".best-trial", ".tune.running"}  # only tune writes these
 OLD_LOG = "trials.jsonl"  # an older tune's trial log
 
 
@@ -130,7 +135,8 @@ def _search(flags: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any
                          "METRIC.FIELD)")
     goal.check(session.describe("metric", goal.metric)["description"])
     space, notes = search_space(session, techniques)
-    _check_out(out, storage, flags["restart"], flags["study_name"])
+    _check_storage(storage)
+    _check_out(out, flags["restart"])
     given_specs = {k: flags[k] for k in ("model", "data", "split", "trust_model")}
     model, data, resolved = session.load_inputs(flags["recipe"], batch_size=flags["batch_size"],
                                                 seed=flags["seed"], **given_specs)
@@ -156,32 +162,40 @@ def _search(flags: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any
                  "relative": goal.relative,
                  **({"quality": goal.quality, "min_cosine": flags["min_cosine"]}
                     if goal.quality != "accuracy" else {})}
-    out.mkdir(parents=True, exist_ok=True)
-    worker = Worker(session, {"model": model, "data": data, **run_args}, metrics, space, goal,
-                    flags["max_trials"], flags["budget_minutes"] * 60, load_seconds,
-                    flags["heartbeat_seconds"], echo, flags["sampler"], backends)
-    worker.open(storage or f"sqlite:///{(out / 'study.db').resolve()}", flags["study_name"], {
-        "fingerprint": fingerprint(model, data, settings), "settings": settings,
-        "goal": goal_json, "space": [t.to_json() for t in space], "sampler": flags["sampler"],
-        "backends": backends})
-    worker.work()
+    with _claim(out, storage, flags["restart"], flags["study_name"]):  # held until the end
+        worker = Worker(session, {"model": model, "data": data, **run_args}, metrics, space, goal,
+                        flags["max_trials"], flags["budget_minutes"] * 60, load_seconds,
+                        flags["heartbeat_seconds"], echo, flags["sampler"], backends)
+        try:
+            worker.open(storage or f"sqlite:///{(out / 'study.db').resolve()}",
+                        flags["study_name"], {
+                            "fingerprint": fingerprint(model, data, settings),
+                            "settings": settings, "goal": goal_json,
+                            "space": [t.to_json() for t in space], "sampler": flags["sampler"],
+                            "backends": backends})
+        except UsageError as exc:
+            if storage is None and str(exc).startswith("study storage"):
+                raise UsageError(f"{exc}; if {out / 'study.db'} is damaged, --restart discards "
+                                 "it") from exc
+            raise
+        worker.work()
 
-    def save(chosen: dict[str, Any]) -> Any:
-        """The chosen recipe, run again as an ordinary ``inferopt run`` into ``OUT/best`` (from
-        the same recipe file and flags, which it resolves as the search did)."""
-        echo(f"saving trial {chosen['id']} ({chosen['key']}) to {out / 'best'}")
-        args = worker.run_args(chosen.get("backend"))  # as the trial ran, but from the specs
-        return session.run(
-            flags["recipe"], metrics=metrics, gates=gate, out=out / "best", overwrite=True,
-            optimize=[spec_text(s["name"], s["options"]) for s in chosen["steps"]],
-            **given_specs, **{k: v for k, v in args.items() if k not in ("model", "data")})
+        def save(chosen: dict[str, Any]) -> Any:
+            """The chosen recipe, run again as an ordinary ``inferopt run`` into ``OUT/best`` (from
+            the same recipe file and flags, which it resolves as the search did)."""
+            echo(f"saving trial {chosen['id']} ({chosen['key']}) to {out / 'best'}")
+            args = worker.run_args(chosen.get("backend"))  # as the trial ran, but from the specs
+            return session.run(
+                flags["recipe"], metrics=metrics, gates=gate, out=out / "best", overwrite=True,
+                optimize=[spec_text(s["name"], s["options"]) for s in chosen["steps"]],
+                **given_specs, **{k: v for k, v in args.items() if k not in ("model", "data")})
 
-    doc = finish(worker, {**settings, **goal_json, "sampler": flags["sampler"],
-                          "budget_minutes": round(flags["budget_minutes"], 3),
-                          "max_trials": flags["max_trials"], "try_backends": backends,
-                          "techniques": [str(t) for t in techniques] or None},
-                 _shown(storage, out.resolve()), notes, out, save)
-    doc["seconds"] = round(time.monotonic() - started, 2)
+        doc = finish(worker, {**settings, **goal_json, "sampler": flags["sampler"],
+                              "budget_minutes": round(flags["budget_minutes"], 3),
+                              "max_trials": flags["max_trials"], "try_backends": backends,
+                              "techniques": [str(t) for t in techniques] or None},
+                     _shown(storage, out.resolve()), notes, out, save)
+        doc["seconds"] = round(time.monotonic() - started, 2)
     return doc
 
 
@@ -240,35 +254,112 @@ def _shown(storage: str | None, out: str | Path) -> str:
     return storage.split("://")[0] + "://..." if storage else f"sqlite:///{out}/study.db"
 
 
-def _check_out(out: Path, storage: str | None, restart: bool, study_name: str) -> None:
+def _check_storage(storage: str | None) -> None:
+    """A --storage that keeps the study: not an in-memory SQLite database."""
+    if storage and storage.startswith("sqlite"):
+        from sqlalchemy.engine import make_url
+
+        database: str | None = "-"
+        with contextlib.suppress(Exception):  # a malformed URL: the storage says so later
+            database = make_url(storage).database
+        if database in (None, "", ":memory:"):
+            raise UsageError(f"--storage {storage}: an in-memory database is lost when the "
+                             "worker exits and no other worker can join it; give a file, "
+                             "sqlite:///path/study.db")
+
+
+def _check_out(out: Path, restart: bool) -> list[Path]:
+    """That --out is new, empty, or an earlier tune's: never a directory of the user's files,
+    nor one where tune's own names are links or of the wrong kind (tune would write through
+    them or delete them). Returns what is in it."""
+    where = f"--out {str(out)!r}"
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {str(out)!r} exists and is not a directory; choose another")
+        raise UsageError(f"{where} exists and is not a directory; choose another")
+    if any(p.exists() and not p.is_dir() for p in out.parents):
+        raise UsageError(f"{where}: a parent of it is a file; choose another directory")
     cwd = Path.cwd().resolve()
     if cwd == out.resolve() or out.resolve() in cwd.parents:
-        raise UsageError(f"--out {str(out)!r} is the current directory or contains it; give a "
-                         "new subdirectory, for example --out tune-runs/mine")
-    names = {p.name for p in out.iterdir()} if out.is_dir() else set()
-    stray = names - OURS - {OLD_LOG}
-    if OLD_LOG in names and not restart:
-        raise UsageError(f"--out {str(out)!r} holds a trial log of an older inferopt tune "
-                         f"({OLD_LOG}); tune now keeps its trials in an Optuna study and cannot "
-                         "continue that log. Use another --out, or --restart to discard it")
-    if stray and not names & OURS and not restart:
-        raise UsageError(f"--out {str(out)!r} is not empty and holds no study.db, so it is "
-                         "not an earlier tune to continue; choose another directory")
-    if restart:
-        if stray:
-            raise UsageError(f"--restart: {str(out)!r} holds files inferopt tune did not write "
-                             f"({', '.join(sorted(stray))}); remove them or choose another "
-                             "--out")
-        for name in names:
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        if storage is not None:
-            import optuna
+        raise UsageError(f"{where} is the current directory or contains it; give a new "
+                         "subdirectory, for example --out tune-runs/mine")
+    paths = {p.name: p for p in out.iterdir()} if out.is_dir() else {}
+    stray = sorted(n for n in paths if n not in OURS and not LEFTOVERS.fullmatch(n)
+                   and n != OLD_LOG)
+    if OLD_LOG in paths and not restart:
+        raise UsageError(f"{where} holds a trial log of an older inferopt tune ({OLD_LOG}); "
+                         "tune now keeps its trials in an Optuna study and cannot continue that "
+                         "log. Use another --out, or --restart to discard it")
+    if paths and not (MARKS | {OLD_LOG}) & paths.keys():
+        raise UsageError(f"{where} is not empty and holds none of the files a tune leaves "
+                         "(study.db, .tune.lock, ...), so it is not an earlier tune to continue; "
+                         "choose another directory")
+    if restart and stray:
+        raise UsageError(f"--restart: {str(out)!r} holds files inferopt tune did not write "
+                         f"({', '.join(stray)}); remove them or choose another --out")
+    for name, path in paths.items():
+        if name not in OURS:
+            continue
+        wrong = ("a symbolic link" if path.is_symlink() else
+                 "not an inferopt run" if name == "best" and not (path / "inferopt.json").is_file()
+                 else "a directory" if name != "best" and path.is_dir() else None)
+        if wrong:
+            raise UsageError(f"{where}: {name} is {wrong}, where tune keeps its own {name}; "
+                             "move it away or choose another directory")
+    return list(paths.values())
 
-            with contextlib.suppress(KeyError):
-                optuna.delete_study(study_name=study_name, storage=storage)
+
+def _claim(out: Path, storage: str | None, restart: bool, study_name: str) -> Any:
+    """Create --out and take its running lock (shared by the workers in it), after discarding
+    the earlier search with --restart: refused while a worker runs there, and checked again
+    under the lock, before anything is deleted. Returns the open lock file, to close when the
+    worker ends."""
+    out.mkdir(parents=True, exist_ok=True)
+    running = (out / ".tune.running").open("a")
+    try:
+        import fcntl
+    except ImportError:  # no fcntl (Windows): no locks; one worker per --out (docs)
+        fcntl = None  # type: ignore[assignment]
+    try:
+        if restart:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(running, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise UsageError(f"--restart: a tune is running in {str(out)!r}; stop it "
+                                     "first (or let it finish), then restart") from None
+            checked = _check_out(out, restart)  # what is there now, not before loading
+            delete = _study_to_delete(storage, study_name) if storage is not None else None
+            for path in checked:
+                if path.name != ".tune.running":
+                    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() \
+                        else path.unlink()
+            if delete is not None:
+                delete()
+        if fcntl is not None:
+            fcntl.flock(running, fcntl.LOCK_SH)  # blocks while another worker restarts
+    except BaseException:
+        running.close()
+        raise
+    return running
+
+
+def _study_to_delete(storage: str, study_name: str) -> Callable[[], None] | None:
+    """--restart with --storage: what deletes the study of that name (None: there is none),
+    refused before anything is deleted if it is not an inferopt tune's."""
+    import optuna
+
+    from inferopt.plugins.commands.tune.search import foreign
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        return None
+    except Exception as exc:
+        raise UsageError(f"--storage {_shown(storage, '')}: cannot open it "
+                         f"({type(exc).__name__}: {exc})") from exc
+    if foreign(study):
+        raise UsageError(f"--restart: study {study_name!r} in --storage is not an inferopt tune "
+                         "study; tune deletes only its own. Use another --study")
+    return lambda: optuna.delete_study(study_name=study_name, storage=storage)
 
 
 @hookimpl

@@ -71,7 +71,7 @@ def finish(worker: Any, settings: dict[str, Any], study: str, notes: list[str], 
            save: Any) -> dict[str, Any]:
     """Write the summary, the plots and ``OUT/best``. Workers sharing ``--out`` take turns
     (a file lock); the last one's summary includes every trial."""
-    with (out / ".tune.lock").open("w") as lock:
+    with (out / ".tune.lock").open("a") as lock:
         with contextlib.suppress(ImportError):  # no fcntl (Windows): one worker per --out
             import fcntl
 
@@ -88,8 +88,12 @@ def finish(worker: Any, settings: dict[str, Any], study: str, notes: list[str], 
                                    "gates": report.gates}
             doc["artifacts"]["best"] = str(best)
         elif best.is_dir():
-            # an earlier choice this search does not confirm must not pass for its result
-            shutil.rmtree(best)
+            # an earlier choice this search does not confirm must not pass for its result;
+            # renamed first, so that a kill never leaves half of it as best/ (what a killed
+            # worker left under that name is removed first: the lock is ours)
+            for old in out.glob(".best.discarded-*"):
+                shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+            shutil.rmtree(best.rename(out / f".best.discarded-{os.getpid()}"))
             marker.unlink(missing_ok=True)
             worker.echo(f"removed {best}: no candidate meets this goal")
         doc["notes"] = notes + plots(worker, out, doc)

@@ -26,6 +26,7 @@ SCHEMA = "inferopt.tune/2"
 KIND_RANK = {"quantization": 0, "pruning": 1, "": 2, "distillation": 3}
 COMBINE_RANK = {"distillation": 0, "pruning": 1, "": 2, "quantization": 3}
 MAX_SENSITIVITY_LAYERS = 32
+SETUP_WAIT = 60.0  # seconds a joining worker waits for the study's creator to set it up
 EPSILON = 1e-9
 NOT_COUNTED = ("baseline", "sensitivity")
 SAMPLERS = ("nsga2", "tpe", "random", "grid")
@@ -268,6 +269,17 @@ def is_candidate(t: Trial) -> bool:
     return bool(t.get("steps") or t.get("backend"))
 
 
+def foreign(study: Any) -> bool:
+    """Not an inferopt tune study (nor one being set up): another program's, or another
+    version's. Its creator sets the schema first; a study with nothing yet is being set up."""
+    theirs = study.user_attrs
+    if "schema" in theirs:
+        return bool(theirs["schema"] != SCHEMA)
+    if "fingerprint" in theirs:  # an earlier version set it first
+        return False
+    return bool(theirs or study.get_trials(deepcopy=False))
+
+
 def attrs_of(trial: Any) -> Trial:
     """A study trial as the search reads it: its user attributes (``key``, ``phase``,
     ``steps``; ``run``: who ran it where; ``result``: what it measured) in one dict, with its
@@ -359,10 +371,7 @@ class Worker:
             self.study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
             self._check(name, identity)
         else:
-            for key, value in {**identity, "schema": SCHEMA, "machine": self.machine}.items():
-                self.study.set_user_attr(key, value)
-            self._enqueue(self.plan([]))
-            self.study.set_user_attr("ready", True)  # the others wait for this
+            self._set_up(identity)
         self.deadline = self.study.user_attrs.get("deadline") or 0.0
         if self.deadline < time.time():  # a new session of this study
             self.deadline = time.time() + self.budget_seconds
@@ -395,13 +404,35 @@ class Worker:
                     continue
                 driver = ("; its database driver is not installed (for PostgreSQL: pip install "
                           "'inferopt[postgres]')" if isinstance(exc, ImportError) else "")
-                raise UsageError(f"--storage {url.split('://')[0]}://...: cannot open the study "
-                                 f"storage ({type(exc).__name__}: {exc}){driver}") from exc
+                raise UsageError(f"study storage {url.split('://')[0]}://...: cannot open it "
+                                 f"({type(exc).__name__}: {exc}){driver}") from exc
         raise AssertionError("unreachable")  # the last attempt returns or raises
 
+    def _set_up(self, identity: dict[str, Any]) -> None:
+        """The study's attributes (the schema first: what tells it from another program's),
+        its first trials, then ``ready``. A worker that finds a study its creator left half set
+        up (a kill) finishes the setup: only the attributes not there yet."""
+        have = self.study.user_attrs
+        for key, value in {"schema": SCHEMA, **identity, "machine": self.machine}.items():
+            if key not in have:
+                self.study.set_user_attr(key, value)
+        self._enqueue(self.plan(self.trials()))  # a key already enqueued is not again
+        self.study.set_user_attr("ready", True)  # the others wait for this
+
     def _check(self, name: str, identity: dict[str, Any]) -> None:
-        wait = time.monotonic() + 60
-        while not self.study.user_attrs.get("ready") and time.monotonic() < wait:
+        wait = time.monotonic() + SETUP_WAIT
+        while not self.study.user_attrs.get("ready") and not foreign(self.study):
+            if time.monotonic() > wait:  # its creator stopped before it was ready
+                have = self.study.user_attrs
+                mine = {**identity, "machine": self.machine}
+                if clash := [k for k in mine if k in have and have[k] != mine[k]]:
+                    raise UsageError(f"study {name!r} was left half set up by a worker of "
+                                     f"another search (differing: {', '.join(clash)}); use "
+                                     "another --study/--out, or --restart to discard it")
+                self.echo(f"study {name!r} was left half set up (its worker stopped); "
+                          "finishing its setup here")
+                self._set_up(identity)
+                break
             time.sleep(0.1)  # the creator is still setting the study up
         theirs = self.study.user_attrs
         if theirs.get("schema") != SCHEMA:
@@ -608,7 +639,9 @@ class Worker:
                     # another worker's trial: wait for it; a dead worker's is failed after
                     # the grace period and enqueued again, so it runs here
                     time.sleep(min(self.heartbeat, 1.0))
-                    fail_stale_trials(self.study)
+                    with warnings.catch_warnings():  # "experimental" to Optuna
+                        warnings.simplefilter("ignore")
+                        fail_stale_trials(self.study)
                     continue
                 self.stopped = stop or None
                 return
