@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -328,10 +327,11 @@ def _claim(out: Path, storage: str | None, restart: bool, study_name: str) -> An
                                      "first (or let it finish), then restart") from None
             checked = _check_out(out, restart)  # what is there now, not before loading
             delete = _study_to_delete(storage, study_name) if storage is not None else None
+            from inferopt.plugins.commands.tune.results import remove
+
             for path in checked:
                 if path.name != ".tune.running":
-                    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() \
-                        else path.unlink()
+                    remove(path)
             if delete is not None:
                 delete()
         if fcntl is not None:

@@ -92,8 +92,8 @@ def finish(worker: Any, settings: dict[str, Any], study: str, notes: list[str], 
             # renamed first, so that a kill never leaves half of it as best/ (what a killed
             # worker left under that name is removed first: the lock is ours)
             for old in out.glob(".best.discarded-*"):
-                shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
-            shutil.rmtree(best.rename(out / f".best.discarded-{os.getpid()}"))
+                remove(old)
+            remove(best.rename(out / f".best.discarded-{os.getpid()}"))
             marker.unlink(missing_ok=True)
             worker.echo(f"removed {best}: no candidate meets this goal")
         doc["notes"] = notes + plots(worker, out, doc)
@@ -104,6 +104,11 @@ def finish(worker: Any, settings: dict[str, Any], study: str, notes: list[str], 
             tmp.write_text(text)
             os.replace(tmp, out / name)
     return doc
+
+
+def remove(path: Path) -> None:
+    """A file, or a directory with its contents; a symbolic link is removed, never followed."""
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def plots(worker: Any, out: Path, doc: dict[str, Any]) -> list[str]:
